@@ -1,0 +1,134 @@
+"""Worker batch composition: which prefill chunks and which decodes run in the next iteration.
+
+A worker (prefill-only, decode-only or colocated) keeps its sequences and KV pool; each iteration it calls
+``policy.schedule(waiting, running, kv, now)`` and executes the returned ``BatchPlan``, then reports the iteration's
+wall time with ``policy.on_iteration_end``. The policy speaks request ids and token counts only.
+
+Units: times in seconds, lengths in tokens, memory in KV blocks.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+from policies.registry import Registry
+
+
+@dataclass
+class SequenceState:
+    """What a batch policy may know of one sequence.
+
+    ``num_computed`` prompt tokens already have KV in the pool; the sequence is in prefill while
+    ``num_computed < prompt_len``. ``blocks_to_admit`` is how many free blocks admitting a waiting sequence takes
+    (the worker's reservation rule); ``blocks_to_step`` is how many more a running sequence's next token takes.
+    ``last_token_time`` is when the iteration that produced its latest token ended (None before the first).
+    """
+
+    request_id: str
+    arrival_time: float
+    prompt_len: int
+    num_computed: int = 0
+    num_output: int = 0
+    blocks_to_admit: int = 0
+    blocks_to_step: int = 0
+    last_token_time: float | None = None
+    tbt_slo_s: float | None = None
+    ttft_slo_s: float | None = None
+    tier: str = "default"
+
+    @property
+    def in_prefill(self) -> bool:
+        return self.num_computed < self.prompt_len
+
+    @property
+    def remaining_prompt(self) -> int:
+        return self.prompt_len - self.num_computed
+
+
+@dataclass
+class KVState:
+    free_blocks: int
+    total_blocks: int
+    block_size: int
+
+    @property
+    def utilization(self) -> float:
+        return 1.0 - self.free_blocks / self.total_blocks if self.total_blocks else 1.0
+
+
+@dataclass
+class BatchPlan:
+    """One iteration. ``prefill_chunks`` are (request_id, tokens) in execution order: a waiting request listed here
+    is admitted (its ``blocks_to_admit`` are allocated) and its first chunk runs. ``decodes`` each produce one token.
+    ``preempt`` lists running requests whose KV is dropped so they recompute later."""
+
+    prefill_chunks: list[tuple[str, int]] = field(default_factory=list)
+    decodes: list[str] = field(default_factory=list)
+    preempt: list[str] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(n for _, n in self.prefill_chunks) + len(self.decodes)
+
+    def is_empty(self) -> bool:
+        return not self.prefill_chunks and not self.decodes
+
+
+class BatchPolicy(ABC):
+    name: str = ""
+
+    @abstractmethod
+    def schedule(
+        self, waiting: list[SequenceState], running: list[SequenceState], kv: KVState, now: float
+    ) -> BatchPlan:
+        """Compose the next iteration. ``waiting`` hold no KV yet (arrival order); ``running`` hold KV."""
+
+    def on_iteration_end(self, duration_s: float, now: float) -> None:
+        """The iteration just executed took ``duration_s`` wall seconds and ended at ``now``."""
+
+
+BATCH_POLICIES: Registry[BatchPolicy] = Registry("batch")
+
+
+@BATCH_POLICIES.register("sarathi")
+class SarathiBatching(BatchPolicy):
+    """Sarathi-Serve stall-free batching: every running decode joins (never limited by the budget), then partial
+    prefills continue FIFO, then waiting requests are admitted FCFS, their prompts chunked to fill
+    ``token_budget``. Admission stops at the first request whose blocks do not fit (head of line).
+
+    Knobs: ``token_budget`` (tokens per iteration, prefill chunks plus decodes), ``max_running`` (sequences holding
+    KV), ``max_decodes`` (decodes per iteration)."""
+
+    def __init__(self, token_budget: int = 512, max_running: int = 128, max_decodes: int = 128) -> None:
+        if token_budget <= 0 or max_running <= 0 or max_decodes <= 0:
+            raise ValueError("token_budget, max_running and max_decodes must be positive")
+        self.token_budget = token_budget
+        self.max_running = max_running
+        self.max_decodes = max_decodes
+
+    def schedule(
+        self, waiting: list[SequenceState], running: list[SequenceState], kv: KVState, now: float
+    ) -> BatchPlan:
+        plan = BatchPlan()
+        free = kv.free_blocks
+        for seq in running:
+            if not seq.in_prefill and len(plan.decodes) < self.max_decodes and seq.blocks_to_step <= free:
+                plan.decodes.append(seq.request_id)
+                free -= seq.blocks_to_step
+        budget = self.token_budget - len(plan.decodes)
+        for seq in running:
+            if seq.in_prefill and budget > 0:
+                chunk = min(seq.remaining_prompt, budget)
+                plan.prefill_chunks.append((seq.request_id, chunk))
+                budget -= chunk
+        num_running = len(running)
+        for seq in waiting:
+            if budget <= 0 or num_running >= self.max_running or seq.blocks_to_admit > free:
+                break
+            chunk = min(seq.remaining_prompt, budget)
+            plan.prefill_chunks.append((seq.request_id, chunk))
+            budget -= chunk
+            free -= seq.blocks_to_admit
+            num_running += 1
+        return plan

@@ -1,0 +1,38 @@
+"""Name -> class registries for pluggable policies, so services, the simulator and tests pick them by name."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Generic, TypeVar
+
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    """A named family of policy classes. ``create(name, **knobs)`` builds one; unknown names raise ``KeyError``
+    listing the choices, so a command line can show them."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._classes: dict[str, type[T]] = {}
+
+    def register(self, name: str) -> Callable[[type[T]], type[T]]:
+        def add(cls: type[T]) -> type[T]:
+            if name in self._classes:
+                raise ValueError(f"{self.kind} policy {name!r} registered twice")
+            self._classes[name] = cls
+            cls.name = name  # type: ignore[attr-defined]
+            return cls
+
+        return add
+
+    def names(self) -> list[str]:
+        return sorted(self._classes)
+
+    def get(self, name: str) -> type[T]:
+        try:
+            return self._classes[name]
+        except KeyError:
+            raise KeyError(f"unknown {self.kind} policy {name!r}; choose one of: {', '.join(self.names())}") from None
+
+    def create(self, name: str, **knobs: Any) -> T:
+        return self.get(name)(**knobs)

@@ -1,0 +1,9 @@
+"""Diptych's wire protocol: typed messages (``proto.messages``) and their one codec (``proto.codec``).
+
+See ``proto/README.md`` for the sockets and who sends what to whom.
+"""
+
+from proto.codec import PROTOCOL_VERSION, ProtocolError, ProtocolVersionError, decode, encode
+from proto.messages import *  # noqa: F401,F403  (the message types are this package's API)
+
+__all__ = ["PROTOCOL_VERSION", "ProtocolError", "ProtocolVersionError", "decode", "encode"]

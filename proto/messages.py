@@ -1,0 +1,294 @@
+"""Every message Diptych services exchange. ``proto/README.md`` says who sends each one to whom, over which socket.
+
+Units: times are wall-clock seconds since the epoch (``time.time()``) unless a name says otherwise; lengths are
+tokens; KV sizes are blocks of ``KVLayout.block_size`` tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from proto.codec import message, payload_field
+
+# ---------------------------------------------------------------- shared value types
+
+
+@dataclass
+class SamplingParams:
+    """How to pick tokens and when to stop. Validated by the frontend before it reaches any worker.
+
+    ``temperature == 0`` means greedy. ``top_k == 0`` and ``top_p == 1`` disable those filters. ``seed`` makes the
+    request's sampling reproducible regardless of batch composition. ``max_tokens`` counts generated tokens.
+    """
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+
+
+@dataclass
+class SLO:
+    """Latency targets of one request, in seconds. ``tier`` names the client's service class (e.g. strict/relaxed)."""
+
+    tier: str = "default"
+    ttft_s: float | None = None
+    tbt_s: float | None = None
+
+
+@dataclass
+class Request:
+    """A tokenized request as the coordinator and workers see it. ``request_id`` is unique for the cluster."""
+
+    request_id: str
+    client_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    arrival_time: float
+    stream_addr: str
+    """ZeroMQ address of the frontend's token PULL socket that receives this request's ``TokenBatch`` messages."""
+    slo: SLO = field(default_factory=SLO)
+    weight: float = 1.0
+
+
+@dataclass
+class KVLayout:
+    """Shape of a worker's KV pool. Two workers can hand KV to each other only if their layouts are equal.
+
+    One block holds ``block_size`` tokens of K and V for all layers, contiguous (block-major):
+    shape ``[num_layers, 2, block_size, num_kv_heads, head_dim]`` of ``dtype``.
+    """
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    block_size: int
+    dtype: str
+
+
+@dataclass
+class WorkerLoad:
+    """A worker's state, sent with every heartbeat. Blocks are KV blocks of the worker's pool."""
+
+    free_blocks: int
+    total_blocks: int
+    num_waiting: int
+    num_running: int
+    waiting_prompt_tokens: int
+
+
+@dataclass
+class TokenOutput:
+    """New tokens of one request. ``index`` is the position of ``token_ids[0]`` among the request's output tokens, so
+    a receiver can order outputs that reach it from two workers (the first token comes from the prefill worker)."""
+
+    request_id: str
+    index: int
+    token_ids: list[int]
+    finish_reason: str | None = None
+    """None while running; "stop" (EOS or stop token), "length" (max_tokens or context), "abort", or "error"."""
+    timestamps: list[float] = field(default_factory=list)
+    """Emission time of each token in ``token_ids`` (seconds since the epoch)."""
+
+
+# ---------------------------------------------------------------- frontend <-> coordinator
+
+
+@message("submit")
+class SubmitRequest:
+    request: Request
+
+
+@message("cancel")
+class CancelRequest:
+    """Stop a request wherever it is and free everything it holds. Sent frontend -> coordinator -> workers."""
+
+    request_id: str
+    reason: str = "abort"
+
+
+@message("request_failed")
+class RequestFailed:
+    """The coordinator or a worker gave up on a request. ``code`` follows HTTP (400 bad input, 429 rejected by an
+    overload policy, 503 no capacity or worker lost, 500 internal)."""
+
+    request_id: str
+    code: int
+    message: str
+    retry_after_s: float | None = None
+
+
+# ---------------------------------------------------------------- workers <-> coordinator
+
+
+@message("register")
+class RegisterWorker:
+    worker_id: str
+    role: str
+    """"prefill" or "decode"."""
+    model: str
+    layout: KVLayout
+    kv_addr: str
+    """Decode workers: address of their KV ingress PULL socket. Prefill workers: empty."""
+    load: WorkerLoad
+    max_model_len: int
+
+
+@message("register_ack")
+class RegisterAck:
+    ok: bool
+    error: str = ""
+
+
+@message("heartbeat")
+class Heartbeat:
+    """Sent from the worker's engine loop (not a side thread) so a stuck loop stops its heartbeats."""
+
+    worker_id: str
+    load: WorkerLoad
+    time: float
+
+
+@message("reserve_kv")
+class ReserveKV:
+    """Coordinator -> decode worker: hold ``num_blocks`` blocks for a request whose KV will arrive from prefill."""
+
+    request_id: str
+    num_blocks: int
+
+
+@message("kv_reserved")
+class KVReserved:
+    """Decode worker -> coordinator: answer to ``ReserveKV``."""
+
+    request_id: str
+    worker_id: str
+    ok: bool
+    error: str = ""
+
+
+@message("prefill")
+class PrefillTask:
+    """Coordinator -> prefill worker: prefill ``request`` and push its KV to ``decode_kv_addr``."""
+
+    request: Request
+    decode_worker_id: str
+    decode_kv_addr: str
+
+
+@message("prefill_done")
+class PrefillDone:
+    """Prefill worker -> coordinator: the prompt is processed and its first token emitted.
+
+    ``handed_off`` is False when the request finished with its first token (no decode needed)."""
+
+    request_id: str
+    worker_id: str
+    handed_off: bool
+    prefill_start: float
+    prefill_end: float
+
+
+@message("kv_received")
+class KVReceived:
+    """Decode worker -> coordinator: a handoff landed in the reserved blocks; the request now decodes here."""
+
+    request_id: str
+    worker_id: str
+    num_tokens: int
+    transfer_s: float
+
+
+@message("token_report")
+class TokenReport:
+    """Decode worker -> coordinator: output tokens generated per request since the last report (for fair-share
+    accounting)."""
+
+    worker_id: str
+    counts: dict[str, int]
+
+
+@message("request_done")
+class RequestDone:
+    """Worker -> coordinator: a request left this worker and released its blocks (finished, aborted or failed)."""
+
+    request_id: str
+    worker_id: str
+    finish_reason: str
+    num_output_tokens: int
+
+
+# ---------------------------------------------------------------- prefill -> decode (KV ingress socket)
+
+
+@message("kv_handoff")
+class KVHandoff:
+    """The KV of a prefilled request, pushed into the blocks the decode worker reserved for it.
+
+    ``blocks`` holds one raw frame per block, each ``layout``-shaped and contiguous; the last block may be partly
+    filled (``num_tokens`` says how many positions are valid in total)."""
+
+    request: Request
+    first_token_id: int
+    first_token_time: float
+    num_tokens: int
+    layout: KVLayout
+    blocks: list[Any] = payload_field()
+
+
+# ---------------------------------------------------------------- workers -> frontend (token stream socket)
+
+
+@message("tokens")
+class TokenBatch:
+    outputs: list[TokenOutput]
+
+
+# ---------------------------------------------------------------- SDK client <-> frontend
+
+
+@message("client_generate")
+class ClientGenerate:
+    """SDK -> frontend. Exactly one of ``prompt`` / ``prompt_token_ids`` is set. ``api_key`` identifies the client."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int] | None
+    sampling: SamplingParams
+    api_key: str | None = None
+    slo: SLO | None = None
+    stream: bool = True
+
+
+@message("client_cancel")
+class ClientCancel:
+    request_id: str
+
+
+@message("client_chunk")
+class ClientChunk:
+    """Frontend -> SDK: text and token ids produced since the previous chunk. ``text`` never splits a UTF-8
+    character. The final chunk has ``finish_reason`` set and the usage counts."""
+
+    request_id: str
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@message("client_error")
+class ClientError:
+    """Frontend -> SDK: the request failed. ``code`` follows HTTP; ``request_id`` is empty when the frame itself
+    could not be decoded."""
+
+    request_id: str
+    code: int
+    message: str
+    retry_after_s: float | None = None

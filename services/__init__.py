@@ -1,0 +1,1 @@
+"""Diptych's services, one process each: frontend, coordinator, prefill_worker, decode_worker."""

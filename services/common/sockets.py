@@ -1,0 +1,69 @@
+"""ZeroMQ sockets configured the way every Diptych service needs them, and typed send/receive over ``proto``.
+
+- ``LINGER`` is always set (the default of -1 can hang shutdown forever).
+- ROUTER sockets set ``ROUTER_MANDATORY`` so a message to an unknown peer raises instead of vanishing.
+- ``recv_message`` turns malformed frames into a logged drop (or an error reply, by the caller) rather than a crash.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+import proto
+
+log = logging.getLogger(__name__)
+
+LINGER_MS = 500
+
+
+def make_socket(ctx: zmq.asyncio.Context, kind: int, *, bind: str | None = None, connect: str | None = None,
+                identity: str | None = None) -> zmq.asyncio.Socket:
+    """Create a socket of ``kind`` (``zmq.ROUTER`` ...) and bind or connect it to a ``tcp://``/``ipc://`` address."""
+    sock = ctx.socket(kind)
+    sock.setsockopt(zmq.LINGER, LINGER_MS)
+    sock.setsockopt(zmq.RCVHWM, 0)
+    sock.setsockopt(zmq.SNDHWM, 0)
+    if kind == zmq.ROUTER:
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    if identity is not None:
+        sock.setsockopt(zmq.IDENTITY, identity.encode())
+    if bind is not None:
+        sock.bind(bind)
+    if connect is not None:
+        sock.connect(connect)
+    return sock
+
+
+async def send_message(sock: zmq.asyncio.Socket, msg: Any, *, to: bytes | None = None) -> None:
+    """Send ``msg`` (a registered proto message); ``to`` is the peer identity on a ROUTER socket.
+
+    Payload frames go zero-copy; the caller must not modify them until this returns."""
+    frames = proto.encode(msg)
+    if to is not None:
+        frames = [to, *frames]
+    await sock.send_multipart(frames, copy=False)
+
+
+async def recv_message(sock: zmq.asyncio.Socket, *, routed: bool = False) -> tuple[bytes | None, Any]:
+    """Receive one message. Returns (peer identity or None, message), or (identity, ProtocolError) when the frames
+    could not be decoded: the caller decides whether to answer with an error or drop it."""
+    frames = await sock.recv_multipart(copy=False)
+    identity = None
+    if routed:
+        identity, frames = frames[0].bytes, frames[1:]
+    try:
+        return identity, proto.decode([f.buffer for f in frames])
+    except proto.ProtocolError as exc:
+        return identity, exc
+
+
+def bind_address(addr: str) -> str:
+    """An address to bind from one to connect to: ``tcp://host:port`` binds on all interfaces (``tcp://*:port``)."""
+    if addr.startswith("tcp://"):
+        port = addr.rsplit(":", 1)[1]
+        return f"tcp://*:{port}"
+    return addr
