@@ -220,7 +220,6 @@ class RequestDone:
     request_id: str
     worker_id: str
     finish_reason: str
-    num_output_tokens: int
 
 
 # ---------------------------------------------------------------- prefill -> decode (KV ingress socket)
@@ -292,3 +291,23 @@ class ClientError:
     code: int
     message: str
     retry_after_s: float | None = None
+
+
+# ---------------------------------------------------------------- frontend <-> coordinator: cluster status
+
+
+@message("status_query")
+class StatusQuery:
+    """Frontend -> coordinator: ask for a ``ClusterStatus`` (health checks, admin endpoint)."""
+
+
+@message("cluster_status")
+class ClusterStatus:
+    """Coordinator -> frontend. ``admission`` is the admission policy's snapshot (counters, per-client service)."""
+
+    prefill_workers: int
+    decode_workers: int
+    waiting: int
+    in_flight: int
+    admission: dict[str, Any] = field(default_factory=dict)
+    workers: dict[str, Any] = field(default_factory=dict)

@@ -1,0 +1,197 @@
+"""What prefill and decode workers share: registration, the engine loop with its heartbeats, token streaming.
+
+Concurrency model: one asyncio loop per worker process. ``Engine.step()`` runs on that loop (it blocks it for one
+iteration), and between iterations the loop drains every pending control and KV message. Heartbeats are sent from
+the engine loop itself, so a worker whose engine is stuck goes silent and is evicted by the coordinator.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import time
+import uuid
+from abc import ABC, abstractmethod
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from proto import ProtocolError
+from proto.messages import (
+    CancelRequest, Heartbeat, RegisterAck, RegisterWorker, RequestDone, TokenBatch, TokenOutput,
+)
+from services.common.cli import env_default
+from services.common.sockets import make_socket, recv_message, send_message
+
+log = logging.getLogger("diptych.worker")
+
+UNKNOWN_WORKER = "unknown worker"
+
+
+def add_worker_arguments(parser: argparse.ArgumentParser, role: str) -> None:
+    """Flags common to both worker kinds (engine shape, coordinator address, identity)."""
+    from policies.batch import BATCH_POLICIES
+
+    parser.add_argument("--worker-id", default=env_default("worker_id", f"{role}-{uuid.uuid4().hex[:6]}"),
+                        help="unique id of this worker in the cluster [random]")
+    parser.add_argument("--coordinator-addr", default=env_default("coordinator_addr", "tcp://127.0.0.1:5600"),
+                        help="coordinator control socket [%(default)s]")
+    parser.add_argument("--model", default=env_default("model", None),
+                        help="HF model id or local directory [built-in tiny Llama]")
+    parser.add_argument("--device", default=env_default("device", "cpu"), help="cpu, cuda or cuda:N [%(default)s]")
+    parser.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto [%(default)s]")
+    parser.add_argument("--block-size", type=int, default=16, help="tokens per KV block [%(default)s]")
+    parser.add_argument("--num-blocks", type=int, default=None, help="KV pool size in blocks [from --kv-memory-gb]")
+    parser.add_argument("--kv-memory-gb", type=float, default=0.25, help="KV pool size in GB [%(default)s]")
+    parser.add_argument("--max-model-len", type=int, default=None, help="context length [model's]")
+    parser.add_argument("--policy", default="sarathi", choices=BATCH_POLICIES.names(),
+                        help="batch composition policy [%(default)s]")
+    parser.add_argument("--policy-opt", action="append", metavar="KEY=VALUE",
+                        help="batch policy knob, repeatable (e.g. token_budget=256)")
+    parser.add_argument("--heartbeat-interval", type=float, default=0.5, help="seconds between heartbeats")
+    parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING [INFO]")
+
+
+def build_engine(args: argparse.Namespace) -> Any:
+    """The engine a worker runs, from the common flags (torch is imported only here)."""
+    from engine import Engine, EngineConfig
+    from policies.batch import BATCH_POLICIES
+    from services.common.cli import parse_knobs
+
+    config = EngineConfig(model=args.model, device=args.device, dtype=args.dtype, block_size=args.block_size,
+                          num_blocks=args.num_blocks, kv_memory_gb=args.kv_memory_gb, max_model_len=args.max_model_len)
+    policy = BATCH_POLICIES.create(args.policy, **parse_knobs(args.policy_opt))
+    return Engine(config, policy)
+
+
+class Worker(ABC):
+    """Base of the two worker kinds. Subclasses handle their control messages and the engine's step outputs."""
+
+    role: str = ""
+
+    def __init__(self, args: argparse.Namespace, engine: Any) -> None:
+        self.worker_id: str = args.worker_id
+        self.heartbeat_interval_s: float = args.heartbeat_interval
+        self.engine = engine
+        self.ctx = zmq.asyncio.Context()
+        self.control = make_socket(self.ctx, zmq.DEALER, connect=args.coordinator_addr, identity=self.worker_id)
+        self._push_sockets: dict[str, zmq.asyncio.Socket] = {}
+        self._wake = asyncio.Event()
+        self._last_heartbeat = 0.0
+        self._registered = False
+
+    # ------------------------------------------------------------------ subclass hooks
+
+    def kv_addr(self) -> str:
+        return ""
+
+    @abstractmethod
+    async def handle_control(self, msg: Any) -> None:
+        """A message from the coordinator other than RegisterAck."""
+
+    @abstractmethod
+    async def after_step(self, output: Any) -> None:
+        """Ship the results of one engine iteration."""
+
+    def extra_tasks(self) -> list[asyncio.Task]:
+        return []
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await self._register()
+        tasks = [asyncio.create_task(self._control_loop()), *self.extra_tasks()]
+        engine_task = asyncio.create_task(self._engine_loop(stop))
+        done, _ = await asyncio.wait([engine_task, *tasks], return_when=asyncio.FIRST_COMPLETED)
+        for task in [engine_task, *tasks]:
+            task.cancel()
+        await asyncio.gather(engine_task, *tasks, return_exceptions=True)
+        for task in done:
+            if not task.cancelled() and task.exception() is not None:
+                log.error("worker %s stopped on an error: %r", self.worker_id, task.exception())
+        await self._abort_all("worker shutting down")
+        for sock in [self.control, *self._push_sockets.values()]:
+            sock.close()
+        self.ctx.term()
+        log.info("worker %s stopped", self.worker_id)
+
+    async def _register(self) -> None:
+        msg = RegisterWorker(self.worker_id, self.role, self.engine.model_name, self.engine.layout, self.kv_addr(),
+                             self.engine.load(), self.engine.max_model_len)
+        await send_message(self.control, msg)
+        log.info("worker %s (%s) registering with %s blocks", self.worker_id, self.role, msg.load.total_blocks)
+
+    async def _control_loop(self) -> None:
+        while True:
+            _, msg = await recv_message(self.control)
+            if isinstance(msg, ProtocolError):
+                log.warning("dropped a malformed control message: %s", msg)
+            elif isinstance(msg, RegisterAck):
+                await self._on_register_ack(msg)
+            elif isinstance(msg, CancelRequest):
+                if self.abort(msg.request_id):
+                    log.info("req=%s aborted (%s)", msg.request_id, msg.reason)
+                    await self.send_control(RequestDone(msg.request_id, self.worker_id, "abort"))
+            else:
+                await self.handle_control(msg)
+            self._wake.set()
+
+    async def _on_register_ack(self, msg: RegisterAck) -> None:
+        if msg.ok:
+            self._registered = True
+            log.info("worker %s registered", self.worker_id)
+        elif msg.error == UNKNOWN_WORKER:  # the coordinator restarted or evicted us: start over
+            log.warning("coordinator does not know worker %s; re-registering", self.worker_id)
+            await self._abort_all("coordinator lost this worker")
+            await self._register()
+        else:
+            raise RuntimeError(f"coordinator refused worker {self.worker_id}: {msg.error}")
+
+    def abort(self, request_id: str) -> bool:
+        """Drop the request and free its blocks; True if this worker held it. Subclasses drop their own state."""
+        return self.engine.abort(request_id)
+
+    async def _abort_all(self, reason: str) -> None:
+        for rid in self.engine.request_ids():
+            self.abort(rid)
+            log.info("req=%s aborted (%s)", rid, reason)
+
+    async def _engine_loop(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            now = time.time()
+            if now - self._last_heartbeat >= self.heartbeat_interval_s:
+                self._last_heartbeat = now
+                await self.send_control(Heartbeat(self.worker_id, self.engine.load(), now))
+            if self.engine.has_work():
+                output = self.engine.step()
+                await self.after_step(output)
+                await asyncio.sleep(0)  # let the control and KV loops drain what arrived during the step
+            else:
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), timeout=self.heartbeat_interval_s)
+                except asyncio.TimeoutError:
+                    pass
+
+    # ------------------------------------------------------------------ sending
+
+    async def send_control(self, msg: Any) -> None:
+        await send_message(self.control, msg)
+
+    async def push(self, addr: str, msg: Any) -> None:
+        """Send ``msg`` over a PUSH socket connected to ``addr`` (a frontend's token stream or a decode worker's KV
+        ingress), connecting on first use."""
+        sock = self._push_sockets.get(addr)
+        if sock is None:
+            sock = self._push_sockets[addr] = make_socket(self.ctx, zmq.PUSH, connect=addr)
+        await send_message(sock, msg)
+
+    async def stream_tokens(self, by_addr: dict[str, list[TokenOutput]]) -> None:
+        """Push token outputs to the frontends that own their requests (one message per frontend)."""
+        for addr, outputs in by_addr.items():
+            await self.push(addr, TokenBatch(outputs))
+
+    def wake(self) -> None:
+        self._wake.set()

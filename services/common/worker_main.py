@@ -1,0 +1,29 @@
+"""The entry point both worker kinds share: parse flags, build the engine, run until SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Callable
+
+from services.common.lifecycle import run_service, setup_logging
+from services.common.worker import Worker, add_worker_arguments, build_engine
+
+
+def worker_main(role: str, description: str, worker_cls: type[Worker],
+                extra_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+                argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog=f"diptych {role}-worker", description=description)
+    add_worker_arguments(parser, role)
+    if extra_arguments is not None:
+        extra_arguments(parser)
+    args = parser.parse_args(argv)
+    setup_logging(args.worker_id, args.log_level)
+    try:
+        engine = build_engine(args)
+    except (ValueError, KeyError, TypeError) as exc:
+        parser.error(str(exc))
+
+    async def serve(stop):
+        await worker_cls(args, engine).run(stop)
+
+    run_service(serve)

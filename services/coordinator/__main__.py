@@ -1,0 +1,36 @@
+"""``python -m services.coordinator``: run the coordinator (admission, placement, worker liveness)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from services.common.lifecycle import run_service, setup_logging
+from services.coordinator import config as coordinator_config
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="diptych coordinator",
+        description="Diptych coordinator: queues requests, orders them across clients with the admission policy, "
+        "reserves KV on a decode worker and dispatches the prefill, and evicts workers that stop heartbeating.",
+    )
+    coordinator_config.add_arguments(parser)
+    parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING [INFO]")
+    args = parser.parse_args(argv)
+    setup_logging("coordinator", args.log_level)
+    try:
+        config = coordinator_config.from_args(args)
+    except (ValueError, KeyError) as exc:
+        parser.error(str(exc))
+    from services.coordinator.server import Coordinator
+
+    async def serve(stop):
+        await Coordinator(config).run(stop)
+
+    run_service(serve)
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

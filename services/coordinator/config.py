@@ -1,0 +1,60 @@
+"""Coordinator settings and command line."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from typing import Any
+
+from policies.admission import ADMISSION_POLICIES
+from services.common.cli import env_default, parse_knobs
+
+DEFAULT_ADDRESS = "tcp://127.0.0.1:5600"
+
+
+@dataclass
+class CoordinatorConfig:
+    """Times in seconds, sizes in prompt tokens."""
+
+    address: str = DEFAULT_ADDRESS
+    admission_policy: str = "fcfs"
+    admission_knobs: dict[str, Any] = field(default_factory=dict)
+    heartbeat_timeout_s: float = 10.0
+    handoff_timeout_s: float = 30.0
+    watchdog_interval_s: float = 0.5
+    max_prefill_backlog_tokens: int = 4096
+
+    def __post_init__(self) -> None:
+        try:  # unknown names and knobs fail here, with the choices
+            ADMISSION_POLICIES.create(self.admission_policy, **self.admission_knobs)
+        except TypeError as exc:
+            raise ValueError(f"bad option for admission policy {self.admission_policy!r}: {exc}") from None
+        for name in ("heartbeat_timeout_s", "handoff_timeout_s", "watchdog_interval_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+        if self.max_prefill_backlog_tokens <= 0:
+            raise ValueError("max_prefill_backlog_tokens must be positive")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = CoordinatorConfig()
+    parser.add_argument("--address", default=env_default("coordinator_addr", d.address),
+                        help="ZeroMQ address of the control socket (binds on all interfaces for tcp) [%(default)s]")
+    parser.add_argument("--admission", default=env_default("admission", d.admission_policy),
+                        choices=ADMISSION_POLICIES.names(), help="admission policy across clients [%(default)s]")
+    parser.add_argument("--admission-opt", action="append", metavar="KEY=VALUE",
+                        help="admission policy knob, repeatable (e.g. w_q=2 for vtc)")
+    parser.add_argument("--heartbeat-timeout", type=float, default=d.heartbeat_timeout_s,
+                        help="seconds without a heartbeat before a worker is evicted [%(default)s]")
+    parser.add_argument("--handoff-timeout", type=float, default=d.handoff_timeout_s,
+                        help="seconds a KV handoff may take before the request fails [%(default)s]")
+    parser.add_argument("--max-prefill-backlog", type=int, default=d.max_prefill_backlog_tokens,
+                        help="prompt tokens queued per prefill worker; the rest wait in admission [%(default)s]")
+
+
+def from_args(args: argparse.Namespace) -> CoordinatorConfig:
+    return CoordinatorConfig(
+        address=args.address, admission_policy=args.admission, admission_knobs=parse_knobs(args.admission_opt),
+        heartbeat_timeout_s=args.heartbeat_timeout, handoff_timeout_s=args.handoff_timeout,
+        max_prefill_backlog_tokens=args.max_prefill_backlog,
+    )

@@ -1,0 +1,1 @@
+"""Decode worker: reserves KV, receives handoffs, continuous-batching decode, streams tokens."""

@@ -1,0 +1,21 @@
+"""``python -m services.decode_worker``: run one decode worker."""
+
+import argparse
+
+from services.common.cli import env_default
+from services.common.worker_main import worker_main
+from services.decode_worker.worker import DecodeWorker
+
+
+def _arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--kv-addr", default=env_default("kv_addr", "tcp://127.0.0.1:5610"),
+                        help="address of this worker's KV ingress socket, as prefill workers reach it [%(default)s]")
+
+
+def main(argv: list[str] | None = None) -> None:
+    worker_main("decode", "Diptych decode worker: reserves KV blocks for incoming handoffs, decodes with continuous "
+                "batching and streams tokens to the frontend.", DecodeWorker, _arguments, argv=argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Prefill worker: chunked prefill, first token, KV pushed into the decode worker's reservation."""

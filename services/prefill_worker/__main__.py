@@ -1,0 +1,14 @@
+"""``python -m services.prefill_worker``: run one prefill worker."""
+
+from services.common.worker_main import worker_main
+from services.prefill_worker.worker import PrefillWorker
+
+
+def main(argv: list[str] | None = None) -> None:
+    worker_main("prefill", "Diptych prefill worker: chunked prefill under the batch policy's token budget; emits "
+                "each request's first token and pushes its KV to the decode worker that reserved room for it.",
+                PrefillWorker, argv=argv)
+
+
+if __name__ == "__main__":
+    main()

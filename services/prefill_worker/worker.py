@@ -1,0 +1,83 @@
+"""The prefill worker: runs prompts in chunks under the batch policy's token budget, emits each request's first
+token to its frontend, pushes the request's KV blocks to the decode worker that reserved room for it, then frees
+its own blocks.
+
+Invariant: a request's blocks are freed on this worker exactly once: after its KV is exported (the export copies
+the blocks, so the send does not depend on them), on abort, or when it finishes with its first token.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from proto.messages import KVHandoff, PrefillDone, PrefillTask, Request, RequestDone, TokenOutput
+from services.common.worker import Worker
+
+log = logging.getLogger("diptych.prefill")
+
+
+@dataclass
+class PrefillJob:
+    request: Request
+    decode_kv_addr: str
+    received: float
+
+
+class PrefillWorker(Worker):
+    role = "prefill"
+
+    def __init__(self, args: Any, engine: Any) -> None:
+        super().__init__(args, engine)
+        self._jobs: dict[str, PrefillJob] = {}
+
+    async def handle_control(self, msg: Any) -> None:
+        if not isinstance(msg, PrefillTask):
+            log.warning("dropped unexpected %s", type(msg).__name__)
+            return
+        request = msg.request
+        try:
+            self.engine.add_request(request.request_id, request.prompt_token_ids, request.sampling,
+                                    arrival_time=request.arrival_time, slo=request.slo, prefill_only=True)
+        except (ValueError, KeyError) as exc:
+            log.warning("req=%s refused: %s", request.request_id, exc)
+            await self.send_control(RequestDone(request.request_id, self.worker_id, "error"))
+            return
+        self._jobs[request.request_id] = PrefillJob(request, msg.decode_kv_addr, time.time())
+        log.debug("req=%s prefill queued (%d tokens)", request.request_id, len(request.prompt_token_ids))
+
+    async def after_step(self, output: Any) -> None:
+        streams: dict[str, list[TokenOutput]] = {}
+        for tok in output.tokens:
+            job = self._jobs.get(tok.request_id)
+            if job is not None:
+                streams.setdefault(job.request.stream_addr, []).append(
+                    TokenOutput(tok.request_id, tok.index, [tok.token_id], tok.finish_reason, [tok.time]))
+        await self.stream_tokens(streams)
+        end = time.time()
+        first_tokens = {tok.request_id: tok for tok in output.tokens}
+        for rid in output.prefilled:
+            job = self._jobs.pop(rid, None)
+            if job is None:
+                continue
+            await self._hand_off(job, first_tokens[rid].token_id, first_tokens[rid].time)
+            await self.send_control(PrefillDone(rid, self.worker_id, True, job.received, end))
+        for rid in output.finished:
+            job = self._jobs.pop(rid, None)
+            if job is not None:
+                await self.send_control(PrefillDone(rid, self.worker_id, False, job.received, end))
+
+    async def _hand_off(self, job: PrefillJob, first_token: int, first_token_time: float) -> None:
+        rid = job.request.request_id
+        frames = self.engine.export_kv(rid)
+        self.engine.release(rid)
+        msg = KVHandoff(job.request, first_token, first_token_time, len(job.request.prompt_token_ids),
+                        self.engine.layout, frames)
+        await self.push(job.decode_kv_addr, msg)
+        log.debug("req=%s KV pushed to %s (%d blocks)", rid, job.decode_kv_addr, len(frames))
+
+    def abort(self, request_id: str) -> bool:
+        self._jobs.pop(request_id, None)
+        return super().abort(request_id)
