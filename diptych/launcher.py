@@ -1,0 +1,170 @@
+"""Start a whole Diptych cluster on one machine: coordinator, prefill workers, decode workers and the frontend, each
+its own process (the same ``python -m services.<role>`` commands docker-compose runs).
+
+``Cluster`` is used by ``diptych serve`` and by the integration tests. Invariants: ``stop()`` leaves no child
+process behind (SIGTERM, then SIGKILL after ``grace_s``); if any child exits while the cluster runs, ``wait()``
+returns and the rest are stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ClusterSpec:
+    """Ports are TCP ports on ``host``; decode worker i takes ``kv_base_port + i``."""
+
+    model: str | None = None
+    prefill_workers: int = 1
+    decode_workers: int = 1
+    host: str = "127.0.0.1"
+    http_port: int = 8000
+    coordinator_port: int = 5600
+    sdk_port: int = 5601
+    stream_port: int = 5602
+    kv_base_port: int = 5610
+    admission: str = "fcfs"
+    admission_opts: list[str] = field(default_factory=list)
+    policy: str = "sarathi"
+    policy_opts: list[str] = field(default_factory=list)
+    device: str = "cpu"
+    block_size: int = 16
+    num_blocks: int | None = None
+    api_keys_file: str | None = None
+    log_level: str = "INFO"
+    extra_worker_args: list[str] = field(default_factory=list)
+    extra_frontend_args: list[str] = field(default_factory=list)
+    extra_coordinator_args: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.prefill_workers < 1 or self.decode_workers < 1:
+            raise ValueError("a cluster needs at least one prefill and one decode worker")
+
+    def addr(self, port: int) -> str:
+        return f"tcp://{self.host}:{port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.host}:{self.http_port}"
+
+    @property
+    def sdk_addr(self) -> str:
+        return self.addr(self.sdk_port)
+
+
+class Cluster:
+    def __init__(self, spec: ClusterSpec, *, log_dir: str | None = None) -> None:
+        self.spec = spec
+        self.log_dir = log_dir
+        self.procs: dict[str, subprocess.Popen] = {}
+        self._logs: list = []
+
+    # ------------------------------------------------------------------ commands
+
+    def commands(self) -> dict[str, list[str]]:
+        s = self.spec
+        py = [sys.executable, "-m"]
+        coordinator = s.addr(s.coordinator_port)
+        model = ["--model", s.model] if s.model else []
+        worker_common = [
+            "--coordinator-addr", coordinator, *model, "--device", s.device, "--block-size", str(s.block_size),
+            "--policy", s.policy, "--log-level", s.log_level, *_opts("--policy-opt", s.policy_opts),
+            *(["--num-blocks", str(s.num_blocks)] if s.num_blocks else []), *s.extra_worker_args,
+        ]
+        cmds = {"coordinator": [*py, "services.coordinator", "--address", coordinator, "--admission", s.admission,
+                                *_opts("--admission-opt", s.admission_opts), "--log-level", s.log_level,
+                                *s.extra_coordinator_args]}
+        for i in range(s.prefill_workers):
+            cmds[f"prefill-{i}"] = [*py, "services.prefill_worker", "--worker-id", f"prefill-{i}", *worker_common]
+        for i in range(s.decode_workers):
+            cmds[f"decode-{i}"] = [*py, "services.decode_worker", "--worker-id", f"decode-{i}",
+                                   "--kv-addr", s.addr(s.kv_base_port + i), *worker_common]
+        cmds["frontend"] = [
+            *py, "services.frontend", *model, "--host", s.host, "--http-port", str(s.http_port),
+            "--sdk-addr", s.sdk_addr, "--stream-addr", s.addr(s.stream_port), "--coordinator-addr", coordinator,
+            "--log-level", s.log_level, *(["--api-keys-file", s.api_keys_file] if s.api_keys_file else []),
+            *s.extra_frontend_args,
+        ]
+        return cmds
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        if self.spec.model is None:  # build the tiny default model once, before four processes race for it
+            from engine.tiny_model import default_model_path
+
+            default_model_path()
+        for name, cmd in self.commands().items():
+            out = None
+            if self.log_dir:
+                os.makedirs(self.log_dir, exist_ok=True)
+                out = open(os.path.join(self.log_dir, f"{name}.log"), "ab")
+                self._logs.append(out)
+            self.procs[name] = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT if out else None)
+
+    def wait_ready(self, timeout_s: float = 120.0) -> dict:
+        """Block until the frontend's /health reports every worker registered; raise if a process dies first."""
+        deadline = time.time() + timeout_s
+        want = (self.spec.prefill_workers, self.spec.decode_workers)
+        last = None
+        while time.time() < deadline:
+            dead = self.dead()
+            if dead:
+                raise RuntimeError(f"cluster processes exited during startup: {dead}")
+            try:
+                with urllib.request.urlopen(self.spec.http_url + "/health", timeout=2) as resp:
+                    last = json.loads(resp.read())
+                if (last.get("prefill_workers"), last.get("decode_workers")) == want:
+                    return last
+            except (urllib.error.URLError, ConnectionError, TimeoutError, json.JSONDecodeError, OSError):
+                pass
+            time.sleep(0.25)
+        raise TimeoutError(f"cluster not ready after {timeout_s:.0f} s (last health: {last})")
+
+    def dead(self) -> dict[str, int]:
+        return {name: p.returncode for name, p in self.procs.items() if p.poll() is not None}
+
+    def wait(self) -> dict[str, int]:
+        """Block until any process exits; return the exited ones."""
+        while not (dead := self.dead()):
+            time.sleep(0.5)
+        return dead
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        # frontend first (stops taking requests), then workers, coordinator last
+        order = ["frontend", *[n for n in self.procs if "-" in n], "coordinator"]
+        for name in order:
+            proc = self.procs.get(name)
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.time() + grace_s
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for f in self._logs:
+            f.close()
+        self._logs.clear()
+
+    def __enter__(self) -> "Cluster":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _opts(flag: str, values: list[str]) -> list[str]:
+    return [part for value in values for part in (flag, value)]
