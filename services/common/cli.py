@@ -34,8 +34,8 @@ def _parse_value(raw: str) -> Any:
 
 
 def env_default(name: str, default: Any) -> Any:
-    """The value of ``DIPTYCH_<NAME>`` if set (for docker-compose configuration), else ``default``."""
+    """The value of ``DIPTYCH_<NAME>`` if set and not empty (docker-compose configuration), else ``default``."""
     value = os.environ.get(f"DIPTYCH_{name.upper()}")
-    if value is None:
+    if not value:
         return default
     return type(default)(value) if default is not None and not isinstance(default, bool) else _parse_value(value)
