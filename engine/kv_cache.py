@@ -1,0 +1,145 @@
+"""The paged KV pool: one preallocated tensor of blocks, a free-list allocator, and raw export/import of blocks.
+
+Pool shape ``[num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim]`` (2 = K, V). It is block-major: the
+K and V of all layers for one block's ``block_size`` token positions are ONE contiguous buffer of
+``layout``-shape ``[num_layers, 2, block_size, num_kv_heads, head_dim]``, so one block travels as one frame.
+Token position ``p`` of a sequence with block table ``t`` lives in block ``t[p // block_size]`` at offset
+``p % block_size``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable
+
+import torch
+
+from proto.messages import KVLayout
+
+
+class OutOfBlocksError(RuntimeError):
+    """An allocation asked for more blocks than are free."""
+
+
+class BlockAllocator:
+    """Hands out block ids ``0 .. num_blocks - 1``. Invariant: every id is either free or allocated, never both;
+    freeing a block that is not allocated raises ``ValueError`` (double free or foreign id)."""
+
+    def __init__(self, num_blocks: int) -> None:
+        if num_blocks <= 0:
+            raise ValueError(f"num_blocks must be positive, got {num_blocks}")
+        self.num_blocks = num_blocks
+        self._free: list[int] = list(range(num_blocks - 1, -1, -1))
+        self._allocated: set[int] = set()
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def allocate(self, n: int) -> list[int]:
+        """Take ``n`` free blocks; raises ``OutOfBlocksError`` (taking none) when fewer than ``n`` are free."""
+        if n < 0:
+            raise ValueError(f"cannot allocate a negative number of blocks ({n})")
+        if n > len(self._free):
+            raise OutOfBlocksError(f"asked for {n} KV blocks, only {len(self._free)} of {self.num_blocks} are free")
+        taken = [self._free.pop() for _ in range(n)]
+        self._allocated.update(taken)
+        return taken
+
+    def free(self, block_ids: Iterable[int]) -> None:
+        """Return blocks to the free list. Raises ``ValueError`` (freeing none) if any id is not allocated or
+        repeats."""
+        ids = list(block_ids)
+        if len(set(ids)) != len(ids) or not self._allocated.issuperset(ids):
+            bad = sorted(set(i for i in ids if i not in self._allocated or ids.count(i) > 1))
+            raise ValueError(f"double free or unknown KV blocks: {bad}")
+        self._allocated.difference_update(ids)
+        self._free.extend(reversed(ids))
+
+
+class KVCachePool:
+    """The pool tensor on ``device`` plus its allocator. ``layout`` describes one block for peers."""
+
+    def __init__(
+        self,
+        num_blocks: int,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        block_size: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
+        self.layout = KVLayout(
+            num_layers=num_layers,
+            num_kv_heads=num_kv_heads,
+            head_dim=head_dim,
+            block_size=block_size,
+            dtype=str(dtype).removeprefix("torch."),
+        )
+        self.block_shape = (num_layers, 2, block_size, num_kv_heads, head_dim)
+        self.dtype = dtype
+        # Zeros, not empty: masked-out positions are multiplied by a zero probability, which must not meet NaN.
+        self.pool = torch.zeros((num_blocks, *self.block_shape), dtype=dtype, device=device)
+        self.allocator = BlockAllocator(num_blocks)
+
+    @property
+    def num_blocks(self) -> int:
+        return self.allocator.num_blocks
+
+    @property
+    def block_size(self) -> int:
+        return self.layout.block_size
+
+    @property
+    def bytes_per_block(self) -> int:
+        return bytes_per_block(self.layout, self.dtype)
+
+    def blocks_for_tokens(self, num_tokens: int) -> int:
+        """Blocks that hold ``num_tokens`` token positions."""
+        return math.ceil(num_tokens / self.block_size)
+
+    def export_blocks(self, block_ids: list[int]) -> list[memoryview]:
+        """One contiguous CPU buffer per block, in order, copied out of the pool: still valid after the blocks
+        are freed and reused."""
+        self._check_ids(block_ids)
+        index = torch.tensor(block_ids, dtype=torch.long, device=self.pool.device)
+        host = self.pool.index_select(0, index).cpu()
+        raw = host.view(torch.uint8).reshape(len(block_ids), -1).numpy()
+        return [memoryview(row) for row in raw]
+
+    def import_blocks(self, block_ids: list[int], frames: list[Any]) -> None:
+        """Write received raw block buffers (``bytes``, ``memoryview``, ``zmq.Frame`` or anything exposing the
+        buffer protocol) into ``block_ids``, in order. Raises ``ValueError`` on a count or size mismatch, before
+        writing anything."""
+        self._check_ids(block_ids)
+        if len(frames) != len(block_ids):
+            raise ValueError(f"got {len(frames)} KV frames for {len(block_ids)} blocks")
+        buffers = [_as_buffer(frame) for frame in frames]
+        expected = self.bytes_per_block
+        for i, buffer in enumerate(buffers):
+            if buffer.nbytes != expected:
+                raise ValueError(f"KV frame {i} has {buffer.nbytes} bytes, a block of {self.layout} has {expected}")
+        if not buffers:
+            return
+        blocks = [torch.frombuffer(buffer, dtype=torch.uint8).view(self.dtype) for buffer in buffers]
+        host = torch.stack(blocks).reshape(len(blocks), *self.block_shape)
+        index = torch.tensor(block_ids, dtype=torch.long, device=self.pool.device)
+        self.pool.index_copy_(0, index, host.to(self.pool.device))
+
+    def _check_ids(self, block_ids: list[int]) -> None:
+        for block_id in block_ids:
+            if not 0 <= block_id < self.num_blocks:
+                raise ValueError(f"KV block id {block_id} outside the pool of {self.num_blocks} blocks")
+
+
+def bytes_per_block(layout: KVLayout, dtype: torch.dtype) -> int:
+    """Bytes of one block of ``layout``: K and V of every layer for ``block_size`` positions."""
+    element_size = torch.empty((), dtype=dtype).element_size()
+    return layout.num_layers * 2 * layout.block_size * layout.num_kv_heads * layout.head_dim * element_size
+
+
+def _as_buffer(frame: Any) -> memoryview:
+    """A flat byte view of a received frame without copying (``zmq.Frame`` exposes ``.buffer``)."""
+    buffer = getattr(frame, "buffer", frame)
+    return memoryview(buffer).cast("B")
