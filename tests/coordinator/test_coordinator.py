@@ -1,0 +1,201 @@
+"""The coordinator over real ZeroMQ sockets, with the test playing the frontend and the workers."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+import zmq
+import zmq.asyncio
+
+from proto.messages import (
+    CancelRequest, ClusterStatus, Heartbeat, KVLayout, KVReceived, KVReserved, PrefillDone, PrefillTask, RegisterAck,
+    RegisterWorker, Request, RequestDone, RequestFailed, ReserveKV, SamplingParams, StatusQuery, SubmitRequest,
+    TokenReport, WorkerLoad,
+)
+from services.common.sockets import make_socket, recv_message, send_message
+from services.coordinator.config import CoordinatorConfig
+from services.coordinator.server import Coordinator
+from tests.integration.conftest import free_port_block
+
+LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=16, block_size=16, dtype="float32")
+
+
+class Peer:
+    def __init__(self, ctx, addr, identity):
+        self.identity = identity
+        self.sock = make_socket(ctx, zmq.DEALER, connect=addr, identity=identity)
+
+    async def send(self, msg):
+        await send_message(self.sock, msg)
+
+    async def recv(self, timeout=3.0):
+        _, msg = await asyncio.wait_for(recv_message(self.sock), timeout)
+        return msg
+
+    async def expect_nothing(self, wait=0.3):
+        with pytest.raises(asyncio.TimeoutError):
+            await self.recv(timeout=wait)
+
+
+@pytest.fixture
+async def cluster():
+    addr = f"tcp://127.0.0.1:{free_port_block(1)}"
+    coordinator = Coordinator(CoordinatorConfig(address=addr, heartbeat_timeout_s=1.0, handoff_timeout_s=0.3,
+                                                watchdog_interval_s=0.1))
+    stop = asyncio.Event()
+    task = asyncio.create_task(coordinator.run(stop))
+    ctx = zmq.asyncio.Context()
+    peers = {name: Peer(ctx, addr, name) for name in ("frontend", "prefill-0", "decode-0")}
+
+    async def register(name, role, blocks=64, layout=LAYOUT, model="m"):
+        await peers[name].send(RegisterWorker(name, role, model, layout, "tcp://127.0.0.1:1" if role == "decode" else "",
+                                              WorkerLoad(blocks, blocks, 0, 0, 0), 512))
+        return await peers[name].recv()
+
+    assert (await register("prefill-0", "prefill")).ok
+    assert (await register("decode-0", "decode")).ok
+    yield coordinator, peers, register, ctx
+    stop.set()
+    await task
+    for p in peers.values():
+        p.sock.close()
+    ctx.term()
+
+
+def request(rid, prompt=20, max_tokens=12, client="alice"):
+    return Request(rid, client, list(range(1, prompt + 1)), SamplingParams(max_tokens=max_tokens), time.time(),
+                   "tcp://127.0.0.1:2")
+
+
+async def status(peers) -> ClusterStatus:
+    await peers["frontend"].send(StatusQuery())
+    return await peers["frontend"].recv()
+
+
+async def eventually(peers, predicate, timeout=3.0) -> ClusterStatus:
+    """Messages from different peers may be handled in any order: poll the status until ``predicate`` holds."""
+    deadline = time.time() + timeout
+    while True:
+        st = await status(peers)
+        if predicate(st) or time.time() > deadline:
+            return st
+        await asyncio.sleep(0.05)
+
+
+async def drive_to_decoding(peers, rid):
+    reserve = await peers["decode-0"].recv()
+    assert isinstance(reserve, ReserveKV) and reserve.request_id == rid
+    await peers["decode-0"].send(KVReserved(rid, "decode-0", True))
+    task = await peers["prefill-0"].recv()
+    assert isinstance(task, PrefillTask) and task.decode_worker_id == "decode-0"
+    return reserve
+
+
+async def test_happy_path_releases_all_accounting(cluster):
+    coordinator, peers, *_ = cluster
+    await peers["frontend"].send(SubmitRequest(request("r1")))
+    reserve = await drive_to_decoding(peers, "r1")
+    assert reserve.num_blocks == 2  # ceil((20 + 12) / 16)
+    await peers["prefill-0"].send(PrefillDone("r1", "prefill-0", True, time.time(), time.time()))
+    await peers["decode-0"].send(KVReceived("r1", "decode-0", 20, 0.001))
+    await peers["decode-0"].send(TokenReport("decode-0", {"r1": 11}))
+    await peers["decode-0"].send(RequestDone("r1", "decode-0", "length"))
+    st = await eventually(peers, lambda st: st.in_flight == 0)
+    assert st.in_flight == 0 and st.waiting == 0
+    assert st.workers["decode-0"]["reserved_blocks"] == 0 and st.workers["prefill-0"]["backlog_tokens"] == 0
+
+
+async def test_never_over_commits_decode_kv(cluster):
+    coordinator, peers, register, _ = cluster
+    # decode-0 has 64 blocks; each request needs ceil((200 + 300) / 16) = 32 blocks
+    for rid in ("a", "b", "c"):
+        await peers["frontend"].send(SubmitRequest(request(rid, prompt=200, max_tokens=300)))
+    first = await peers["decode-0"].recv()
+    second = await peers["decode-0"].recv()
+    assert {first.request_id, second.request_id} == {"a", "b"}
+    await peers["decode-0"].expect_nothing()
+    st = await eventually(peers, lambda st: st.waiting == 1)
+    assert st.waiting == 1 and st.workers["decode-0"]["reserved_blocks"] == 64
+    await peers["decode-0"].send(RequestDone("a", "decode-0", "abort"))  # frees room for c
+    third = await peers["decode-0"].recv()
+    assert third.request_id == "c"
+
+
+async def test_cancel_reaches_every_holder(cluster):
+    coordinator, peers, *_ = cluster
+    await peers["frontend"].send(SubmitRequest(request("r1")))
+    await drive_to_decoding(peers, "r1")
+    await peers["frontend"].send(CancelRequest("r1", "abort"))
+    assert isinstance(await peers["prefill-0"].recv(), CancelRequest)
+    assert isinstance(await peers["decode-0"].recv(), CancelRequest)
+    await peers["prefill-0"].send(RequestDone("r1", "prefill-0", "abort"))
+    await peers["decode-0"].send(RequestDone("r1", "decode-0", "abort"))
+    st = await eventually(peers, lambda st: st.in_flight == 0)
+    assert st.in_flight == 0 and st.workers["decode-0"]["reserved_blocks"] == 0
+
+
+async def test_cancel_while_queued_frees_the_queue_place(cluster):
+    coordinator, peers, register, _ = cluster
+    await peers["frontend"].send(SubmitRequest(request("big", prompt=200, max_tokens=800)))
+    await peers["frontend"].send(SubmitRequest(request("queued", prompt=200, max_tokens=800)))
+    await peers["decode-0"].recv()
+    assert (await eventually(peers, lambda st: st.waiting == 1)).waiting == 1
+    await peers["frontend"].send(CancelRequest("queued"))
+    st = await eventually(peers, lambda st: st.waiting == 0)
+    assert st.waiting == 0 and st.in_flight == 1
+
+
+async def test_mismatched_worker_is_refused(cluster):
+    coordinator, peers, register, ctx = cluster
+    peers["decode-1"] = Peer(ctx, coordinator.config.address, "decode-1")
+    bad = KVLayout(2, 2, 16, 32, "float32")
+    ack = await register("decode-1", "decode", layout=bad)
+    assert isinstance(ack, RegisterAck) and not ack.ok and "layout" in ack.error
+    peers["prefill-1"] = Peer(ctx, coordinator.config.address, "prefill-1")
+    ack = await register("prefill-1", "prefill", model="other")
+    assert not ack.ok and "model" in ack.error
+
+
+async def test_silent_worker_is_evicted_and_its_requests_fail(cluster):
+    coordinator, peers, *_ = cluster
+    await peers["frontend"].send(SubmitRequest(request("r1")))
+    await drive_to_decoding(peers, "r1")
+    # only the prefill worker keeps heartbeating; decode-0 goes silent
+    for _ in range(15):
+        await peers["prefill-0"].send(Heartbeat("prefill-0", WorkerLoad(64, 64, 0, 0, 0), time.time()))
+        await asyncio.sleep(0.1)
+    failed = await peers["frontend"].recv()
+    assert isinstance(failed, RequestFailed) and failed.code == 503 and "decode-0" in failed.message
+    assert isinstance(await peers["prefill-0"].recv(), CancelRequest)
+    st = await status(peers)
+    assert st.decode_workers == 0
+    await peers["decode-0"].send(Heartbeat("decode-0", WorkerLoad(64, 64, 0, 0, 0), time.time()))
+    ack = await peers["decode-0"].recv()
+    assert isinstance(ack, RegisterAck) and not ack.ok  # told to re-register
+
+
+async def test_handoff_timeout_fails_the_request(cluster):
+    coordinator, peers, *_ = cluster
+    await peers["frontend"].send(SubmitRequest(request("r1")))
+    await drive_to_decoding(peers, "r1")
+    await peers["prefill-0"].send(PrefillDone("r1", "prefill-0", True, time.time(), time.time()))
+    failed = await peers["frontend"].recv(timeout=5)
+    assert isinstance(failed, RequestFailed) and "handoff" in failed.message
+    assert isinstance(await peers["decode-0"].recv(), CancelRequest)
+
+
+async def test_malformed_frames_are_dropped_and_service_goes_on(cluster):
+    coordinator, peers, *_ = cluster
+    await peers["frontend"].sock.send_multipart([b"\x93garbage"])
+    await peers["frontend"].sock.send_multipart([b"\x83\xa1v\x07\xa1t\xa6cancel\xa1b\x80"])  # version 7
+    st = await status(peers)
+    assert st.prefill_workers == 1 and st.decode_workers == 1
+
+
+async def test_request_too_large_for_any_worker_is_refused(cluster):
+    coordinator, peers, *_ = cluster
+    await peers["frontend"].send(SubmitRequest(request("huge", prompt=500, max_tokens=1000)))
+    failed = await peers["frontend"].recv()
+    assert isinstance(failed, RequestFailed) and failed.code == 400

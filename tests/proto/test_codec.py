@@ -1,0 +1,89 @@
+"""The wire codec: round trips, payload frames, and ProtocolError (never another exception) on bad input."""
+
+import dataclasses
+
+import msgpack
+import pytest
+from hypothesis import given, strategies as st
+
+import proto
+from proto.codec import _REGISTRY
+from proto.messages import (
+    SLO, CancelRequest, ClientGenerate, ClusterStatus, KVHandoff, KVLayout, Request, SamplingParams, SubmitRequest,
+    TokenBatch, TokenOutput, TokenReport,
+)
+
+
+def make_request(**kw) -> Request:
+    base = dict(request_id="r1", client_id="alice", prompt_token_ids=[1, 2, 3],
+                sampling=SamplingParams(max_tokens=8, temperature=0.0, stop=["\n"], seed=7),
+                arrival_time=1700000000.25, stream_addr="tcp://127.0.0.1:5602", slo=SLO("strict", 1.0, 0.1))
+    base.update(kw)
+    return Request(**base)
+
+
+@pytest.mark.parametrize("msg", [
+    SubmitRequest(make_request()),
+    CancelRequest("r1", "stop"),
+    TokenReport("decode-0", {"r1": 3, "r2": 1}),
+    TokenBatch([TokenOutput("r1", 0, [5], None, [1.5]), TokenOutput("r2", 3, [6, 7], "length", [2.0, 2.5])]),
+    ClientGenerate("r9", "hi", None, SamplingParams(), api_key=None, slo=None),
+    ClusterStatus(1, 2, 0, 0, {"counters": {"a": 1.5}}),
+])
+def test_round_trip(msg):
+    assert proto.decode(proto.encode(msg)) == msg
+
+
+def test_payload_frames_travel_raw_and_in_order():
+    layout = KVLayout(2, 2, 16, 16, "float32")
+    blocks = [bytes([i]) * 100 for i in range(3)]
+    frames = proto.encode(KVHandoff(make_request(), 42, 1.0, 20, layout, blocks))
+    assert len(frames) == 4 and [bytes(f) for f in frames[1:]] == blocks
+    back = proto.decode([memoryview(f) if i else f for i, f in enumerate(frames)])
+    assert [bytes(b) for b in back.blocks] == blocks and back.layout == layout and back.first_token_id == 42
+
+
+def test_every_message_type_round_trips_with_defaults():
+    for tag, cls in _REGISTRY.items():
+        fields = dataclasses.fields(cls)
+        if all(f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING for f in fields):
+            assert proto.decode(proto.encode(cls())) == cls(), tag
+
+
+def header(v=proto.PROTOCOL_VERSION, t="cancel", b=None):
+    return msgpack.packb({"v": v, "t": t, "b": {"request_id": "x"} if b is None else b})
+
+
+@pytest.mark.parametrize("frames, match", [
+    ([], "empty"),
+    ([b"\xc1\xc1"], "msgpack"),
+    ([msgpack.packb([1, 2])], "map"),
+    ([header(v=99)], "version"),
+    ([header(t="no_such_type")], "unknown message type"),
+    ([header(b={})], "missing field"),
+    ([header(b={"request_id": 5})], "expected str"),
+    ([header(), b"extra"], "extra frames"),
+    ([header(t="tokens", b={"outputs": [{"request_id": "r", "index": "zero", "token_ids": []}]})], "integer"),
+    ([header(t="kv_handoff", b={"blocks": 3})], "missing field|payload"),
+])
+def test_bad_input_raises_protocol_error(frames, match):
+    with pytest.raises(proto.ProtocolError, match=match):
+        proto.decode(frames)
+
+
+def test_wrong_version_is_a_version_error():
+    with pytest.raises(proto.ProtocolVersionError):
+        proto.decode([header(v=0)])
+
+
+@given(st.lists(st.binary(max_size=64), max_size=4))
+def test_arbitrary_bytes_never_raise_anything_but_protocol_error(frames):
+    try:
+        proto.decode(frames)
+    except proto.ProtocolError:
+        pass
+
+
+def test_unregistered_type_cannot_be_encoded():
+    with pytest.raises(TypeError):
+        proto.encode(make_request())
