@@ -3,7 +3,7 @@
 The coordinator drives an ``AdmissionPolicy`` like this (times in seconds, lengths in tokens)::
 
     rejection = policy.add(pending, now)            # None, or a Rejection (e.g. a rate limit)
-    while (head := policy.peek()) is not None:
+    while (head := policy.peek()) is not None:     # or peek(now): moves the policy's clock (aging) first
         if not can_place(head):                     # no prefill room or no decode KV: stop, never skip ahead
             break
         policy.pop(now)                             # removes ``head`` and charges its input
@@ -13,6 +13,10 @@ The coordinator drives an ``AdmissionPolicy`` like this (times in seconds, lengt
 
 Invariants: ``peek()`` is deterministic given the calls so far; ``pop()`` returns exactly what ``peek()`` returned;
 ``len(policy)`` is the number of waiting requests. Policies import neither torch nor ZeroMQ.
+
+Clock: policies whose order depends on time (SPF aging) judge it at the latest ``now`` they were given (``add``,
+``peek(now)``, ``pop``); the clock never moves backwards. ``pop(now)`` removes what ``peek()`` returns at that clock,
+then advances the clock to ``now``.
 """
 
 from __future__ import annotations
@@ -54,8 +58,9 @@ class AdmissionPolicy(ABC):
         """Queue ``request`` (or refuse it)."""
 
     @abstractmethod
-    def peek(self) -> PendingRequest | None:
-        """The request that should be dispatched next, without removing it."""
+    def peek(self, now: float | None = None) -> PendingRequest | None:
+        """The request that should be dispatched next, without removing it. ``now``, when given, first moves the
+        policy's clock forward (only time-dependent orders care)."""
 
     @abstractmethod
     def pop(self, now: float) -> PendingRequest:
@@ -90,7 +95,7 @@ class FCFSAdmission(AdmissionPolicy):
         self._queue.append(request)
         return None
 
-    def peek(self) -> PendingRequest | None:
+    def peek(self, now: float | None = None) -> PendingRequest | None:
         return self._queue[0] if self._queue else None
 
     def pop(self, now: float) -> PendingRequest:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
+from policies.kv_planner import KVPlanner
 from policies.registry import Registry
 
 
@@ -23,6 +24,9 @@ class SequenceState:
     ``num_computed < prompt_len``. ``blocks_to_admit`` is how many free blocks admitting a waiting sequence takes
     (the worker's reservation rule); ``blocks_to_step`` is how many more a running sequence's next token takes.
     ``last_token_time`` is when the iteration that produced its latest token ended (None before the first).
+    ``blocks_held`` is how many KV blocks a running sequence holds now (what preempting it frees; a policy never
+    preempts a sequence that holds none). ``tbt_slo_s`` / ``ttft_slo_s`` are its latency targets (None: the policy's
+    default).
     """
 
     request_id: str
@@ -36,6 +40,7 @@ class SequenceState:
     tbt_slo_s: float | None = None
     ttft_slo_s: float | None = None
     tier: str = "default"
+    blocks_held: int = 0
 
     @property
     def in_prefill(self) -> bool:
@@ -82,10 +87,16 @@ class BatchPolicy(ABC):
     def schedule(
         self, waiting: list[SequenceState], running: list[SequenceState], kv: KVState, now: float
     ) -> BatchPlan:
-        """Compose the next iteration. ``waiting`` hold no KV yet (arrival order); ``running`` hold KV."""
+        """Compose the next iteration. ``waiting`` hold no KV yet (arrival order); ``running`` hold KV (admission
+        order, oldest first)."""
 
     def on_iteration_end(self, duration_s: float, now: float) -> None:
         """The iteration just executed took ``duration_s`` wall seconds and ended at ``now``."""
+
+    def order_handoffs(self, pending: list[SequenceState], now: float) -> list[str]:
+        """The order in which a decode worker admits incoming KV handoffs (``pending``, in the order they reached
+        the worker), most urgent first. Default: FIFO."""
+        return [seq.request_id for seq in pending]
 
 
 BATCH_POLICIES: Registry[BatchPolicy] = Registry("batch")
@@ -97,8 +108,13 @@ class SarathiBatching(BatchPolicy):
     prefills continue FIFO, then waiting requests are admitted FCFS, their prompts chunked to fill
     ``token_budget``. Admission stops at the first request whose blocks do not fit (head of line).
 
-    Knobs: ``token_budget`` (tokens per iteration, prefill chunks plus decodes), ``max_running`` (sequences holding
-    KV), ``max_decodes`` (decodes per iteration)."""
+    KV pressure (vLLM's rule, which Sarathi-Serve inherits): a decode whose next token needs a block when none is
+    free preempts the most recently admitted running sequence (recompute), down to itself; no new request is admitted
+    in an iteration that preempted. So a running decode is never silently stalled: it decodes or is preempted.
+    A prompt's KV is reserved whole at admission (``blocks_to_admit``); later chunks take no blocks.
+
+    Knobs: ``token_budget`` (tokens per iteration, prefill chunks plus decodes; 512 under strict SLOs, 2048
+    relaxed), ``max_running`` (sequences holding KV, 128), ``max_decodes`` (decodes per iteration, 128)."""
 
     def __init__(self, token_budget: int = 512, max_running: int = 128, max_decodes: int = 128) -> None:
         if token_budget <= 0 or max_running <= 0 or max_decodes <= 0:
@@ -111,24 +127,41 @@ class SarathiBatching(BatchPolicy):
         self, waiting: list[SequenceState], running: list[SequenceState], kv: KVState, now: float
     ) -> BatchPlan:
         plan = BatchPlan()
-        free = kv.free_blocks
-        for seq in running:
-            if not seq.in_prefill and len(plan.decodes) < self.max_decodes and seq.blocks_to_step <= free:
-                plan.decodes.append(seq.request_id)
-                free -= seq.blocks_to_step
+        blocks = KVPlanner(kv.free_blocks, plan)
+        schedule_all_decodes(running, blocks, self.max_decodes)
         budget = self.token_budget - len(plan.decodes)
         for seq in running:
-            if seq.in_prefill and budget > 0:
+            if seq.in_prefill and budget > 0 and not blocks.is_decided(seq):
                 chunk = min(seq.remaining_prompt, budget)
                 plan.prefill_chunks.append((seq.request_id, chunk))
+                blocks.mark_scheduled(seq)
                 budget -= chunk
+        if plan.preempt:
+            return plan
         num_running = len(running)
         for seq in waiting:
-            if budget <= 0 or num_running >= self.max_running or seq.blocks_to_admit > free:
+            if budget <= 0 or num_running >= self.max_running or not blocks.admit(seq):
                 break
             chunk = min(seq.remaining_prompt, budget)
             plan.prefill_chunks.append((seq.request_id, chunk))
             budget -= chunk
-            free -= seq.blocks_to_admit
             num_running += 1
         return plan
+
+
+def schedule_all_decodes(running: list[SequenceState], blocks: KVPlanner, max_decodes: int) -> None:
+    """Every running decode, oldest first, up to ``max_decodes``; out of blocks, the most recently admitted running
+    sequence is preempted (possibly the decode itself)."""
+    decodes = [seq for seq in running if not seq.in_prefill]
+    schedule_decodes(decodes, running[::-1], blocks, max_decodes)
+
+
+def schedule_decodes(decodes: list[SequenceState], victims: list[SequenceState], blocks: KVPlanner,
+                     max_decodes: int) -> None:
+    """``decodes`` in order, until the plan holds ``max_decodes``; each preempts ``victims`` in order if its block
+    does not fit (see ``KVPlanner.step_or_preempt``)."""
+    for seq in decodes:
+        if len(blocks.plan.decodes) >= max_decodes:
+            return
+        if not blocks.is_decided(seq):
+            blocks.step_or_preempt(seq, victims)
