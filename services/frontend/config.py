@@ -1,0 +1,86 @@
+"""Frontend settings: command-line flags, each with a ``DIPTYCH_<NAME>`` environment fallback."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+from services.common.cli import env_default
+
+BUILTIN_MODEL_NAME = "diptych-tiny"
+
+
+@dataclass
+class FrontendConfig:
+    """Addresses are ZeroMQ endpoints; ``stream_addr`` is the token-stream address *as workers connect to it* (the
+    frontend binds it on all interfaces). ``max_model_len`` (tokens) defaults to the model's
+    ``max_position_embeddings``. ``request_timeout_s``: a request that receives no output for this long is cancelled
+    and fails with 504."""
+
+    model: str | None = None
+    served_model_name: str | None = None
+    host: str = "127.0.0.1"
+    http_port: int = 8000
+    sdk_addr: str = "tcp://127.0.0.1:5601"
+    stream_addr: str = "tcp://127.0.0.1:5602"
+    coordinator_addr: str = "tcp://127.0.0.1:5600"
+    api_keys_file: str | None = None
+    max_model_len: int | None = None
+    request_timeout_s: float = 600.0
+    log_level: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.served_model_name is None:
+            self.served_model_name = BUILTIN_MODEL_NAME if self.model is None else self.model
+        if not 0 <= self.http_port < 65536:
+            raise ValueError("http_port must be in 0..65535")
+        if self.max_model_len is not None and self.max_model_len <= 1:
+            raise ValueError("max_model_len must be at least 2")
+        if self.request_timeout_s <= 0:
+            raise ValueError("request_timeout_s must be positive")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = FrontendConfig()
+    p = argparse.ArgumentParser(
+        prog="python -m services.frontend",
+        description="Diptych frontend: OpenAI-compatible HTTP API and SDK endpoint; tokenizes requests, submits them "
+                    "to the coordinator and streams the workers' tokens back as text.",
+    )
+    p.add_argument("--model", default=env_default("model", "") or None,
+                   help="model path or hub id (its tokenizer and config are loaded); default: the built-in tiny Llama")
+    p.add_argument("--served-model-name", default=env_default("served_model_name", "") or None,
+                   help=f"model name clients must send; default {BUILTIN_MODEL_NAME!r} for the built-in model, "
+                        "else --model")
+    p.add_argument("--host", default=env_default("host", d.host), help="HTTP bind host [%(default)s]")
+    p.add_argument("--http-port", type=int, default=env_default("http_port", d.http_port),
+                   help="HTTP port [%(default)s]")
+    p.add_argument("--sdk-addr", default=env_default("sdk_addr", d.sdk_addr),
+                   help="ZeroMQ address the SDK ROUTER socket binds [%(default)s]")
+    p.add_argument("--stream-addr", default=env_default("stream_addr", d.stream_addr),
+                   help="token-stream PULL address as workers connect to it; bound on all interfaces [%(default)s]")
+    p.add_argument("--coordinator-addr", default=env_default("coordinator_addr", d.coordinator_addr),
+                   help="coordinator control socket [%(default)s]")
+    p.add_argument("--api-keys-file", default=env_default("api_keys_file", "") or None,
+                   help='JSON {"clients": {"<key>": {"client_id": ..., "weight": ..., "tier": ...}}}; '
+                        "without it every request is client 'anonymous'")
+    p.add_argument("--max-model-len", type=int, default=env_default("max_model_len", 0) or None,
+                   help="context length in tokens (prompt + output); default: the model's max_position_embeddings")
+    p.add_argument("--request-timeout", type=float, default=env_default("request_timeout_s", d.request_timeout_s),
+                   help="seconds without output before a request is cancelled with 504 [%(default)s]")
+    p.add_argument("--log-level", default=None, help="logging level [DIPTYCH_LOG_LEVEL or INFO]")
+    return p
+
+
+def parse_config(argv: list[str] | None = None) -> FrontendConfig:  # type: ignore[return]
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return FrontendConfig(
+            model=args.model, served_model_name=args.served_model_name, host=args.host, http_port=args.http_port,
+            sdk_addr=args.sdk_addr, stream_addr=args.stream_addr, coordinator_addr=args.coordinator_addr,
+            api_keys_file=args.api_keys_file, max_model_len=args.max_model_len,
+            request_timeout_s=args.request_timeout, log_level=args.log_level,
+        )
+    except ValueError as exc:
+        parser.error(str(exc))  # exits with status 2

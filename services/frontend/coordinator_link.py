@@ -1,0 +1,60 @@
+"""The frontend's DEALER connection to the coordinator's control socket.
+
+Outgoing messages (``SubmitRequest``, ``CancelRequest``) are posted synchronously into an outbox and sent by one
+task, so a cancel can be issued from any context (a ``finally`` block of a cancelled task included) and messages
+leave in the order they were posted. Incoming ``RequestFailed`` messages go to a callback; anything else is logged
+and dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import uuid
+from typing import Any, Callable
+
+import zmq
+import zmq.asyncio
+
+import proto
+from services.common.sockets import make_socket, recv_message, send_message
+
+log = logging.getLogger(__name__)
+
+
+def frontend_identity() -> str:
+    """``frontend-<pid>-<random>``: unique among the coordinator's peers, also across restarts."""
+    return f"frontend-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+class CoordinatorLink:
+    def __init__(self, ctx: zmq.asyncio.Context, address: str, identity: str) -> None:
+        self.identity = identity
+        self._sock = make_socket(ctx, zmq.DEALER, connect=address, identity=identity)
+        self._outbox: asyncio.Queue[Any] = asyncio.Queue()
+
+    def post(self, msg: Any) -> None:
+        """Queue ``msg`` for the coordinator; never blocks."""
+        self._outbox.put_nowait(msg)
+
+    async def run_sender(self) -> None:
+        while True:
+            msg = await self._outbox.get()
+            await send_message(self._sock, msg)
+
+    async def run_receiver(self, on_failed: Callable[[proto.RequestFailed], None]) -> None:
+        while True:
+            _, msg = await recv_message(self._sock)
+            if isinstance(msg, proto.RequestFailed):
+                on_failed(msg)
+            elif isinstance(msg, proto.ProtocolError):
+                log.warning("dropping a malformed message from the coordinator: %s", msg)
+            else:
+                log.warning("dropping unexpected %s from the coordinator", type(msg).__name__)
+
+    async def close(self) -> None:
+        """Send what is still queued (the cancels of a shutdown), then close; LINGER bounds the wait."""
+        while not self._outbox.empty():
+            await send_message(self._sock, self._outbox.get_nowait())
+        self._sock.close()

@@ -1,0 +1,185 @@
+"""The OpenAI-compatible HTTP API: ``POST /v1/completions``, ``POST /v1/chat/completions`` (both with
+``stream: true`` as server-sent events), ``GET /v1/models`` and ``GET /health``.
+
+Every error is an OpenAI-style body ``{"error": {...}}``; FastAPI's 422 validation responses are replaced by 400s.
+A streamed request waits for its first output before sending headers, so a refusal (429 with ``Retry-After``, 503)
+is still a proper HTTP status; a failure after that is sent as a final ``data: {"error": ...}`` event.
+
+No leaks: the request is released (cancelled in the cluster if still running) whenever the handler or the stream
+ends for any reason; a client that disconnects while waiting for a non-streamed result, or for the first token, is
+noticed through the ASGI ``http.disconnect`` message; mid-stream, Starlette cancels the stream on disconnect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from services.frontend.api_errors import APIError
+from services.frontend.identity import ClientDirectory, ClientIdentity
+from services.frontend.model_info import ModelInfo
+from services.frontend.responses import SSE_DONE, OpenAIFormatter, sse_event
+from services.frontend.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
+from services.frontend.tracker import RequestState, RequestTracker
+from services.frontend.validation import Generation, chat_generation, completion_generation
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+CLIENT_CLOSED = 499
+"""Status recorded for a request whose client went away (nginx's convention); the client never sees it."""
+
+
+class _ClientGone(Exception):
+    pass
+
+
+class _TrackedStream(StreamingResponse):
+    """A streaming response that runs ``on_close`` however the response ends (done, failed, disconnected)."""
+
+    def __init__(self, content: AsyncIterator[bytes], on_close: Callable[[], None], headers: dict[str, str]):
+        super().__init__(content, media_type="text/event-stream", headers=headers)
+        self._on_close = on_close
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_close()
+
+
+def create_app(info: ModelInfo, tracker: RequestTracker, directory: ClientDirectory) -> FastAPI:
+    app = FastAPI(title="Diptych", docs_url=None, redoc_url=None, openapi_url=None)
+    started = int(time.time())
+
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, exc: APIError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers())
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        err = _validation_error(exc)
+        return JSONResponse(err.body(), status_code=err.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(APIError(exc.status_code, str(exc.detail)).body(), status_code=exc.status_code)
+
+    @app.exception_handler(_ClientGone)
+    async def client_gone(_: Request, __: _ClientGone) -> Response:
+        return Response(status_code=CLIENT_CLOSED)
+
+    def authenticate(request: Request) -> ClientIdentity:
+        scheme, _, key = request.headers.get("authorization", "").partition(" ")
+        client = directory.authenticate(key.strip() if scheme.lower() == "bearer" else None)
+        if client is None:
+            raise APIError(401, "Incorrect or missing API key (send 'Authorization: Bearer <key>')",
+                           code="invalid_api_key")
+        return client
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "running_requests": len(tracker)}
+
+    @app.get("/v1/models")
+    async def models(_: ClientIdentity = Depends(authenticate)) -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": info.name, "object": "model", "created": started,
+                                            "owned_by": "diptych", "max_model_len": info.max_model_len}]}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request,
+                          client: ClientIdentity = Depends(authenticate)) -> Response:
+        return await _generate(request, body, completion_generation(body, info), client, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request,
+                               client: ClientIdentity = Depends(authenticate)) -> Response:
+        return await _generate(request, body, chat_generation(body, info), client, chat=True)
+
+    async def _generate(request: Request, body: SamplingFields, gen: Generation, client: ClientIdentity, *,
+                        chat: bool) -> Response:
+        state = tracker.submit(client, gen, directory.slo_for(client), source="http")
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        fmt = OpenAIFormatter(chat=chat, request_id=state.request_id, model=info.name, include_usage=include_usage)
+        headers = {"X-Request-Id": state.request_id}
+        streaming = False
+        try:
+            if not body.stream:
+                text, finish = await _unless_disconnected(request, _collect(tracker, state))
+                return JSONResponse(fmt.body(text, finish, state.prompt_len, state.num_output_tokens),
+                                    headers=headers)
+            first = await _unless_disconnected(request, tracker.next_event(state))
+            streaming = True
+            return _TrackedStream(_sse(tracker, state, fmt, first), lambda: tracker.release(state), headers)
+        finally:
+            if not streaming:
+                tracker.release(state)
+
+    return app
+
+
+async def _collect(tracker: RequestTracker, state: RequestState) -> tuple[str, str]:
+    texts = []
+    while True:
+        event = await tracker.next_event(state)
+        texts.append(event.text)
+        if event.finish_reason is not None:
+            return "".join(texts), event.finish_reason
+
+
+async def _sse(tracker: RequestTracker, state: RequestState, fmt: OpenAIFormatter, event: Any) -> AsyncIterator[bytes]:
+    for chunk in fmt.opening_chunks():
+        yield chunk
+    try:
+        while True:
+            if event.text:
+                yield fmt.text_chunk(event.text)
+            if event.finish_reason is not None:
+                yield fmt.finish_chunk(event.finish_reason)
+                if fmt.include_usage:
+                    yield fmt.usage_chunk(state.prompt_len, state.num_output_tokens)
+                break
+            event = await tracker.next_event(state)
+    except APIError as exc:
+        yield sse_event(exc.body())
+    yield SSE_DONE
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Await ``work`` unless the HTTP client disconnects first (then raise ``_ClientGone``)."""
+    work_task = asyncio.ensure_future(work)
+    watch_task = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({work_task, watch_task}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        work_task.cancel()
+        watch_task.cancel()
+    if not work_task.done() or work_task.cancelled():
+        raise _ClientGone()
+    return work_task.result()
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _validation_error(exc: RequestValidationError) -> APIError:
+    """FastAPI's validation error -> a 400 naming the first offending parameter."""
+    first = exc.errors()[0] if exc.errors() else {}
+    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    kind = first.get("type", "")
+    if kind == "json_invalid":
+        return APIError(400, f"request body is not valid JSON: {first.get('ctx', {}).get('error', '')}".rstrip(": "))
+    if not loc:
+        return APIError(400, "request body must be a JSON object", param=None)
+    param = loc[0]
+    return APIError(400, f"invalid value for '{'.'.join(loc)}': {first.get('msg', 'invalid')}", param=param)

@@ -1,0 +1,62 @@
+"""Request bodies of the OpenAI-compatible HTTP API, as strict pydantic models.
+
+Strict typing means a JSON value of the wrong type (``"max_tokens": "5"``, ``"stream": 1``) is a 400, never
+silently coerced. Unknown fields are kept in ``model_extra`` so ``validation`` can refuse the OpenAI parameters this
+server does not implement instead of ignoring them. Range and context-length checks live in ``validation``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt, StrictStr
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")
+
+
+class StreamOptions(_Body):
+    include_usage: StrictBool = False
+
+
+class SamplingFields(_Body):
+    """Fields shared by both endpoints. ``top_k``, ``stop_token_ids`` and ``ignore_eos`` are extensions (vLLM's
+    names); ``user`` is accepted and ignored (identity comes from the API key)."""
+
+    model: StrictStr | None = None
+    max_tokens: StrictInt | None = None
+    temperature: StrictFloat | StrictInt | None = None
+    top_p: StrictFloat | StrictInt | None = None
+    top_k: StrictInt | None = None
+    seed: StrictInt | None = None
+    stop: StrictStr | list[StrictStr] | None = None
+    stop_token_ids: list[StrictInt] | None = None
+    ignore_eos: StrictBool = False
+    n: StrictInt = 1
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+    user: StrictStr | None = None
+
+
+class CompletionRequest(SamplingFields):
+    """``POST /v1/completions``. ``prompt`` is text or token ids; lists of several prompts are refused."""
+
+    prompt: StrictStr | list[StrictInt] | list[StrictStr] | list[list[StrictInt]]
+
+
+class TextPart(_Body):
+    type: Literal["text"]
+    text: StrictStr
+
+
+class ChatMessage(_Body):
+    role: StrictStr
+    content: StrictStr | list[TextPart] | None = None
+
+
+class ChatCompletionRequest(SamplingFields):
+    """``POST /v1/chat/completions``. ``max_completion_tokens`` is the newer OpenAI name of ``max_tokens``."""
+
+    messages: list[ChatMessage]
+    max_completion_tokens: StrictInt | None = None

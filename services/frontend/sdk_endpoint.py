@@ -1,0 +1,134 @@
+"""The SDK endpoint: a ROUTER socket speaking ``ClientGenerate``/``ClientCancel`` in, ``ClientChunk``/``ClientError``
+out, one conversation per SDK connection (ZeroMQ identity).
+
+Request ids are the SDK's and scoped to its connection: a duplicate of a running one is refused (400), and the
+request runs in the cluster under a fresh id (logged as ``req=<id> sdk_req=<sdk id>``). Frames that do not decode
+(malformed, unknown type, wrong protocol version) are answered with ``ClientError(request_id="", code=400)`` and the
+endpoint goes on serving. A running request whose SDK connection is gone (a send fails) is cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import zmq
+import zmq.asyncio
+
+import proto
+from services.common.sockets import make_socket, recv_message, send_message
+from services.frontend.api_errors import APIError, bad_request
+from services.frontend.identity import ClientDirectory
+from services.frontend.model_info import ModelInfo
+from services.frontend.tracker import RequestState, RequestTracker
+from services.frontend.validation import Generation, check_prompt, check_sampling, completion_prompt_ids
+
+log = logging.getLogger(__name__)
+
+
+class SdkEndpoint:
+    def __init__(self, ctx: zmq.asyncio.Context, address: str, tracker: RequestTracker, info: ModelInfo,
+                 directory: ClientDirectory) -> None:
+        self._sock = make_socket(ctx, zmq.ROUTER, bind=address)
+        self._tracker = tracker
+        self._info = info
+        self._directory = directory
+        self._running: dict[tuple[bytes, str], tuple[RequestState, asyncio.Task]] = {}
+
+    async def run(self) -> None:
+        """Receive loop: never returns, never dies on bad input."""
+        while True:
+            peer, msg = await recv_message(self._sock, routed=True)
+            if isinstance(msg, proto.ClientGenerate):
+                await self._on_generate(peer, msg)
+            elif isinstance(msg, proto.ClientCancel):
+                self._on_cancel(peer, msg)
+            elif isinstance(msg, proto.ProtocolError):
+                log.warning("bad SDK frame from %r: %s", peer, msg)
+                await self._reply(peer, proto.ClientError("", 400, f"bad message: {msg}"))
+            else:
+                await self._reply(peer, proto.ClientError("", 400, f"unexpected {proto.tag_of(msg)!r} message"))
+
+    async def close(self, grace_s: float = 1.0) -> None:
+        """Let the pumps deliver their final replies (the tracker was closed first), then stop them and close."""
+        tasks = [task for _, task in self._running.values()]
+        if tasks:
+            await asyncio.wait(tasks, timeout=grace_s)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._sock.close()
+
+    async def _on_generate(self, peer: bytes, msg: proto.ClientGenerate) -> None:
+        key = (peer, msg.request_id)
+        if key in self._running:
+            await self._reply(peer, proto.ClientError(msg.request_id, 400, "duplicate request_id"))
+            return
+        client = self._directory.authenticate(msg.api_key)
+        if client is None:
+            await self._reply(peer, proto.ClientError(msg.request_id, 401, "incorrect or missing API key"))
+            return
+        try:
+            gen = self._validate(msg)
+            state = self._tracker.submit(client, gen, self._directory.slo_for(client, msg.slo), source="sdk")
+        except APIError as exc:
+            await self._reply(peer, proto.ClientError(msg.request_id, exc.status, exc.message, exc.retry_after_s))
+            return
+        log.debug("req=%s sdk_req=%s", state.request_id, msg.request_id)
+        task = asyncio.create_task(self._pump(peer, msg.request_id, state, msg.stream))
+        self._running[key] = (state, task)
+
+    def _validate(self, msg: proto.ClientGenerate) -> Generation:
+        if (msg.prompt is None) == (msg.prompt_token_ids is None):
+            raise bad_request("set exactly one of prompt and prompt_token_ids", "prompt")
+        if msg.prompt is not None:
+            prompt_ids = completion_prompt_ids(msg.prompt, self._info)
+        else:
+            prompt_ids = list(msg.prompt_token_ids or [])
+            check_prompt(prompt_ids, self._info)
+        return Generation(prompt_ids, check_sampling(msg.sampling, len(prompt_ids), self._info))
+
+    def _on_cancel(self, peer: bytes, msg: proto.ClientCancel) -> None:
+        running = self._running.get((peer, msg.request_id))
+        if running is None:
+            log.debug("cancel for sdk_req=%s that is not running", msg.request_id)
+            return
+        self._tracker.cancel(running[0].request_id, "abort")
+
+    async def _pump(self, peer: bytes, sdk_id: str, state: RequestState, stream: bool) -> None:
+        """Forward one request's output to its SDK connection: a chunk per delta (``stream``) or one at the end."""
+        texts: list[str] = []
+        token_ids: list[int] = []
+        try:
+            while True:
+                event = await self._tracker.next_event(state)
+                finished = event.finish_reason is not None
+                if stream and (event.text or event.token_ids or finished):
+                    chunk = proto.ClientChunk(sdk_id, event.text, event.token_ids, event.finish_reason)
+                elif finished:
+                    chunk = proto.ClientChunk(sdk_id, "".join(texts) + event.text, token_ids + event.token_ids,
+                                              event.finish_reason)
+                else:
+                    texts.append(event.text)
+                    token_ids.extend(event.token_ids)
+                    continue
+                if finished:
+                    chunk.prompt_tokens, chunk.completion_tokens = state.prompt_len, state.num_output_tokens
+                await send_message(self._sock, chunk, to=peer)
+                if finished:
+                    return
+        except APIError as exc:
+            await self._reply(peer, proto.ClientError(sdk_id, exc.status, exc.message, exc.retry_after_s))
+        except zmq.ZMQError as exc:
+            log.info("req=%s sdk_req=%s SDK connection gone (%s); cancelling", state.request_id, sdk_id, exc)
+        finally:
+            self._tracker.release(state)
+            self._running.pop((peer, sdk_id), None)
+
+    async def _reply(self, peer: bytes | None, msg: proto.ClientError) -> None:
+        if peer is None:
+            return
+        try:
+            await send_message(self._sock, msg, to=peer)
+        except zmq.ZMQError as exc:  # the peer left before its answer (ROUTER_MANDATORY: EHOSTUNREACH)
+            log.info("cannot answer SDK peer %r: %s", peer, exc)

@@ -1,0 +1,103 @@
+"""The frontend process: HTTP server (uvicorn, in this event loop), SDK endpoint, token-stream receive loop and
+coordinator link, all on one asyncio loop.
+
+Startup binds every socket before serving anything, so a port in use fails fast with a clear error. Shutdown (stop
+event, or any component dying): refuse new requests, fail the running ones (503 to their clients, CancelRequest to
+the coordinator), let uvicorn finish its connections, then close the sockets and the ZeroMQ context.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+
+import uvicorn
+import zmq
+import zmq.asyncio
+
+from services.common.sockets import bind_address, make_socket
+from services.frontend.config import FrontendConfig
+from services.frontend.coordinator_link import CoordinatorLink, frontend_identity
+from services.frontend.http_api import create_app
+from services.frontend.identity import ClientDirectory
+from services.frontend.model_info import ModelInfo
+from services.frontend.sdk_endpoint import SdkEndpoint
+from services.frontend.tracker import RequestTracker
+
+log = logging.getLogger(__name__)
+
+HTTP_GRACE_S = 5.0
+"""Seconds uvicorn waits for open connections at shutdown (their requests have already been failed)."""
+
+
+class _EmbeddedServer(uvicorn.Server):
+    """uvicorn without its own signal handlers: ``run_service`` owns SIGTERM/SIGINT and sets the stop event."""
+
+    def capture_signals(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
+
+
+def resolve_model_path(model: str | None) -> str:
+    if model is not None:
+        return model
+    from engine.tiny_model import resolve_model  # imports torch, so only when the built-in model is needed
+
+    return resolve_model(None)
+
+
+async def serve(config: FrontendConfig, stop: asyncio.Event) -> int:
+    """Run until ``stop`` is set; returns the process exit status (0, or 1 when a component failed)."""
+    try:
+        info = ModelInfo.load(resolve_model_path(config.model), config.served_model_name, config.max_model_len)
+        directory = ClientDirectory.from_file(config.api_keys_file)
+        http_sock = socket.create_server((config.host, config.http_port))
+    except (OSError, ValueError) as exc:
+        log.error("cannot start: %s", exc)
+        return 1
+    ctx = zmq.asyncio.Context()
+    try:
+        coordinator = CoordinatorLink(ctx, config.coordinator_addr, frontend_identity())
+        stream_sock = make_socket(ctx, zmq.PULL, bind=bind_address(config.stream_addr))
+        tracker = RequestTracker(info, coordinator, config.stream_addr, config.request_timeout_s)
+        sdk = SdkEndpoint(ctx, config.sdk_addr, tracker, info, directory)
+    except zmq.ZMQError as exc:
+        log.error("cannot start: %s (sdk=%s, stream=%s)", exc, config.sdk_addr, config.stream_addr)
+        http_sock.close()
+        ctx.destroy(linger=0)
+        return 1
+    server = _EmbeddedServer(uvicorn.Config(create_app(info, tracker, directory), lifespan="off",
+                                            log_level="warning", timeout_graceful_shutdown=HTTP_GRACE_S))
+    http_task = asyncio.create_task(server.serve(sockets=[http_sock]), name="http")
+    background = [
+        asyncio.create_task(tracker.run_token_stream(stream_sock), name="token-stream"),
+        asyncio.create_task(coordinator.run_sender(), name="coordinator-send"),
+        asyncio.create_task(coordinator.run_receiver(tracker.on_failed), name="coordinator-recv"),
+        asyncio.create_task(sdk.run(), name="sdk"),
+    ]
+    log.info("serving model %r (max_model_len=%d, %s) on http://%s:%d, sdk=%s, stream=%s, coordinator=%s as %s",
+             info.name, info.max_model_len, "API keys required" if directory.requires_key else "anonymous clients",
+             config.host, http_sock.getsockname()[1], config.sdk_addr, config.stream_addr, config.coordinator_addr,
+             coordinator.identity)
+
+    stop_task = asyncio.create_task(stop.wait(), name="stop")
+    done, _ = await asyncio.wait([stop_task, http_task, *background], return_when=asyncio.FIRST_COMPLETED)
+    status = 0
+    for task in done - {stop_task}:
+        status = 1
+        log.error("%s stopped unexpectedly: %r", task.get_name(), task.exception() if not task.cancelled() else None)
+    log.info("shutting down: %d running requests", len(tracker))
+
+    tracker.close("the frontend is shutting down")
+    server.should_exit = True
+    await asyncio.gather(http_task, return_exceptions=True)
+    await sdk.close()
+    for task in [stop_task, *background]:
+        task.cancel()
+    await asyncio.gather(stop_task, *background, return_exceptions=True)
+    await coordinator.close()
+    stream_sock.close()
+    ctx.term()
+    log.info("stopped")
+    return status

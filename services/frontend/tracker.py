@@ -1,0 +1,209 @@
+"""In-flight requests: from submission to the last token, whichever API (HTTP or SDK) they came from.
+
+Each request has a ``RequestState``: the consumer (an HTTP handler or an SDK pump) awaits ``next_event`` and gets
+``Delta`` values (text never splitting a character or containing a stop string) until one carries a
+``finish_reason``, or an ``APIError``. ``run_token_stream`` is the one loop that reads the token-stream PULL socket
+and dispatches ``TokenOutput`` values to their requests.
+
+Invariants:
+- outputs are applied in ``TokenOutput.index`` order: the first token comes from the prefill worker and later ones
+  from the decode worker, so an output ahead of its turn waits in the request's reorder buffer; duplicates and
+  outputs for unknown (finished, cancelled) requests are dropped;
+- a request leaves ``_requests`` exactly once (finished, failed or cancelled) and its finish line is logged then;
+- whenever the frontend gives up on a request that the cluster may still hold (client disconnect or cancel, stop
+  string, timeout, shutdown), a ``CancelRequest`` is sent to the coordinator; a request the cluster already ended
+  (a finish_reason arrived, or ``RequestFailed``) gets none.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import zmq.asyncio
+
+import proto
+from services.common.sockets import recv_message
+from services.frontend.api_errors import APIError
+from services.frontend.coordinator_link import CoordinatorLink
+from services.frontend.detokenizer import IncrementalDetokenizer
+from services.frontend.identity import ClientIdentity
+from services.frontend.model_info import ModelInfo
+from services.frontend.validation import Generation
+
+log = logging.getLogger(__name__)
+
+_WORKER_FAILURES = {"abort": (503, "the request was aborted by the server"), "error": (500, "generation failed")}
+
+
+@dataclass
+class Delta:
+    """Output since the previous delta. ``finish_reason`` is set on the last one ("stop", "length", or "abort" when
+    the request was cancelled by its own client)."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None
+
+
+@dataclass
+class RequestState:
+    """Times: ``arrival`` is wall clock (seconds since the epoch), ``started``/``first_token`` are monotonic."""
+
+    request_id: str
+    client: ClientIdentity
+    prompt_len: int
+    sampling: proto.SamplingParams
+    detokenizer: IncrementalDetokenizer
+    arrival: float = field(default_factory=time.time)
+    started: float = field(default_factory=time.monotonic)
+    first_token: float | None = None
+    next_index: int = 0
+    num_output_tokens: int = 0
+    pending: dict[int, proto.TokenOutput] = field(default_factory=dict)
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+
+
+class RequestTracker:
+    def __init__(self, info: ModelInfo, coordinator: CoordinatorLink, stream_addr: str, timeout_s: float) -> None:
+        self._info = info
+        self._coordinator = coordinator
+        self._stream_addr = stream_addr
+        self._timeout_s = timeout_s
+        self._requests: dict[str, RequestState] = {}
+        self._closed = False
+
+    def __len__(self) -> int:
+        return len(self._requests)
+
+    # ------------------------------------------------------------ consumer side
+
+    def submit(self, client: ClientIdentity, gen: Generation, slo: proto.SLO, source: str) -> RequestState:
+        """Register a validated request and send it to the coordinator. Raises APIError(503) after ``close``."""
+        if self._closed:
+            raise APIError(503, "the frontend is shutting down")
+        state = RequestState(request_id=uuid.uuid4().hex, client=client, prompt_len=len(gen.prompt_token_ids),
+                             sampling=gen.sampling,
+                             detokenizer=IncrementalDetokenizer(self._info.tokenizer, gen.sampling.stop))
+        self._requests[state.request_id] = state
+        request = proto.Request(request_id=state.request_id, client_id=client.client_id,
+                                prompt_token_ids=gen.prompt_token_ids, sampling=gen.sampling,
+                                arrival_time=state.arrival, stream_addr=self._stream_addr, slo=slo,
+                                weight=client.weight)
+        self._coordinator.post(proto.SubmitRequest(request))
+        log.info("req=%s admitted via %s client=%s prompt_tokens=%d max_tokens=%d tier=%s", state.request_id,
+                 source, client.client_id, state.prompt_len, gen.sampling.max_tokens, slo.tier)
+        return state
+
+    async def next_event(self, state: RequestState) -> Delta:
+        """The request's next delta. Raises APIError when it failed, or 504 (and cancels it) when no output came
+        for ``timeout_s`` seconds."""
+        try:
+            event = await asyncio.wait_for(state.queue.get(), self._timeout_s)
+        except asyncio.TimeoutError:
+            self.cancel(state.request_id, "timeout")
+            raise APIError(504, f"no output for {self._timeout_s:g} s; the request was cancelled") from None
+        if isinstance(event, APIError):
+            raise event
+        return event
+
+    def release(self, state: RequestState) -> None:
+        """Call when the consumer is done with ``state`` for any reason: cancels the request if still running."""
+        self.cancel(state.request_id, "abort")
+
+    def cancel(self, request_id: str, reason: str) -> bool:
+        """Stop a running request (its consumer gets a final ``Delta`` with finish_reason "abort"); tell the
+        coordinator why ("abort", "stop", "timeout"). Returns False when the request is not running."""
+        state = self._requests.get(request_id)
+        if state is None:
+            return False
+        self._coordinator.post(proto.CancelRequest(request_id, reason))
+        state.queue.put_nowait(Delta("", [], "abort"))
+        self._retire(state, f"cancelled:{reason}")
+        return True
+
+    def close(self, message: str) -> None:
+        """Refuse new requests; fail the running ones with 503 and cancel them in the cluster."""
+        self._closed = True
+        for state in list(self._requests.values()):
+            self._coordinator.post(proto.CancelRequest(state.request_id, "abort"))
+            state.queue.put_nowait(APIError(503, message))
+            self._retire(state, "error:503")
+
+    # ------------------------------------------------------------ cluster side
+
+    async def run_token_stream(self, sock: zmq.asyncio.Socket) -> None:
+        """Receive loop of the token-stream PULL socket."""
+        while True:
+            _, msg = await recv_message(sock)
+            if isinstance(msg, proto.TokenBatch):
+                for output in msg.outputs:
+                    self.on_output(output)
+            elif isinstance(msg, proto.ProtocolError):
+                log.warning("dropping a malformed token-stream message: %s", msg)
+            else:
+                log.warning("dropping unexpected %s on the token stream", type(msg).__name__)
+
+    def on_output(self, output: proto.TokenOutput) -> None:
+        state = self._requests.get(output.request_id)
+        if state is None:
+            log.debug("req=%s dropping output %d for a request that is not running", output.request_id,
+                      output.index)
+            return
+        if output.index < state.next_index or output.index in state.pending:
+            log.debug("req=%s dropping duplicate output %d", output.request_id, output.index)
+            return
+        state.pending[output.index] = output
+        while state.request_id in self._requests and state.next_index in state.pending:
+            self._apply(state, state.pending.pop(state.next_index))
+
+    def on_failed(self, msg: proto.RequestFailed) -> None:
+        state = self._requests.get(msg.request_id)
+        if state is None:
+            log.debug("req=%s failure for a request that is not running: %s", msg.request_id, msg.message)
+            return
+        state.queue.put_nowait(APIError(msg.code, msg.message, retry_after_s=msg.retry_after_s))
+        self._retire(state, f"error:{msg.code}", detail=msg.message)
+
+    def _apply(self, state: RequestState, output: proto.TokenOutput) -> None:
+        """Apply the in-order ``output``: detokenize, check stop strings, deliver, retire when finished."""
+        state.next_index += len(output.token_ids)
+        if output.token_ids and state.first_token is None:
+            state.first_token = time.monotonic()
+        if output.finish_reason in _WORKER_FAILURES:
+            status, message = _WORKER_FAILURES[output.finish_reason]
+            state.queue.put_nowait(APIError(status, message))
+            self._retire(state, f"error:{status}", detail=f"worker finish_reason={output.finish_reason}")
+            return
+        ids, texts, stopped = [], [], False
+        for position, token in enumerate(output.token_ids):
+            ids.append(token)
+            is_last = position == len(output.token_ids) - 1
+            if is_last and output.finish_reason == "stop" and token in state.sampling.stop_token_ids:
+                break  # like EOS, a stop token ends the output without appearing in the text
+            texts.append(state.detokenizer.push([token]))
+            if state.detokenizer.stopped:
+                stopped = True
+                break
+        state.num_output_tokens += len(ids)
+        finish = "stop" if stopped else output.finish_reason
+        if finish is not None and not stopped:
+            texts.append(state.detokenizer.flush())
+        text = "".join(texts)
+        if text or ids or finish:
+            state.queue.put_nowait(Delta(text, ids, finish))
+        if stopped and output.finish_reason is None:
+            self._coordinator.post(proto.CancelRequest(state.request_id, "stop"))
+        if finish is not None:
+            self._retire(state, finish)
+
+    def _retire(self, state: RequestState, outcome: str, detail: str = "") -> None:
+        del self._requests[state.request_id]
+        now = time.monotonic()
+        ttft = f"{state.first_token - state.started:.3f}s" if state.first_token is not None else "-"
+        log.info("req=%s finished client=%s prompt_tokens=%d output_tokens=%d finish=%s ttft=%s latency=%.3fs%s",
+                 state.request_id, state.client.client_id, state.prompt_len, state.num_output_tokens, outcome, ttft,
+                 now - state.started, f" ({detail})" if detail else "")

@@ -1,0 +1,139 @@
+"""Turn a client's request (HTTP body or SDK message) into a prompt of token ids and checked SamplingParams.
+
+Every check that can fail raises ``APIError`` (400 bad input, 404 unknown model) before anything is submitted, so
+a request that reaches the coordinator is always servable within the context: ``1 <= len(prompt) < max_model_len``,
+``max_tokens >= 1``, ``len(prompt) + max_tokens <= max_model_len``, every token id in ``[0, vocab_size)``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from proto import SamplingParams
+from services.frontend.api_errors import APIError, bad_request
+from services.frontend.model_info import ModelInfo
+from services.frontend.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
+
+COMPLETION_DEFAULT_MAX_TOKENS = 16
+
+_UNSUPPORTED = ("logprobs", "top_logprobs", "echo", "suffix", "best_of", "logit_bias", "presence_penalty",
+                "frequency_penalty", "repetition_penalty", "tools", "tool_choice", "response_format")
+"""OpenAI parameters this server does not implement; sending one with a non-neutral value is a 400."""
+
+_NEUTRAL = (None, False, 0, "", [], {})
+
+
+@dataclass
+class Generation:
+    """A validated request: what to submit."""
+
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+
+
+def check_model(requested: str | None, info: ModelInfo) -> None:
+    if requested is not None and requested != info.name:
+        raise APIError(404, f"The model `{requested}` does not exist; this server serves `{info.name}`",
+                       param="model", code="model_not_found")
+
+
+def completion_generation(req: CompletionRequest, info: ModelInfo) -> Generation:
+    check_model(req.model, info)
+    prompt_ids = completion_prompt_ids(req.prompt, info)
+    max_tokens = COMPLETION_DEFAULT_MAX_TOKENS if req.max_tokens is None else req.max_tokens
+    return Generation(prompt_ids, _http_sampling(req, max_tokens, prompt_ids, info))
+
+
+def chat_generation(req: ChatCompletionRequest, info: ModelInfo) -> Generation:
+    check_model(req.model, info)
+    if not req.messages:
+        raise bad_request("messages must not be empty", "messages")
+    messages = [{"role": m.role, "content": _message_text(m.content)} for m in req.messages]
+    prompt_ids = info.encode_chat(messages)
+    check_prompt(prompt_ids, info)
+    max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    if max_tokens is None:
+        max_tokens = info.max_model_len - len(prompt_ids)
+    return Generation(prompt_ids, _http_sampling(req, max_tokens, prompt_ids, info))
+
+
+def completion_prompt_ids(prompt: Any, info: ModelInfo) -> list[int]:
+    """Text or token ids (a one-element list of either is accepted) -> checked token ids."""
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+        if len(prompt) > 1:
+            raise bad_request("batched prompts not supported: send one prompt per request", "prompt")
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        if not prompt:
+            raise bad_request("prompt must not be empty", "prompt")
+        prompt = info.encode(prompt)
+    check_prompt(prompt, info)
+    return prompt
+
+
+def check_prompt(prompt_ids: list[int], info: ModelInfo) -> None:
+    if not prompt_ids:
+        raise bad_request("prompt must not be empty", "prompt")
+    if len(prompt_ids) >= info.max_model_len:
+        raise bad_request(f"prompt is {len(prompt_ids)} tokens but this model's maximum context length is "
+                          f"{info.max_model_len} tokens (prompt plus at least one output token)", "prompt")
+    _check_token_ids(prompt_ids, info, "prompt")
+
+
+def check_sampling(sampling: SamplingParams, prompt_len: int, info: ModelInfo) -> SamplingParams:
+    """Range checks shared by HTTP and SDK; returns ``sampling`` with empty stop strings removed."""
+    if sampling.max_tokens <= 0:
+        raise bad_request("max_tokens must be at least 1", "max_tokens")
+    if prompt_len + sampling.max_tokens > info.max_model_len:
+        raise bad_request(f"This model's maximum context length is {info.max_model_len} tokens. However, you "
+                          f"requested {prompt_len + sampling.max_tokens} tokens ({prompt_len} in the prompt, "
+                          f"{sampling.max_tokens} for the completion).", "max_tokens")
+    if not math.isfinite(sampling.temperature) or sampling.temperature < 0:
+        raise bad_request("temperature must be a finite number >= 0", "temperature")
+    if not (0 < sampling.top_p <= 1):
+        raise bad_request("top_p must be in (0, 1]", "top_p")
+    if sampling.top_k < 0:
+        raise bad_request("top_k must be >= 0 (0 or -1 disables it)", "top_k")
+    if sampling.seed is not None and not (-(2 ** 63) <= sampling.seed < 2 ** 64):
+        raise bad_request("seed must fit in 64 bits", "seed")
+    _check_token_ids(sampling.stop_token_ids, info, "stop_token_ids")
+    sampling.stop = [s for s in sampling.stop if s]
+    return sampling
+
+
+def _http_sampling(req: SamplingFields, max_tokens: int, prompt_ids: list[int], info: ModelInfo) -> SamplingParams:
+    if req.n != 1:
+        raise bad_request("only n=1 is supported", "n")
+    extra = req.model_extra or {}
+    for name in _UNSUPPORTED:
+        value = extra.get(name)
+        if value not in _NEUTRAL and not (name == "best_of" and value == 1):
+            raise bad_request(f"parameter {name!r} is not supported by this server", name)
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    sampling = SamplingParams(
+        max_tokens=max_tokens,
+        temperature=1.0 if req.temperature is None else float(req.temperature),
+        top_p=1.0 if req.top_p is None else float(req.top_p),
+        top_k=0 if req.top_k in (None, -1) else req.top_k,
+        seed=req.seed,
+        stop=stop,
+        stop_token_ids=list(req.stop_token_ids or []),
+        ignore_eos=req.ignore_eos,
+    )
+    return check_sampling(sampling, len(prompt_ids), info)
+
+
+def _message_text(content: Any) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    return "".join(part.text for part in content)
+
+
+def _check_token_ids(ids: list[int], info: ModelInfo, param: str) -> None:
+    bad = next((t for t in ids if not 0 <= t < info.vocab_size), None)
+    if bad is not None:
+        raise bad_request(f"token id {bad} is outside the vocabulary [0, {info.vocab_size})", param)
