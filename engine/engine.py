@@ -173,6 +173,10 @@ class Engine:
 
     # ------------------------------------------------------------------ iterations
 
+    def request_ids(self) -> list[str]:
+        """Every request id this engine holds: waiting, running, prefilled or reserved."""
+        return [*self._waiting, *self._running, *self._prefilled, *self._reservations]
+
     def has_work(self) -> bool:
         """True while a request waits or runs (prefilled and reserved requests need no iterations)."""
         return bool(self._waiting or self._running)
