@@ -10,6 +10,7 @@ Token position ``p`` of a sequence with block table ``t`` lives in block ``t[p /
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Iterable
 
 import torch
@@ -122,7 +123,9 @@ class KVCachePool:
                 raise ValueError(f"KV frame {i} has {buffer.nbytes} bytes, a block of {self.layout} has {expected}")
         if not buffers:
             return
-        blocks = [torch.frombuffer(buffer, dtype=torch.uint8).view(self.dtype) for buffer in buffers]
+        with warnings.catch_warnings():  # read-only frames are fine: they are only read, and stack copies them
+            warnings.filterwarnings("ignore", message="The given buffer is not writable")
+            blocks = [torch.frombuffer(buffer, dtype=torch.uint8).view(self.dtype) for buffer in buffers]
         host = torch.stack(blocks).reshape(len(blocks), *self.block_shape)
         index = torch.tensor(block_ids, dtype=torch.long, device=self.pool.device)
         self.pool.index_copy_(0, index, host.to(self.pool.device))

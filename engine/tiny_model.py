@@ -4,6 +4,12 @@ A tiny model directory loads with ``AutoModelForCausalLM.from_pretrained`` and `
 Its weights depend only on ``(family, seed, config overrides)``. The tokenizer maps every UTF-8 byte to one token
 (byte-level BPE over the 256-byte alphabet with no merges), so any text round-trips; ids 0, 1, 2 are ``<pad>``,
 ``<s>`` (bos, prepended by the tokenizer) and ``</s>`` (eos), and byte value ``b`` is id ``3 + b``.
+
+Caveat for the "qwen2" family: transformers' ``AutoTokenizer`` always loads ``Qwen2Tokenizer`` for that model type
+(whatever tokenizer_config.json says); it keeps these ids but applies NFC normalization, so only NFC text
+round-trips exactly, and it registers ``<|endoftext|>``, which the qwen2 tiny vocabulary therefore includes (id
+259). Special-token strings inside text (e.g. a literal ``</s>``) are parsed as those tokens, as in every Hugging
+Face tokenizer.
 """
 
 from __future__ import annotations
@@ -43,6 +49,9 @@ _FAMILY_CONFIGS: dict[str, type[PretrainedConfig]] = {
     "mistral": MistralConfig,
 }
 
+_FAMILY_EXTRA_SPECIAL_TOKENS: dict[str, tuple[str, ...]] = {"qwen2": ("<|endoftext|>",)}
+"""Tokens the family's forced transformers tokenizer class registers; in the vocabulary so every id embeds."""
+
 _TINY_SHAPE = dict(
     hidden_size=64,
     intermediate_size=128,
@@ -71,13 +80,14 @@ def _byte_symbols() -> list[str]:
     return [symbols[byte] for byte in range(256)]
 
 
-def build_byte_tokenizer() -> PreTrainedTokenizerFast:
-    """A byte-level tokenizer: one token per UTF-8 byte, ``<s>`` prepended, and a plain-text chat template."""
+def build_byte_tokenizer(extra_special_tokens: tuple[str, ...] = ()) -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer: one token per UTF-8 byte, ``<s>`` prepended, and a plain-text chat template.
+    ``extra_special_tokens`` get the ids after the 256 byte tokens."""
     vocab = {token: index for index, token in enumerate(SPECIAL_TOKENS)}
-    for symbol in _byte_symbols():
+    for symbol in [*_byte_symbols(), *extra_special_tokens]:
         vocab[symbol] = len(vocab)
     core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    core.add_special_tokens(list(SPECIAL_TOKENS))
+    core.add_special_tokens([*SPECIAL_TOKENS, *extra_special_tokens])
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     core.decoder = decoders.ByteLevel()
     core.post_processor = processors.TemplateProcessing(
@@ -115,7 +125,9 @@ def build_tiny_model(path: str | os.PathLike, family: str = "llama", seed: int =
 
     The weights are a function of ``seed`` and the config only (the global torch RNG is left untouched).
     """
-    tokenizer = build_byte_tokenizer()
+    if family not in _FAMILY_CONFIGS:
+        raise ValueError(f"unknown tiny model family {family!r}; choose one of {sorted(_FAMILY_CONFIGS)}")
+    tokenizer = build_byte_tokenizer(_FAMILY_EXTRA_SPECIAL_TOKENS.get(family, ()))
     config = tiny_config(family, vocab_size=len(tokenizer), **config_overrides)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
