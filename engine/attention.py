@@ -44,6 +44,8 @@ class PagedAttentionContext:
     query_lens: list[int]
     context_lens: list[int]
     block_tables: list[torch.Tensor]
+    chunk_sequences: list[int]
+    """Indices of the sequences with more than one new token (attended one by one)."""
     single_query: "SingleQueryBatch | None"
     """The sequences with exactly one new token, batched; None if there are none."""
 
@@ -54,7 +56,6 @@ class SingleQueryBatch:
     ``[n, max_blocks]``; ``key_positions`` ``[max_blocks * block_size]`` and ``context_lens`` ``[n]`` mask the
     padding."""
 
-    sequence_indices: list[int]
     token_indices: torch.Tensor
     block_tables: torch.Tensor
     context_lens: torch.Tensor
@@ -72,6 +73,7 @@ def build_context(
     slot_offsets: list[int] = []
     query_starts, query_lens, context_lens, tables = [], [], [], []
     single_indices: list[int] = []
+    chunk_indices: list[int] = []
     for index, (seq_positions, table) in enumerate(zip(positions, block_tables)):
         context_len = seq_positions[-1] + 1
         num_blocks = -(-context_len // block_size)
@@ -83,8 +85,7 @@ def build_context(
         tables.append(torch.tensor(table[:num_blocks], dtype=torch.long, device=device))
         slot_blocks.extend(table[p // block_size] for p in seq_positions)
         slot_offsets.extend(p % block_size for p in seq_positions)
-        if len(seq_positions) == 1:
-            single_indices.append(index)
+        (single_indices if len(seq_positions) == 1 else chunk_indices).append(index)
     return PagedAttentionContext(
         pool=pool,
         slot_blocks=torch.tensor(slot_blocks, dtype=torch.long, device=device),
@@ -93,6 +94,7 @@ def build_context(
         query_lens=query_lens,
         context_lens=context_lens,
         block_tables=tables,
+        chunk_sequences=chunk_indices,
         single_query=_single_query_batch(single_indices, query_starts, context_lens, tables, block_size, device),
     )
 
@@ -112,7 +114,6 @@ def _single_query_batch(
     for row, i in enumerate(indices):
         padded[row, : len(tables[i])] = tables[i]
     return SingleQueryBatch(
-        sequence_indices=indices,
         token_indices=torch.tensor([query_starts[i] for i in indices], dtype=torch.long, device=device),
         block_tables=padded,
         context_lens=torch.tensor([context_lens[i] for i in indices], dtype=torch.long, device=device),
@@ -127,13 +128,14 @@ def paged_attention_forward(
     value: torch.Tensor,
     attention_mask: torch.Tensor | None,
     scaling: float | None = None,
-    dropout: float = 0.0,
     sliding_window: int | None = None,
     paged_context: PagedAttentionContext | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """Attention over the paged pool. ``query`` is ``[1, heads, T, head_dim]``, ``key``/``value``
-    ``[1, kv_heads, T, head_dim]`` (rotary already applied). Returns ``([1, T, heads, head_dim], None)``."""
+    ``[1, kv_heads, T, head_dim]`` (rotary already applied). ``attention_mask`` is None for a custom
+    implementation (masking is ours); ``kwargs`` takes the rest transformers passes (dropout, position ids), unused
+    at inference. Returns ``([1, T, heads, head_dim], None)``."""
     if paged_context is None:
         raise RuntimeError(f"attn_implementation={ATTENTION_NAME!r} needs the forward kwarg paged_context")
     ctx = paged_context
@@ -147,10 +149,8 @@ def paged_attention_forward(
     single = ctx.single_query
     if single is not None:
         output[single.token_indices] = _attend_single_queries(queries, layer_cache, single, scale, sliding_window)
-    single_set = set(single.sequence_indices) if single is not None else set()
-    for index, start in enumerate(ctx.query_starts):
-        if index in single_set:
-            continue
+    for index in ctx.chunk_sequences:
+        start = ctx.query_starts[index]
         end = start + ctx.query_lens[index]
         output[start:end] = _attend_chunk(
             queries[start:end], layer_cache, ctx.block_tables[index], ctx.context_lens[index], scale, sliding_window

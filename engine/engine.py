@@ -82,9 +82,12 @@ class Engine:
 
     def reserve(self, request_id: str, num_blocks: int) -> bool:
         """Hold ``num_blocks`` blocks for a request whose KV will arrive by ``add_prefilled``. False (holding
-        nothing) when fewer are free; ``ValueError`` for a non-positive count or an id already in use."""
+        nothing) when fewer are free. Repeating an identical reservation is a no-op returning True; a non-positive
+        count or an id otherwise in use raises ``ValueError``."""
         if num_blocks <= 0:
             raise ValueError(f"reserve needs a positive number of blocks, got {num_blocks}")
+        if len(self._reservations.get(request_id, ())) == num_blocks:
+            return True
         self._check_new_id(request_id)
         if num_blocks > self.kv.allocator.num_free:
             return False
@@ -229,8 +232,13 @@ class Engine:
         token ids in prompt order."""
         batch = uuid.uuid4().hex[:8]
         request_ids = [f"generate-{batch}-{i}" for i in range(len(prompts))]
-        for request_id, prompt in zip(request_ids, prompts):
-            self.add_request(request_id, prompt, sampling)
+        try:
+            for request_id, prompt in zip(request_ids, prompts):
+                self.add_request(request_id, prompt, sampling)
+        except ValueError:
+            for request_id in request_ids:
+                self.abort(request_id)
+            raise
         outputs: dict[str, list[int]] = {request_id: [] for request_id in request_ids}
         while any(request_id in self._waiting or request_id in self._running for request_id in request_ids):
             step = self.step()

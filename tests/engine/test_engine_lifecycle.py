@@ -61,6 +61,7 @@ def test_reserve_never_over_commits(tiny_llama, make_engine):
     assert engine.load().free_blocks == 0
     engine.add_request("c", [1, 2, 3], GREEDY)
     assert engine.step().tokens == []  # no room to admit: nothing runs, nothing is over-committed
+    assert engine.reserve("a", 6)  # a repeated reservation holds nothing more
     with pytest.raises(ValueError, match="in use"):
         engine.reserve("a", 1)
     engine.abort("a")

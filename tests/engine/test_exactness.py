@@ -18,17 +18,17 @@ GREEDY = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
 
 
 def hf_greedy(model_path: str, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+    """Hugging Face greedy continuations of ``prompts`` (one left-padded batch, EOS ignored)."""
     model = AutoModelForCausalLM.from_pretrained(model_path, attn_implementation="eager").eval()
     model.generation_config.eos_token_id = None
-    outputs = []
+    width = max(len(prompt) for prompt in prompts)
+    pad = model.generation_config.pad_token_id
+    input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
     with torch.inference_mode():
-        for prompt in prompts:
-            ids = torch.tensor([prompt])
-            generated = model.generate(
-                ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new_tokens, min_new_tokens=0
-            )
-            outputs.append(generated[0, len(prompt):].tolist())
-    return outputs
+        generated = model.generate(input_ids, attention_mask=attention_mask, do_sample=False,
+                                   max_new_tokens=new_tokens)
+    return generated[:, width:].tolist()
 
 
 @pytest.mark.parametrize("family", ["tiny_llama", "tiny_qwen2"])
