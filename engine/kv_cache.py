@@ -9,7 +9,6 @@ Token position ``p`` of a sequence with block table ``t`` lives in block ``t[p /
 
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Any, Iterable
 
@@ -61,24 +60,11 @@ class BlockAllocator:
 class KVCachePool:
     """The pool tensor on ``device`` plus its allocator. ``layout`` describes one block for peers."""
 
-    def __init__(
-        self,
-        num_blocks: int,
-        num_layers: int,
-        num_kv_heads: int,
-        head_dim: int,
-        block_size: int,
-        dtype: torch.dtype,
-        device: torch.device | str,
-    ) -> None:
-        self.layout = KVLayout(
-            num_layers=num_layers,
-            num_kv_heads=num_kv_heads,
-            head_dim=head_dim,
-            block_size=block_size,
-            dtype=str(dtype).removeprefix("torch."),
-        )
-        self.block_shape = (num_layers, 2, block_size, num_kv_heads, head_dim)
+    def __init__(self, layout: KVLayout, num_blocks: int, dtype: torch.dtype, device: torch.device | str) -> None:
+        if layout.dtype != dtype_name(dtype):
+            raise ValueError(f"layout dtype {layout.dtype} does not match the pool dtype {dtype}")
+        self.layout = layout
+        self.block_shape = (layout.num_layers, 2, layout.block_size, layout.num_kv_heads, layout.head_dim)
         self.dtype = dtype
         # Zeros, not empty: masked-out positions are multiplied by a zero probability, which must not meet NaN.
         self.pool = torch.zeros((num_blocks, *self.block_shape), dtype=dtype, device=device)
@@ -95,10 +81,6 @@ class KVCachePool:
     @property
     def bytes_per_block(self) -> int:
         return bytes_per_block(self.layout, self.dtype)
-
-    def blocks_for_tokens(self, num_tokens: int) -> int:
-        """Blocks that hold ``num_tokens`` token positions."""
-        return math.ceil(num_tokens / self.block_size)
 
     def export_blocks(self, block_ids: list[int]) -> list[memoryview]:
         """One contiguous CPU buffer per block, in order, copied out of the pool: still valid after the blocks
@@ -134,6 +116,11 @@ class KVCachePool:
         for block_id in block_ids:
             if not 0 <= block_id < self.num_blocks:
                 raise ValueError(f"KV block id {block_id} outside the pool of {self.num_blocks} blocks")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The ``KVLayout.dtype`` spelling of a torch dtype ("float32", "bfloat16", ...)."""
+    return str(dtype).removeprefix("torch.")
 
 
 def bytes_per_block(layout: KVLayout, dtype: torch.dtype) -> int:

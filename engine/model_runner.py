@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from engine.attention import ATTENTION_NAME, build_context
 from engine.config import EngineConfig
-from engine.kv_cache import KVCachePool, bytes_per_block
+from engine.kv_cache import KVCachePool, bytes_per_block, dtype_name
 from proto.messages import KVLayout
 
 SUPPORTED_LAYER_TYPES = {"full_attention", "sliding_attention"}
@@ -63,18 +63,11 @@ class ModelRunner:
             head_dim=getattr(model_config, "head_dim", None)
             or model_config.hidden_size // model_config.num_attention_heads,
             block_size=config.block_size,
-            dtype=str(self.dtype).removeprefix("torch."),
+            dtype=dtype_name(self.dtype),
         )
-        self.kv = KVCachePool(
-            num_blocks=config.kv_pool_blocks(bytes_per_block(layout, self.dtype)),
-            num_layers=layout.num_layers,
-            num_kv_heads=layout.num_kv_heads,
-            head_dim=layout.head_dim,
-            block_size=layout.block_size,
-            dtype=self.dtype,
-            device=self.device,
-        )
-        self.layout = self.kv.layout
+        num_blocks = config.kv_pool_blocks(bytes_per_block(layout, self.dtype))
+        self.kv = KVCachePool(layout, num_blocks, self.dtype, self.device)
+        self.layout = layout
 
     @torch.inference_mode()
     def execute(self, items: list[ForwardItem]) -> torch.Tensor:

@@ -73,10 +73,6 @@ class Sequence:
     def in_prefill(self) -> bool:
         return self.num_computed < self.prompt_len
 
-    @property
-    def is_finished(self) -> bool:
-        return self.status is SequenceStatus.FINISHED
-
     def blocks_to_admit(self, block_size: int) -> int:
         return blocks_to_reserve(self.prompt_len, self.sampling.max_tokens, block_size, self.prefill_only)
 

@@ -121,3 +121,14 @@ def test_config_validation():
     assert str(EngineConfig().torch_dtype()) == "torch.float32"
     assert str(EngineConfig(device="cuda:1").torch_dtype()) == "torch.bfloat16"
     assert EngineConfig(kv_memory_gb=1 / 1024).kv_pool_blocks(bytes_per_block=4096) == 256
+
+
+def test_default_model_is_the_cached_tiny_llama(tmp_path, monkeypatch):
+    from engine import Engine, default_model_path
+
+    monkeypatch.setenv("DIPTYCH_CACHE", str(tmp_path))
+    engine = Engine(EngineConfig(num_blocks=8))
+    assert engine.model_name == default_model_path()
+    assert engine.model_name.startswith(str(tmp_path))
+    text = engine.tokenizer.decode(engine.generate([engine.tokenizer("hi").input_ids], GREEDY)[0])
+    assert isinstance(text, str)

@@ -5,12 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.kv_cache import BlockAllocator, KVCachePool, OutOfBlocksError, bytes_per_block
+from engine.kv_cache import BlockAllocator, KVCachePool, OutOfBlocksError, bytes_per_block, dtype_name
+from proto.messages import KVLayout
 
 
 def small_pool(dtype=torch.float32, num_blocks=6) -> KVCachePool:
-    return KVCachePool(num_blocks=num_blocks, num_layers=2, num_kv_heads=2, head_dim=4, block_size=3, dtype=dtype,
-                       device="cpu")
+    layout = KVLayout(num_layers=2, num_kv_heads=2, head_dim=4, block_size=3, dtype=dtype_name(dtype))
+    return KVCachePool(layout, num_blocks, dtype, "cpu")
 
 
 def test_allocator_hands_out_each_block_once_and_refuses_double_free():
@@ -39,6 +40,8 @@ def test_pool_is_block_major_and_layout_matches():
     assert (pool.layout.num_layers, pool.layout.num_kv_heads, pool.layout.head_dim, pool.layout.block_size,
             pool.layout.dtype) == (2, 2, 4, 3, "float32")
     assert pool.bytes_per_block == bytes_per_block(pool.layout, torch.float32) == 2 * 2 * 3 * 2 * 4 * 4
+    with pytest.raises(ValueError, match="dtype"):
+        KVCachePool(pool.layout, 2, torch.bfloat16, "cpu")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
