@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine import EngineConfig
+from engine import Engine, EngineConfig, default_model_path
 from proto.messages import SamplingParams
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
@@ -124,8 +124,6 @@ def test_config_validation():
 
 
 def test_default_model_is_the_cached_tiny_llama(tmp_path, monkeypatch):
-    from engine import Engine, default_model_path
-
     monkeypatch.setenv("DIPTYCH_CACHE", str(tmp_path))
     engine = Engine(EngineConfig(num_blocks=8))
     assert engine.model_name == default_model_path()

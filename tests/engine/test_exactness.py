@@ -10,7 +10,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from proto.messages import SamplingParams
+from proto.codec import decode, encode
+from proto.messages import KVHandoff, Request, SamplingParams
 
 PROMPT_LENGTHS = [1, 2, 7, 8, 9, 17, 31, 33, 50, 75]
 NEW_TOKENS = 20
@@ -31,6 +32,15 @@ def hf_greedy(model_path: str, prompts: list[list[int]], new_tokens: int) -> lis
     return generated[:, width:].tolist()
 
 
+def over_the_wire(engine, request_id: str, prompt: list[int], first_token_id: int) -> list:
+    """The request's exported KV blocks after a trip through the wire codec, as a decode worker receives them."""
+    request = Request(request_id, "client", prompt, GREEDY, 0.0, "inproc://tokens")
+    handoff = KVHandoff(request, first_token_id, 0.0, len(prompt), engine.layout, engine.export_kv(request_id))
+    received = decode([bytes(frame) for frame in encode(handoff)])
+    assert received.layout == engine.layout
+    return received.blocks
+
+
 @pytest.mark.parametrize("family", ["tiny_llama", "tiny_qwen2"])
 def test_greedy_matches_hf_generate(family, request, make_engine, random_prompts):
     model_path = request.getfixturevalue(family)
@@ -41,7 +51,8 @@ def test_greedy_matches_hf_generate(family, request, make_engine, random_prompts
 
 
 def test_prefill_handoff_to_another_engine_matches_hf_generate(tiny_llama, make_engine, random_prompts):
-    """prefill_only on one engine, export_kv -> reserve/add_prefilled on another (different block ids), decode."""
+    """prefill_only on one engine, export_kv -> wire codec -> reserve/add_prefilled on another engine (other block
+    ids), decode there."""
     prompts = random_prompts(PROMPT_LENGTHS, seed=1)
     prefill = make_engine(tiny_llama, token_budget=32)
     decode = make_engine(tiny_llama, token_budget=32, num_blocks=200)
@@ -55,7 +66,7 @@ def test_prefill_handoff_to_another_engine_matches_hf_generate(tiny_llama, make_
             first_tokens = {t.request_id: t for t in step.tokens}
             for request_id in step.prefilled:
                 prompt = prompts[int(request_id[1:])]
-                frames = prefill.export_kv(request_id)
+                frames = over_the_wire(prefill, request_id, prompt, first_tokens[request_id].token_id)
                 assert prefill.release(request_id)
                 assert decode.reserve(request_id, decode.blocks_needed(len(prompt), GREEDY.max_tokens))
                 first = first_tokens[request_id]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import zmq
 
 from engine.kv_cache import BlockAllocator, KVCachePool, OutOfBlocksError, bytes_per_block, dtype_name
 from proto.messages import KVLayout
@@ -55,7 +56,7 @@ def test_export_import_round_trip(dtype):
     source.pool.zero_()  # the exported frames are copies: reuse of the blocks does not touch them
     assert [len(frame) for frame in frames] == [source.bytes_per_block] * 3
     destination = target.allocator.allocate(5)[2:]
-    as_received = [bytes(frames[0]), frames[1], bytearray(frames[2])]  # the kinds of buffers a socket yields
+    as_received = [bytes(frames[0]), frames[1], zmq.Frame(frames[2])]  # the kinds of buffers a socket yields
     target.import_blocks(destination, as_received)
     assert torch.equal(target.pool[destination], expected)
 
