@@ -119,6 +119,7 @@ class Sequence:
             num_output=len(self.output_token_ids),
             blocks_to_admit=self.blocks_to_admit(block_size) if self.status is SequenceStatus.WAITING else 0,
             blocks_to_step=0,
+            blocks_held=len(self.block_table),
             last_token_time=self.last_token_time,
             tbt_slo_s=self.slo.tbt_s,
             ttft_slo_s=self.slo.ttft_s,

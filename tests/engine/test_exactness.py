@@ -10,6 +10,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from engine import Engine, EngineConfig
+from policies import BATCH_POLICIES
 from proto.codec import decode, encode
 from proto.messages import KVHandoff, Request, SamplingParams
 
@@ -82,3 +84,13 @@ def test_prefill_handoff_to_another_engine_matches_hf_generate(tiny_llama, make_
     assert [outputs[f"r{i}"] for i in range(len(prompts))] == hf_greedy(tiny_llama, prompts, NEW_TOKENS)
     assert decode.abort("occupy-low-blocks")
     assert decode.load().free_blocks == decode.num_blocks
+
+
+@pytest.mark.parametrize("policy_name", ["prefill-first", "rad", "slai"])
+def test_every_registered_batch_policy_gives_the_same_greedy_tokens(policy_name, tiny_llama, random_prompts):
+    """Batch composition changes timing, never tokens."""
+    prompts = random_prompts(PROMPT_LENGTHS[::2], seed=4)
+    short = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    reference = Engine(EngineConfig(model=tiny_llama, num_blocks=64, block_size=8)).generate(prompts, short)
+    engine = Engine(EngineConfig(model=tiny_llama, num_blocks=64, block_size=8), BATCH_POLICIES.create(policy_name))
+    assert engine.generate(prompts, short) == reference
