@@ -8,9 +8,11 @@ carries a decision out safely (the worker finishes or hands off its in-flight wo
 
 ``rad`` [Diptych], the dynamic-allocation half of RAD as Diptych reads it. Two pressures, each 1.0 at its target:
 
-- prefill pressure ``P = backlog_s / backlog_target_s``, with ``backlog_s = queued_prompt_tokens /
-  prefill_throughput_tps`` (seconds to drain the prompt backlog at the pool's current rate; infinite when tokens
-  wait and the rate is 0; 0 when nothing waits);
+- prefill pressure ``P = max(backlog_s / backlog_target_s, prompt_arrival_tps / prefill_throughput_tps /
+  prefill_util_target)``, with ``backlog_s = queued_prompt_tokens / prefill_throughput_tps`` (seconds to drain the
+  prompt backlog at the pool's rate; infinite when tokens wait and the rate is 0; 0 when nothing waits). The
+  second term, the pool's utilisation, is left out when the arrival rate is unknown; it keeps a pool that is busy
+  but has no queue yet from being judged idle;
 - decode pressure ``D = max(kv_utilization / kv_target, running_decodes / (decode_workers * decode_batch_target),
   (1 - tbt_slack) / (1 - min_tbt_slack))``: KV memory, batch fill against the tile-efficient batch size, and TBT
   headroom (``tbt_slack`` = the fraction of the TBT target left unused, 1 - recent P99 TBT / target; the term is
@@ -48,10 +50,11 @@ class PoolStats:
     prefill_workers: int
     decode_workers: int
     queued_prompt_tokens: int  # prompt tokens not yet prefilled (coordinator queue plus prefill worker queues)
-    prefill_throughput_tps: float  # prefill tokens/s the whole prefill pool sustains now (estimate)
+    prefill_throughput_tps: float  # prefill tokens/s the whole prefill pool sustains when busy (estimate)
     decode_kv_utilization: float  # used / total KV blocks across the decode pool, 0..1
     running_decodes: int  # sequences decoding across the decode pool
     tbt_slack: float | None = None  # smallest fraction of the TBT target left unused over decode workers
+    prompt_arrival_tps: float | None = None  # prompt tokens/s arriving (recent average), None if unknown
 
 
 @dataclass
@@ -84,15 +87,17 @@ class StaticPools(PoolPolicy):
 
 @POOL_POLICIES.register("rad")
 class RADPools(PoolPolicy):
-    """Knobs: ``backlog_target_s`` (1.0), ``kv_target`` (0.9), ``decode_batch_target`` (decodes per worker at full
+    """Knobs: ``backlog_target_s`` (1.0), ``prefill_util_target`` (0.9), ``kv_target`` (0.9), ``decode_batch_target`` (decodes per worker at full
     tile efficiency, 128), ``min_tbt_slack`` (0.2), ``up_threshold`` (1.0), ``down_threshold`` (0.7),
     ``min_dwell_s`` (30.0). All [Diptych] choices: the paper's switching rule was not available."""
 
-    def __init__(self, backlog_target_s: float = 1.0, kv_target: float = 0.9, decode_batch_target: int = 128,
+    def __init__(self, backlog_target_s: float = 1.0, prefill_util_target: float = 0.9, kv_target: float = 0.9, decode_batch_target: int = 128,
                  min_tbt_slack: float = 0.2, up_threshold: float = 1.0, down_threshold: float = 0.7,
                  min_dwell_s: float = 30.0) -> None:
-        if backlog_target_s <= 0 or not 0 < kv_target <= 1 or decode_batch_target <= 0:
-            raise ValueError("backlog_target_s and decode_batch_target must be positive, kv_target in (0, 1]")
+        if backlog_target_s <= 0 or decode_batch_target <= 0:
+            raise ValueError("backlog_target_s and decode_batch_target must be positive")
+        if not 0 < kv_target <= 1 or not 0 < prefill_util_target <= 1:
+            raise ValueError("kv_target and prefill_util_target must be in (0, 1]")
         if not 0 <= min_tbt_slack < 1:
             raise ValueError("min_tbt_slack must be in [0, 1)")
         if not 0 < down_threshold < up_threshold:
@@ -100,6 +105,7 @@ class RADPools(PoolPolicy):
         if min_dwell_s < 0:
             raise ValueError("min_dwell_s must be >= 0")
         self.backlog_target_s = backlog_target_s
+        self.prefill_util_target = prefill_util_target
         self.kv_target = kv_target
         self.decode_batch_target = decode_batch_target
         self.min_tbt_slack = min_tbt_slack
@@ -109,15 +115,15 @@ class RADPools(PoolPolicy):
         self.last_move_time: float | None = None
 
     def prefill_pressure(self, stats: PoolStats) -> tuple[float, str]:
-        if stats.queued_prompt_tokens <= 0:
-            backlog_s = 0.0
-        elif stats.prefill_throughput_tps <= 0:
-            backlog_s = math.inf
-        else:
-            backlog_s = stats.queued_prompt_tokens / stats.prefill_throughput_tps
+        backlog_s = _ratio(stats.queued_prompt_tokens, stats.prefill_throughput_tps)
+        pressure = backlog_s / self.backlog_target_s
         detail = (f"backlog {stats.queued_prompt_tokens} tokens at {stats.prefill_throughput_tps:.0f} tok/s "
                   f"= {backlog_s:.2f} s")
-        return backlog_s / self.backlog_target_s, detail
+        if stats.prompt_arrival_tps is not None:
+            utilization = _ratio(stats.prompt_arrival_tps, stats.prefill_throughput_tps)
+            pressure = max(pressure, utilization / self.prefill_util_target)
+            detail += f", arrivals {stats.prompt_arrival_tps:.0f} tok/s = {utilization:.0%} busy"
+        return pressure, detail
 
     def decode_pressure(self, stats: PoolStats) -> tuple[float, str]:
         parts = {
@@ -151,3 +157,10 @@ class RADPools(PoolPolicy):
                   f"decode pressure {decode:.2f} ({decode_detail}); {from_pool} pool of {donors} "
                   f"projected at {projected:.2f} <= {self.down_threshold} with one worker fewer")
         return PoolDecision(from_pool, to_pool, reason)
+
+
+def _ratio(amount: float, rate: float) -> float:
+    """``amount / rate``; 0 when there is nothing, infinite when something meets a zero rate."""
+    if amount <= 0:
+        return 0.0
+    return amount / rate if rate > 0 else math.inf
