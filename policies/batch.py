@@ -129,23 +129,9 @@ class SarathiBatching(BatchPolicy):
         plan = BatchPlan()
         blocks = KVPlanner(kv.free_blocks, plan)
         schedule_all_decodes(running, blocks, self.max_decodes)
-        budget = self.token_budget - len(plan.decodes)
-        for seq in running:
-            if seq.in_prefill and budget > 0 and not blocks.is_decided(seq):
-                chunk = min(seq.remaining_prompt, budget)
-                plan.prefill_chunks.append((seq.request_id, chunk))
-                blocks.mark_scheduled(seq)
-                budget -= chunk
-        if plan.preempt:
-            return plan
-        num_running = len(running)
-        for seq in waiting:
-            if budget <= 0 or num_running >= self.max_running or not blocks.admit(seq):
-                break
-            chunk = min(seq.remaining_prompt, budget)
-            plan.prefill_chunks.append((seq.request_id, chunk))
-            budget -= chunk
-            num_running += 1
+        budget = continue_prefills(running, blocks, self.token_budget - len(plan.decodes))
+        if not plan.preempt:
+            admit_prefills(waiting, blocks, budget, self.max_running - len(running))
         return plan
 
 
@@ -165,3 +151,31 @@ def schedule_decodes(decodes: list[SequenceState], victims: list[SequenceState],
             return
         if not blocks.is_decided(seq):
             blocks.step_or_preempt(seq, victims)
+
+
+def continue_prefills(running: list[SequenceState], blocks: KVPlanner, budget: int) -> int:
+    """Next chunks of the running partial prefills, FIFO, each ``min(remaining prompt, budget left)``, skipping
+    those preempted in this plan. Returns the budget left."""
+    for seq in running:
+        if budget <= 0:
+            break
+        if seq.in_prefill and not blocks.is_decided(seq):
+            chunk = min(seq.remaining_prompt, budget)
+            blocks.plan.prefill_chunks.append((seq.request_id, chunk))
+            blocks.mark_scheduled(seq)
+            budget -= chunk
+    return budget
+
+
+def admit_prefills(candidates: list[SequenceState], blocks: KVPlanner, budget: int, slots: int) -> int:
+    """Admit ``candidates`` in order, each with a first chunk of ``min(prompt, budget left)``, until the budget or
+    the ``slots`` (sequences that may still take KV) run out or one's blocks do not fit (head of line: no skipping).
+    Returns the budget left."""
+    for seq in candidates:
+        if budget <= 0 or slots <= 0 or not blocks.admit(seq):
+            break
+        chunk = min(seq.remaining_prompt, budget)
+        blocks.plan.prefill_chunks.append((seq.request_id, chunk))
+        budget -= chunk
+        slots -= 1
+    return budget

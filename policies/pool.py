@@ -87,12 +87,13 @@ class StaticPools(PoolPolicy):
 
 @POOL_POLICIES.register("rad")
 class RADPools(PoolPolicy):
-    """Knobs: ``backlog_target_s`` (1.0), ``prefill_util_target`` (0.9), ``kv_target`` (0.9), ``decode_batch_target`` (decodes per worker at full
-    tile efficiency, 128), ``min_tbt_slack`` (0.2), ``up_threshold`` (1.0), ``down_threshold`` (0.7),
-    ``min_dwell_s`` (30.0). All [Diptych] choices: the paper's switching rule was not available."""
+    """Knobs: ``backlog_target_s`` (1.0), ``prefill_util_target`` (0.9), ``kv_target`` (0.9),
+    ``decode_batch_target`` (decodes per worker at full tile efficiency, 128), ``min_tbt_slack`` (0.2),
+    ``up_threshold`` (1.0), ``down_threshold`` (0.7), ``min_dwell_s`` (30.0). All [Diptych] choices: the paper's
+    switching rule was not available."""
 
-    def __init__(self, backlog_target_s: float = 1.0, prefill_util_target: float = 0.9, kv_target: float = 0.9, decode_batch_target: int = 128,
-                 min_tbt_slack: float = 0.2, up_threshold: float = 1.0, down_threshold: float = 0.7,
+    def __init__(self, backlog_target_s: float = 1.0, prefill_util_target: float = 0.9, kv_target: float = 0.9,
+                 decode_batch_target: int = 128, min_tbt_slack: float = 0.2, up_threshold: float = 1.0, down_threshold: float = 0.7,
                  min_dwell_s: float = 30.0) -> None:
         if backlog_target_s <= 0 or decode_batch_target <= 0:
             raise ValueError("backlog_target_s and decode_batch_target must be positive")

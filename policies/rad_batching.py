@@ -25,7 +25,10 @@ of step 2). Lengths in tokens.
 
 from __future__ import annotations
 
-from policies.batch import BATCH_POLICIES, BatchPlan, BatchPolicy, KVState, SequenceState, schedule_decodes
+from policies.batch import (
+    BATCH_POLICIES, BatchPlan, BatchPolicy, KVState, SequenceState, admit_prefills, continue_prefills,
+    schedule_decodes,
+)
 from policies.kv_planner import KVPlanner
 
 
@@ -57,21 +60,9 @@ class RADBatching(BatchPolicy):
         target = budget // self.tile_quantum * self.tile_quantum or budget
         if target <= 0:
             return plan
-        for seq in running:
-            if seq.in_prefill and target > 0 and not blocks.is_decided(seq):
-                chunk = min(seq.remaining_prompt, target)
-                plan.prefill_chunks.append((seq.request_id, chunk))
-                blocks.mark_scheduled(seq)
-                target -= chunk
+        left = continue_prefills(running, blocks, target)
         if not plan.preempt:
-            num_running = len(running)
-            for seq in waiting:
-                if target <= 0 or num_running >= self.max_running or not blocks.admit(seq):
-                    break
-                chunk = min(seq.remaining_prompt, target)
-                plan.prefill_chunks.append((seq.request_id, chunk))
-                target -= chunk
-                num_running += 1
+            admit_prefills(waiting, blocks, left, self.max_running - len(running))
         self._align(plan)
         return plan
 

@@ -33,7 +33,9 @@ Times in seconds, lengths in tokens, memory in KV blocks.
 
 from __future__ import annotations
 
-from policies.batch import BATCH_POLICIES, BatchPlan, BatchPolicy, KVState, SequenceState
+from policies.batch import (
+    BATCH_POLICIES, BatchPlan, BatchPolicy, KVState, SequenceState, admit_prefills, continue_prefills,
+)
 from policies.kv_planner import KVPlanner
 from policies.slai_urgency import IterationTimer, LSTBook, Urgency
 
@@ -88,25 +90,10 @@ class SLAIBatching(BatchPolicy):
             if not blocks.is_decided(seq):
                 blocks.step_or_preempt(seq, victims)
 
-        budget = self.token_budget - len(plan.decodes)
-        for seq in partials:
-            if budget <= 0:
-                break
-            if not blocks.is_decided(seq):
-                chunk = min(seq.remaining_prompt, budget)
-                plan.prefill_chunks.append((seq.request_id, chunk))
-                blocks.mark_scheduled(seq)
-                budget -= chunk
-
+        budget = continue_prefills(partials, blocks, self.token_budget - len(plan.decodes))
         if not plan.preempt:
-            num_running = len(running)
-            for seq in sorted(waiting, key=lambda seq: self._admission_key(seq, now)):
-                if budget <= 0 or num_running >= self.max_running or not blocks.admit(seq):
-                    break
-                chunk = min(seq.remaining_prompt, budget)
-                plan.prefill_chunks.append((seq.request_id, chunk))
-                budget -= chunk
-                num_running += 1
+            queue = sorted(waiting, key=lambda seq: self._admission_key(seq, now))
+            budget = admit_prefills(queue, blocks, budget, self.max_running - len(running))
 
         for seq in by_urgency:
             if budget <= 0 or len(plan.decodes) >= max_decodes:
