@@ -33,21 +33,22 @@ class RequestQueue:
             raise ValueError("aging_s must be >= 0")
         self.order = order
         self.aging_s = aging_s
-        self._by_age: OrderedDict[str, PendingRequest] = OrderedDict()
+        self._by_age: OrderedDict[str, tuple[int, PendingRequest]] = OrderedDict()  # id -> (push number, request)
         self._by_prompt: list[tuple[int, int, str]] = []  # (prompt_tokens, push number, request_id), lazy deletion
         self._pushes = 0
 
     def push(self, request: PendingRequest) -> None:
         if request.request_id in self._by_age:
             raise ValueError(f"request {request.request_id!r} is already queued")
-        self._by_age[request.request_id] = request
+        self._by_age[request.request_id] = (self._pushes, request)
         if self.order == "spf":
             heapq.heappush(self._by_prompt, (request.prompt_tokens, self._pushes, request.request_id))
         self._pushes += 1
 
     def oldest(self) -> PendingRequest | None:
         """The request pushed first among those still queued."""
-        return next(iter(self._by_age.values()), None)
+        entry = next(iter(self._by_age.values()), None)
+        return entry[1] if entry is not None else None
 
     def head(self, now: float) -> PendingRequest | None:
         """The request this queue serves next at time ``now``."""
@@ -56,17 +57,22 @@ class RequestQueue:
             return oldest
         if self.aging_s is not None and now - oldest.arrival_time > self.aging_s:
             return oldest
-        while self._by_prompt[0][2] not in self._by_age:  # drop entries of requests already removed
+        while not self._is_live(self._by_prompt[0]):  # drop entries of requests already removed
             heapq.heappop(self._by_prompt)
-        return self._by_age[self._by_prompt[0][2]]
+        return self._by_age[self._by_prompt[0][2]][1]
+
+    def _is_live(self, entry: tuple[int, int, str]) -> bool:
+        """A heap entry is live while its request is queued from that same push (an id may be queued again)."""
+        queued = self._by_age.get(entry[2])
+        return queued is not None and queued[0] == entry[1]
 
     def remove(self, request_id: str) -> PendingRequest | None:
         """Drop ``request_id``; returns it, or None if it was not queued."""
-        request = self._by_age.pop(request_id, None)
+        entry = self._by_age.pop(request_id, None)
         if len(self._by_prompt) > 2 * len(self._by_age) + 64:  # keep the lazily cleaned heap proportional
-            self._by_prompt = [entry for entry in self._by_prompt if entry[2] in self._by_age]
+            self._by_prompt = [entry for entry in self._by_prompt if self._is_live(entry)]
             heapq.heapify(self._by_prompt)
-        return request
+        return entry[1] if entry is not None else None
 
     def __len__(self) -> int:
         return len(self._by_age)

@@ -85,3 +85,22 @@ def test_fcfs_peek_accepts_now_and_ignores_it():
     fcfs = FCFSAdmission()
     fcfs.add(req("x"), 0)
     assert fcfs.peek(now=5.0).request_id == "x" and fcfs.pop(5.0).request_id == "x"
+
+
+def test_spf_requeued_id_is_ordered_by_its_new_prompt():
+    spf = SPFAdmission()
+    spf.add(req("x", prompt=5), 0)
+    spf.remove("x")
+    spf.add(req("x", prompt=500), 1)
+    spf.add(req("y", prompt=50), 2)
+    assert spf.peek().request_id == "y"
+
+
+def test_spf_stays_ordered_through_many_removals():
+    spf = SPFAdmission()
+    for i in range(300):
+        spf.add(req(f"r{i}", prompt=1000 - i), 0)
+    for i in range(0, 300, 3):
+        spf.remove(f"r{i}")
+    order = [spf.pop(1).prompt_tokens for _ in range(len(spf))]
+    assert order == sorted(order) and len(order) == 200
