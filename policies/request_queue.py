@@ -70,7 +70,7 @@ class RequestQueue:
         """Drop ``request_id``; returns it, or None if it was not queued."""
         entry = self._by_age.pop(request_id, None)
         if len(self._by_prompt) > 2 * len(self._by_age) + 64:  # keep the lazily cleaned heap proportional
-            self._by_prompt = [entry for entry in self._by_prompt if self._is_live(entry)]
+            self._by_prompt = [item for item in self._by_prompt if self._is_live(item)]
             heapq.heapify(self._by_prompt)
         return entry[1] if entry is not None else None
 
