@@ -1,9 +1,10 @@
 """The frontend's DEALER connection to the coordinator's control socket.
 
-Outgoing messages (``SubmitRequest``, ``CancelRequest``) are posted synchronously into an outbox and sent by one
-task, so a cancel can be issued from any context (a ``finally`` block of a cancelled task included) and messages
-leave in the order they were posted. Incoming ``RequestFailed`` messages go to a callback; anything else is logged
-and dropped.
+Outgoing messages (``SubmitRequest``, ``CancelRequest``, ``StatusQuery``) are posted synchronously into an outbox
+and sent by one task, so a cancel can be issued from any context (a ``finally`` block of a cancelled task included)
+and messages leave in the order they were posted. Incoming ``RequestFailed`` messages go to a callback;
+``ClusterStatus`` replies answer every ``query_status`` call waiting at that moment (a status is a snapshot, so any
+reply serves any waiter); anything else is logged and dropped.
 """
 
 from __future__ import annotations
@@ -33,10 +34,24 @@ class CoordinatorLink:
         self.identity = identity
         self._sock = make_socket(ctx, zmq.DEALER, connect=address, identity=identity)
         self._outbox: asyncio.Queue[Any] = asyncio.Queue()
+        self._status_waiters: list[asyncio.Future[proto.ClusterStatus]] = []
 
     def post(self, msg: Any) -> None:
         """Queue ``msg`` for the coordinator; never blocks."""
         self._outbox.put_nowait(msg)
+
+    async def query_status(self, timeout_s: float) -> proto.ClusterStatus | None:
+        """The coordinator's current ``ClusterStatus``, or None when it does not answer within ``timeout_s``."""
+        waiter = asyncio.get_running_loop().create_future()
+        self._status_waiters.append(waiter)
+        self.post(proto.StatusQuery())
+        try:
+            return await asyncio.wait_for(waiter, timeout_s)
+        except asyncio.TimeoutError:
+            return None
+        finally:
+            if waiter in self._status_waiters:
+                self._status_waiters.remove(waiter)
 
     async def run_sender(self) -> None:
         while True:
@@ -48,6 +63,11 @@ class CoordinatorLink:
             _, msg = await recv_message(self._sock)
             if isinstance(msg, proto.RequestFailed):
                 on_failed(msg)
+            elif isinstance(msg, proto.ClusterStatus):
+                waiters, self._status_waiters = self._status_waiters, []
+                for waiter in waiters:
+                    if not waiter.done():
+                        waiter.set_result(msg)
             elif isinstance(msg, proto.ProtocolError):
                 log.warning("dropping a malformed message from the coordinator: %s", msg)
             else:

@@ -1,5 +1,7 @@
 """The OpenAI-compatible HTTP API: ``POST /v1/completions``, ``POST /v1/chat/completions`` (both with
-``stream: true`` as server-sent events), ``GET /v1/models`` and ``GET /health``.
+``stream: true`` as server-sent events), ``GET /v1/models``; and ``GET /health`` (200 when the coordinator answers
+and has at least one prefill and one decode worker, else 503; the body has the worker counts either way) and
+``GET /admin/status`` (the coordinator's ``ClusterStatus`` as JSON, plus this frontend's running requests).
 
 Every error is an OpenAI-style body ``{"error": {...}}``; FastAPI's 422 validation responses are replaced by 400s.
 A streamed request waits for its first output before sending headers, so a refusal (429 with ``Retry-After``, 503)
@@ -13,6 +15,7 @@ noticed through the ASGI ``http.disconnect`` message; mid-stream, Starlette canc
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
@@ -23,6 +26,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.frontend.api_errors import APIError
+from services.frontend.coordinator_link import CoordinatorLink
 from services.frontend.identity import ClientDirectory, ClientIdentity
 from services.frontend.model_info import ModelInfo
 from services.frontend.responses import SSE_DONE, OpenAIFormatter, sse_event
@@ -33,6 +37,9 @@ from services.frontend.validation import Generation, chat_generation, completion
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+STATUS_TIMEOUT_S = 1.5
+"""How long /health and /admin/status wait for the coordinator's answer."""
 
 CLIENT_CLOSED = 499
 """Status recorded for a request whose client went away (nginx's convention); the client never sees it."""
@@ -56,7 +63,8 @@ class _TrackedStream(StreamingResponse):
             self._on_close()
 
 
-def create_app(info: ModelInfo, tracker: RequestTracker, directory: ClientDirectory) -> FastAPI:
+def create_app(info: ModelInfo, tracker: RequestTracker, directory: ClientDirectory,
+               coordinator: CoordinatorLink) -> FastAPI:
     app = FastAPI(title="Diptych", docs_url=None, redoc_url=None, openapi_url=None)
     started = int(time.time())
 
@@ -86,8 +94,21 @@ def create_app(info: ModelInfo, tracker: RequestTracker, directory: ClientDirect
         return client
 
     @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return {"status": "ok", "running_requests": len(tracker)}
+    async def health() -> JSONResponse:
+        status = await coordinator.query_status(STATUS_TIMEOUT_S)
+        body: dict[str, Any] = {"model": info.name, "running_requests": len(tracker)}
+        if status is None:
+            return JSONResponse({"status": "coordinator unreachable", **body}, status_code=503)
+        body.update(prefill_workers=status.prefill_workers, decode_workers=status.decode_workers)
+        ready = status.prefill_workers > 0 and status.decode_workers > 0
+        return JSONResponse({"status": "ok" if ready else "no workers", **body}, status_code=200 if ready else 503)
+
+    @app.get("/admin/status")
+    async def admin_status(_: ClientIdentity = Depends(authenticate)) -> dict[str, Any]:
+        status = await coordinator.query_status(STATUS_TIMEOUT_S)
+        if status is None:
+            raise APIError(503, "the coordinator did not answer")
+        return {**dataclasses.asdict(status), "frontend": {"model": info.name, "running_requests": len(tracker)}}
 
     @app.get("/v1/models")
     async def models(_: ClientIdentity = Depends(authenticate)) -> dict[str, Any]:

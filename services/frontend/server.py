@@ -67,7 +67,7 @@ async def serve(config: FrontendConfig, stop: asyncio.Event) -> int:
         http_sock.close()
         ctx.destroy(linger=0)
         return 1
-    server = _EmbeddedServer(uvicorn.Config(create_app(info, tracker, directory), lifespan="off",
+    server = _EmbeddedServer(uvicorn.Config(create_app(info, tracker, directory, coordinator), lifespan="off",
                                             log_level="warning", timeout_graceful_shutdown=HTTP_GRACE_S))
     http_task = asyncio.create_task(server.serve(sockets=[http_sock]), name="http")
     background = [
