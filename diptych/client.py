@@ -103,7 +103,8 @@ class AsyncClient:
 
     def stream(self, prompt: str | None = None, *, prompt_token_ids: list[int] | None = None,
                request_id: str | None = None, **params: Any) -> "AsyncStream":
-        """Generate, yielding ``StreamChunk`` values as tokens arrive. ``.request_id`` names the request."""
+        """Generate, yielding ``StreamChunk`` values as tokens arrive. ``.request_id`` names the request; it is
+        sent when iteration starts."""
         msg = self._generate(prompt, prompt_token_ids, request_id, params, stream=True)
         return AsyncStream(msg.request_id, self._run(msg))
 

@@ -39,15 +39,24 @@ class SdkEndpoint:
         """Receive loop: never returns, never dies on bad input."""
         while True:
             peer, msg = await recv_message(self._sock, routed=True)
-            if isinstance(msg, proto.ClientGenerate):
-                await self._on_generate(peer, msg)
-            elif isinstance(msg, proto.ClientCancel):
-                self._on_cancel(peer, msg)
-            elif isinstance(msg, proto.ProtocolError):
-                log.warning("bad SDK frame from %r: %s", peer, msg)
-                await self._reply(peer, proto.ClientError("", 400, f"bad message: {msg}"))
-            else:
-                await self._reply(peer, proto.ClientError("", 400, f"unexpected {proto.tag_of(msg)!r} message"))
+            try:
+                await self._dispatch(peer, msg)
+            except Exception:  # a bug handling one message must not take the endpoint down
+                log.exception("error handling %s from SDK peer %r", type(msg).__name__, peer)
+                request_id = getattr(msg, "request_id", "")
+                await self._reply(peer, proto.ClientError(request_id, 500, "internal error"))
+
+    async def _dispatch(self, peer: bytes, msg: object) -> None:
+        if isinstance(msg, proto.ClientGenerate):
+            await self._on_generate(peer, msg)
+        elif isinstance(msg, proto.ClientCancel):
+            self._on_cancel(peer, msg)
+        elif isinstance(msg, proto.ProtocolError):
+            log.warning("bad SDK frame from %r: %s", peer, msg)
+            await self._reply(peer, proto.ClientError("", 400, f"bad message: {msg}"))
+        else:
+            log.warning("unexpected %s from SDK peer %r", type(msg).__name__, peer)
+            await self._reply(peer, proto.ClientError("", 400, f"{type(msg).__name__} is not an SDK message"))
 
     async def close(self, grace_s: float = 1.0) -> None:
         """Let the pumps deliver their final replies (the tracker was closed first), then stop them and close."""
@@ -70,11 +79,11 @@ class SdkEndpoint:
             return
         try:
             gen = self._validate(msg)
-            state = self._tracker.submit(client, gen, self._directory.slo_for(client, msg.slo), source="sdk")
+            state = self._tracker.submit(client, gen, self._directory.slo_for(client, msg.slo), source="sdk",
+                                         note=f"sdk_req={msg.request_id}")
         except APIError as exc:
             await self._reply(peer, proto.ClientError(msg.request_id, exc.status, exc.message, exc.retry_after_s))
             return
-        log.debug("req=%s sdk_req=%s", state.request_id, msg.request_id)
         task = asyncio.create_task(self._pump(peer, msg.request_id, state, msg.stream))
         self._running[key] = (state, task)
 

@@ -81,8 +81,10 @@ class RequestTracker:
 
     # ------------------------------------------------------------ consumer side
 
-    def submit(self, client: ClientIdentity, gen: Generation, slo: proto.SLO, source: str) -> RequestState:
-        """Register a validated request and send it to the coordinator. Raises APIError(503) after ``close``."""
+    def submit(self, client: ClientIdentity, gen: Generation, slo: proto.SLO, source: str,
+               note: str = "") -> RequestState:
+        """Register a validated request and send it to the coordinator. Raises APIError(503) after ``close``.
+        ``source`` ("http", "sdk") and ``note`` only go into the admission log line."""
         if self._closed:
             raise APIError(503, "the frontend is shutting down")
         state = RequestState(request_id=uuid.uuid4().hex, client=client, prompt_len=len(gen.prompt_token_ids),
@@ -94,8 +96,9 @@ class RequestTracker:
                                 arrival_time=state.arrival, stream_addr=self._stream_addr, slo=slo,
                                 weight=client.weight)
         self._coordinator.post(proto.SubmitRequest(request))
-        log.info("req=%s admitted via %s client=%s prompt_tokens=%d max_tokens=%d tier=%s", state.request_id,
-                 source, client.client_id, state.prompt_len, gen.sampling.max_tokens, slo.tier)
+        log.info("req=%s admitted via %s client=%s prompt_tokens=%d max_tokens=%d tier=%s%s", state.request_id,
+                 source, client.client_id, state.prompt_len, gen.sampling.max_tokens, slo.tier,
+                 f" {note}" if note else "")
         return state
 
     async def next_event(self, state: RequestState) -> Delta:
@@ -128,10 +131,8 @@ class RequestTracker:
     def close(self, message: str) -> None:
         """Refuse new requests; fail the running ones with 503 and cancel them in the cluster."""
         self._closed = True
-        for state in list(self._requests.values()):
-            self._coordinator.post(proto.CancelRequest(state.request_id, "abort"))
-            state.queue.put_nowait(APIError(503, message))
-            self._retire(state, "error:503")
+        for request_id in list(self._requests):
+            self._fail(request_id, 503, message)
 
     # ------------------------------------------------------------ cluster side
 
@@ -141,7 +142,11 @@ class RequestTracker:
             _, msg = await recv_message(sock)
             if isinstance(msg, proto.TokenBatch):
                 for output in msg.outputs:
-                    self.on_output(output)
+                    try:
+                        self.on_output(output)
+                    except Exception:  # e.g. a token id the tokenizer cannot decode: fail that request only
+                        log.exception("req=%s cannot apply output %d", output.request_id, output.index)
+                        self._fail(output.request_id, 500, "internal error while processing the output")
             elif isinstance(msg, proto.ProtocolError):
                 log.warning("dropping a malformed token-stream message: %s", msg)
             else:
@@ -167,6 +172,14 @@ class RequestTracker:
             return
         state.queue.put_nowait(APIError(msg.code, msg.message, retry_after_s=msg.retry_after_s))
         self._retire(state, f"error:{msg.code}", detail=msg.message)
+
+    def _fail(self, request_id: str, status: int, message: str) -> None:
+        """Fail a request the cluster may still be running: its client gets ``status``, the cluster a cancel."""
+        state = self._requests.get(request_id)
+        if state is not None:
+            self._coordinator.post(proto.CancelRequest(request_id, "abort"))
+            state.queue.put_nowait(APIError(status, message))
+            self._retire(state, f"error:{status}", detail=message)
 
     def _apply(self, state: RequestState, output: proto.TokenOutput) -> None:
         """Apply the in-order ``output``: detokenize, check stop strings, deliver, retire when finished."""
