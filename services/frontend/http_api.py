@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import logging
 import time
 from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 
@@ -31,10 +30,8 @@ from services.frontend.identity import ClientDirectory, ClientIdentity
 from services.frontend.model_info import ModelInfo
 from services.frontend.responses import SSE_DONE, OpenAIFormatter, sse_event
 from services.frontend.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
-from services.frontend.tracker import RequestState, RequestTracker
+from services.frontend.tracker import Delta, RequestState, RequestTracker
 from services.frontend.validation import Generation, chat_generation, completion_generation
-
-log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -50,10 +47,10 @@ class _ClientGone(Exception):
 
 
 class _TrackedStream(StreamingResponse):
-    """A streaming response that runs ``on_close`` however the response ends (done, failed, disconnected)."""
+    """A server-sent-event response that runs ``on_close`` however it ends (done, failed, disconnected)."""
 
     def __init__(self, content: AsyncIterator[bytes], on_close: Callable[[], None], headers: dict[str, str]):
-        super().__init__(content, media_type="text/event-stream", headers=headers)
+        super().__init__(content, media_type="text/event-stream", headers={**headers, "Cache-Control": "no-cache"})
         self._on_close = on_close
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
@@ -73,8 +70,8 @@ def create_app(info: ModelInfo, tracker: RequestTracker, directory: ClientDirect
         return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers())
 
     @app.exception_handler(RequestValidationError)
-    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        err = _validation_error(exc)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        err = _validation_error(exc, request.headers.get("content-type", ""))
         return JSONResponse(err.body(), status_code=err.status)
 
     @app.exception_handler(StarletteHTTPException)
@@ -156,7 +153,8 @@ async def _collect(tracker: RequestTracker, state: RequestState) -> tuple[str, s
             return "".join(texts), event.finish_reason
 
 
-async def _sse(tracker: RequestTracker, state: RequestState, fmt: OpenAIFormatter, event: Any) -> AsyncIterator[bytes]:
+async def _sse(tracker: RequestTracker, state: RequestState, fmt: OpenAIFormatter,
+               event: Delta) -> AsyncIterator[bytes]:
     for chunk in fmt.opening_chunks():
         yield chunk
     try:
@@ -193,14 +191,14 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-def _validation_error(exc: RequestValidationError) -> APIError:
+def _validation_error(exc: RequestValidationError, content_type: str) -> APIError:
     """FastAPI's validation error -> a 400 naming the first offending parameter."""
     first = exc.errors()[0] if exc.errors() else {}
     loc = [str(part) for part in first.get("loc", ()) if part != "body"]
-    kind = first.get("type", "")
-    if kind == "json_invalid":
+    if first.get("type") == "json_invalid":
         return APIError(400, f"request body is not valid JSON: {first.get('ctx', {}).get('error', '')}".rstrip(": "))
     if not loc:
-        return APIError(400, "request body must be a JSON object", param=None)
-    param = loc[0]
-    return APIError(400, f"invalid value for '{'.'.join(loc)}': {first.get('msg', 'invalid')}", param=param)
+        if content_type and "json" not in content_type:
+            return APIError(400, f"send the body as JSON with 'Content-Type: application/json', not {content_type!r}")
+        return APIError(400, "request body must be a JSON object")
+    return APIError(400, f"invalid value for '{'.'.join(loc)}': {first.get('msg', 'invalid')}", param=loc[0])

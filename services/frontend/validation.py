@@ -83,7 +83,8 @@ def check_prompt(prompt_ids: list[int], info: ModelInfo) -> None:
 
 
 def check_sampling(sampling: SamplingParams, prompt_len: int, info: ModelInfo) -> SamplingParams:
-    """Range checks shared by HTTP and SDK; returns ``sampling`` with empty stop strings removed."""
+    """Range checks shared by HTTP and SDK; returns ``sampling`` normalized (empty stop strings removed,
+    ``top_k=-1`` as 0)."""
     if sampling.max_tokens <= 0:
         raise bad_request("max_tokens must be at least 1", "max_tokens")
     if prompt_len + sampling.max_tokens > info.max_model_len:
@@ -94,6 +95,8 @@ def check_sampling(sampling: SamplingParams, prompt_len: int, info: ModelInfo) -
         raise bad_request("temperature must be a finite number >= 0", "temperature")
     if not (0 < sampling.top_p <= 1):
         raise bad_request("top_p must be in (0, 1]", "top_p")
+    if sampling.top_k == -1:  # vLLM's spelling of "disabled"
+        sampling.top_k = 0
     if sampling.top_k < 0:
         raise bad_request("top_k must be >= 0 (0 or -1 disables it)", "top_k")
     if sampling.seed is not None and not (-(2 ** 63) <= sampling.seed < 2 ** 64):
@@ -116,7 +119,7 @@ def _http_sampling(req: SamplingFields, max_tokens: int, prompt_ids: list[int], 
         max_tokens=max_tokens,
         temperature=1.0 if req.temperature is None else float(req.temperature),
         top_p=1.0 if req.top_p is None else float(req.top_p),
-        top_k=0 if req.top_k in (None, -1) else req.top_k,
+        top_k=0 if req.top_k is None else req.top_k,
         seed=req.seed,
         stop=stop,
         stop_token_ids=list(req.stop_token_ids or []),
