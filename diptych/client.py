@@ -20,6 +20,7 @@ wait for each reply (seconds), not the whole generation.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import threading
 import uuid
@@ -93,12 +94,13 @@ class AsyncClient:
         """Generate and return the whole completion."""
         msg = self._generate(prompt, prompt_token_ids, request_id, params, stream=False)
         texts, token_ids = [], []
-        async for chunk in self._run(msg):
-            texts.append(chunk.text)
-            token_ids.extend(chunk.token_ids)
-            if chunk.finish_reason is not None:
-                return Completion(msg.request_id, "".join(texts), token_ids, chunk.finish_reason,
-                                  chunk.usage or Usage())
+        async with contextlib.aclosing(self._run(msg)) as chunks:
+            async for chunk in chunks:
+                texts.append(chunk.text)
+                token_ids.extend(chunk.token_ids)
+                if chunk.finish_reason is not None:
+                    return Completion(msg.request_id, "".join(texts), token_ids, chunk.finish_reason,
+                                      chunk.usage or Usage())
         raise DiptychError("the reply ended without a finish reason", request_id=msg.request_id)
 
     def stream(self, prompt: str | None = None, *, prompt_token_ids: list[int] | None = None,
@@ -123,12 +125,12 @@ class AsyncClient:
         for request_id, queue in list(self._pending.items()):
             self._post(proto.ClientCancel(request_id))
             queue.put_nowait(DiptychError("the client was closed", request_id=request_id))
-        if self._outbox is not None:
-            while not self._outbox.empty():
-                await send_message(self._sock, self._outbox.get_nowait())
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._outbox is not None:  # the cancels posted above, and anything the sender had not sent yet
+            while not self._outbox.empty():
+                await send_message(self._sock, self._outbox.get_nowait())
         self._sock.close()
         self._ctx.term()
 
