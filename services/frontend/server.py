@@ -52,7 +52,8 @@ async def serve(config: FrontendConfig, stop: asyncio.Event) -> int:
     try:
         info = ModelInfo.load(resolve_model_path(config.model), config.served_model_name, config.max_model_len)
         directory = ClientDirectory.from_file(config.api_keys_file)
-        http_sock = socket.create_server((config.host, config.http_port))
+        family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
+        http_sock = socket.create_server((config.host, config.http_port), family=family)
     except (OSError, ValueError) as exc:
         log.error("cannot start: %s", exc)
         return 1
