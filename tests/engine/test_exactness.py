@@ -7,31 +7,18 @@ so single-token and multi-token chunks of several sequences and decodes run in t
 from __future__ import annotations
 
 import pytest
-import torch
-from transformers import AutoModelForCausalLM
 
 from engine import Engine, EngineConfig
 from policies import BATCH_POLICIES
 from proto.codec import decode, encode
 from proto.messages import KVHandoff, Request, SamplingParams
+from tests.hf_reference import hf_greedy
 
 PROMPT_LENGTHS = [1, 2, 7, 8, 9, 17, 31, 33, 50, 75]
 NEW_TOKENS = 20
 GREEDY = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
 
 
-def hf_greedy(model_path: str, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
-    """Hugging Face greedy continuations of ``prompts`` (one left-padded batch, EOS ignored)."""
-    model = AutoModelForCausalLM.from_pretrained(model_path, attn_implementation="eager").eval()
-    model.generation_config.eos_token_id = None
-    width = max(len(prompt) for prompt in prompts)
-    pad = model.generation_config.pad_token_id
-    input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
-    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    with torch.inference_mode():
-        generated = model.generate(input_ids, attention_mask=attention_mask, do_sample=False,
-                                   max_new_tokens=new_tokens)
-    return generated[:, width:].tolist()
 
 
 def over_the_wire(engine, request_id: str, prompt: list[int], first_token_id: int) -> list:
