@@ -52,8 +52,8 @@ def serve(args: argparse.Namespace) -> int:
             model=args.model, prefill_workers=args.prefill_workers, decode_workers=args.decode_workers,
             host=args.host, http_port=args.http_port, coordinator_port=args.coordinator_port,
             sdk_port=args.sdk_port, stream_port=args.stream_port, kv_base_port=args.kv_base_port,
-            admission=args.admission, admission_opts=args.admission_opts, policy=args.policy,
-            policy_opts=args.policy_opts, device=args.device, num_blocks=args.num_blocks,
+            admission=args.admission, admission_opts=args.admission_opt, policy=args.policy,
+            policy_opts=args.policy_opt, device=args.device, num_blocks=args.num_blocks,
             api_keys_file=args.api_keys_file, log_level=args.log_level,
         )
     except ValueError as exc:
