@@ -1,11 +1,15 @@
-"""The ``diptych`` command: ``serve`` a whole cluster, or run one service (``coordinator``, ``frontend``,
-``prefill-worker``, ``decode-worker``) as docker-compose does."""
+"""The ``diptych`` command. Subcommands live in ``diptych/commands/`` (each module's ``register(subparsers)`` adds
+itself); the service names (``coordinator``, ``frontend``, ``prefill-worker``, ``decode-worker``) run one service
+alone, as docker-compose does."""
 
 from __future__ import annotations
 
 import argparse
-import signal
+import importlib
+import pkgutil
 import sys
+
+import diptych.commands
 
 SERVICES = {
     "coordinator": "services.coordinator.__main__",
@@ -15,88 +19,23 @@ SERVICES = {
 }
 
 
-def _serve_parser(sub: argparse._SubParsersAction) -> None:
-    from policies.admission import ADMISSION_POLICIES
-    from policies.batch import BATCH_POLICIES
-
-    p = sub.add_parser("serve", help="start coordinator, workers and frontend as separate processes",
-                       description="Start a Diptych cluster on this machine and serve until Ctrl-C/SIGTERM.")
-    p.add_argument("--model", default=None, help="HF model id or local directory [built-in tiny Llama]")
-    p.add_argument("--prefill-workers", type=int, default=1, help="number of prefill workers [%(default)s]")
-    p.add_argument("--decode-workers", type=int, default=1, help="number of decode workers [%(default)s]")
-    p.add_argument("--host", default="127.0.0.1", help="interface for every endpoint [%(default)s]")
-    p.add_argument("--http-port", type=int, default=8000, help="OpenAI-compatible HTTP API port [%(default)s]")
-    p.add_argument("--sdk-port", type=int, default=5601, help="ZeroMQ SDK endpoint port [%(default)s]")
-    p.add_argument("--coordinator-port", type=int, default=5600, help="coordinator control port [%(default)s]")
-    p.add_argument("--stream-port", type=int, default=5602, help="frontend token-stream port [%(default)s]")
-    p.add_argument("--kv-base-port", type=int, default=5610, help="first decode worker KV port [%(default)s]")
-    p.add_argument("--admission", default="fcfs", choices=ADMISSION_POLICIES.names(),
-                   help="admission policy across clients [%(default)s]")
-    p.add_argument("--admission-opt", action="append", default=[], metavar="KEY=VALUE",
-                   help="admission policy knob, repeatable")
-    p.add_argument("--policy", default="sarathi", choices=BATCH_POLICIES.names(),
-                   help="worker batch policy [%(default)s]")
-    p.add_argument("--policy-opt", action="append", default=[], metavar="KEY=VALUE", help="batch policy knob")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N for every worker [%(default)s]")
-    p.add_argument("--num-blocks", type=int, default=None, help="KV blocks per worker [from 0.25 GB]")
-    p.add_argument("--api-keys-file", default=None, help="JSON file mapping API keys to clients [anonymous]")
-    p.add_argument("--log-dir", default=None, help="write each process's log to DIR/<name>.log [stderr]")
-    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING [%(default)s]")
-
-
-def serve(args: argparse.Namespace) -> int:
-    from diptych.launcher import Cluster, ClusterSpec
-
-    try:
-        spec = ClusterSpec(
-            model=args.model, prefill_workers=args.prefill_workers, decode_workers=args.decode_workers,
-            host=args.host, http_port=args.http_port, coordinator_port=args.coordinator_port,
-            sdk_port=args.sdk_port, stream_port=args.stream_port, kv_base_port=args.kv_base_port,
-            admission=args.admission, admission_opts=args.admission_opt, policy=args.policy,
-            policy_opts=args.policy_opt, device=args.device, num_blocks=args.num_blocks,
-            api_keys_file=args.api_keys_file, log_level=args.log_level,
-        )
-    except ValueError as exc:
-        print(f"diptych serve: {exc}", file=sys.stderr)
-        return 2
-    cluster = Cluster(spec, log_dir=args.log_dir)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops the cluster like Ctrl-C
-    try:
-        cluster.start()
-        health = cluster.wait_ready()
-        print(f"Diptych is up: {health.get('prefill_workers')} prefill + {health.get('decode_workers')} decode "
-              f"workers, model {health.get('model')}\n"
-              f"  OpenAI API   {spec.http_url}/v1   (try: curl {spec.http_url}/v1/models)\n"
-              f"  SDK          {spec.sdk_addr}\n"
-              f"  coordinator  {spec.addr(spec.coordinator_port)}\n"
-              f"Press Ctrl-C to stop.", flush=True)
-        dead = cluster.wait()
-        print(f"diptych serve: processes exited: {dead}; stopping the rest", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("\nstopping Diptych...", file=sys.stderr)
-        return 0
-    except (RuntimeError, TimeoutError) as exc:
-        print(f"diptych serve: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        cluster.stop()
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="diptych", description="Diptych: disaggregated LLM serving.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for info in sorted(pkgutil.iter_modules(diptych.commands.__path__), key=lambda m: m.name):
+        importlib.import_module(f"diptych.commands.{info.name}").register(sub)
+    for name in SERVICES:
+        sub.add_parser(name, help=f"run the {name} service alone (see 'diptych {name} --help')", add_help=False)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in SERVICES:  # hand the rest of the line to the service's own parser (--help included)
-        import importlib
-
         importlib.import_module(SERVICES[argv[0]]).main(argv[1:])
         return 0
-    parser = argparse.ArgumentParser(prog="diptych", description="Diptych: disaggregated LLM serving.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    _serve_parser(sub)
-    for name in SERVICES:
-        sub.add_parser(name, help=f"run the {name} service alone (see 'diptych {name} --help')", add_help=False)
-    args = parser.parse_args(argv)
-    return serve(args)
+    args = build_parser().parse_args(argv)
+    return args.run(args)
 
 
 if __name__ == "__main__":
