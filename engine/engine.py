@@ -188,6 +188,7 @@ class Engine:
         """Run one iteration as the batch policy plans it: admit, run one packed forward pass, sample, apply stop
         conditions and free finished requests. Returns an empty output when the plan is empty."""
         started = time.perf_counter()
+        start_time = time.time()
         plan = self.policy.schedule(
             [sequence.to_state(self.block_size) for sequence in self._waiting.values()],
             [sequence.to_state(self.block_size) for sequence in self._running.values()],
@@ -198,7 +199,10 @@ class Engine:
         if plan.is_empty():
             return StepOutput()
         scheduled: list[tuple[Sequence, ForwardItem]] = []
+        admitted: list[str] = []
         for request_id, num_tokens in plan.prefill_chunks:
+            if request_id not in self._running:
+                admitted.append(request_id)
             sequence = self._running[request_id] if request_id in self._running else self._admit(request_id)
             chunk, start = sequence.next_chunk(num_tokens)
             last = start + num_tokens == sequence.prompt_len
@@ -219,7 +223,8 @@ class Engine:
         )
         ended = time.time()
         output = StepOutput(
-            num_prefill_tokens=sum(n for _, n in plan.prefill_chunks), num_decodes=len(plan.decodes)
+            num_prefill_tokens=sum(n for _, n in plan.prefill_chunks), num_decodes=len(plan.decodes),
+            admitted=admitted, start_time=start_time,
         )
         for sequence, token_id in zip(sampling_sequences, token_ids):
             self._record_token(sequence, token_id, ended, output)

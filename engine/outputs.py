@@ -24,7 +24,8 @@ class StepOutput:
     ``prefilled`` lists ``prefill_only`` requests whose prefill completed in this iteration without finishing
     them: their KV is ready for ``Engine.export_kv``. ``finished`` lists requests that finished (their blocks are
     already free). ``num_prefill_tokens`` counts prompt tokens computed, ``num_decodes`` decode tokens;
-    ``duration_s`` is the iteration's wall time in seconds (0 when nothing ran).
+    ``duration_s`` is the iteration's wall time in seconds (0 when nothing ran). ``admitted`` lists requests whose
+    first prefill chunk ran in this iteration (their prefill started at ``start_time``, seconds since the epoch).
     """
 
     tokens: list[SampledToken] = field(default_factory=list)
@@ -33,3 +34,5 @@ class StepOutput:
     num_prefill_tokens: int = 0
     num_decodes: int = 0
     duration_s: float = 0.0
+    admitted: list[str] = field(default_factory=list)
+    start_time: float = 0.0
