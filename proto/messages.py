@@ -94,6 +94,10 @@ class TokenOutput:
     """None while running; "stop" (EOS or stop token), "length" (max_tokens or context), "abort", or "error"."""
     timestamps: list[float] = field(default_factory=list)
     """Emission time of each token in ``token_ids`` (seconds since the epoch)."""
+    events: dict[str, float] = field(default_factory=dict)
+    """Phase times of the request (seconds since the epoch), sent once by the worker that saw them, on its first
+    output for the request: the prefill worker sends ``admitted``, ``prefill_start``, ``prefill_end``; the decode
+    worker sends ``handoff_start`` and ``handoff_end`` (KV sent by prefill / landed in the decode pool)."""
 
 
 # ---------------------------------------------------------------- frontend <-> coordinator
@@ -179,6 +183,8 @@ class PrefillTask:
     request: Request
     decode_worker_id: str
     decode_kv_addr: str
+    admitted_time: float = 0.0
+    """When the coordinator admitted the request (seconds since the epoch)."""
 
 
 @message("prefill_done")
@@ -237,6 +243,8 @@ class KVHandoff:
     first_token_time: float
     num_tokens: int
     layout: KVLayout
+    sent_time: float = 0.0
+    """When the prefill worker began exporting the KV (seconds since the epoch)."""
     blocks: list[Any] = payload_field()
 
 
@@ -280,6 +288,9 @@ class ClientChunk:
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    timeline: dict[str, Any] | None = None
+    """On the final chunk: the request's timeline (see ``services/frontend``: arrival, phase times, every token
+    time, finish), seconds since the epoch."""
 
 
 @message("client_error")
