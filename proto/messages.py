@@ -243,9 +243,9 @@ class KVHandoff:
     first_token_time: float
     num_tokens: int
     layout: KVLayout
+    blocks: list[Any] = payload_field()
     sent_time: float = 0.0
     """When the prefill worker began exporting the KV (seconds since the epoch)."""
-    blocks: list[Any] = payload_field()
 
 
 # ---------------------------------------------------------------- workers -> frontend (token stream socket)
