@@ -35,6 +35,7 @@ class RequestRecord:
     prefill_holds: bool = False
     decode_holds: bool = False
     handoff_deadline: float | None = None
+    admitted_time: float = 0.0
 
     @property
     def request_id(self) -> str:

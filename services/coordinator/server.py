@@ -148,7 +148,7 @@ class Coordinator:
                 return
             self.policy.pop(time.time())
             Placer.commit(placement, head.request_id, head.prompt_tokens)
-            record.phase = Phase.RESERVING
+            record.phase, record.admitted_time = Phase.RESERVING, time.time()
             record.prefill_worker, record.decode_worker = placement.prefill.worker_id, placement.decode.worker_id
             record.prefill_blocks, record.decode_blocks = placement.prefill_blocks, placement.decode_blocks
             record.decode_holds = True
@@ -186,7 +186,8 @@ class Coordinator:
             await self._fail(record, 503, "a worker assigned to the request is gone")
             return
         record.phase, record.prefill_holds = Phase.PREFILLING, True
-        await self._send(prefill.identity, PrefillTask(record.request, decode.worker_id, decode.kv_addr))
+        await self._send(prefill.identity, PrefillTask(record.request, decode.worker_id, decode.kv_addr,
+                                                       record.admitted_time))
 
     async def _on_prefill_done(self, identity: bytes, msg: PrefillDone) -> None:
         record = self.requests.get(msg.request_id)

@@ -32,6 +32,8 @@ class DecodeWorker(Worker):
         self._kv_addr: str = args.kv_addr
         self.kv_in = make_socket(self.ctx, zmq.PULL, bind=bind_address(args.kv_addr))
         self._stream_addr: dict[str, str] = {}
+        self._pending_events: dict[str, dict[str, float]] = {}
+        """Handoff times of requests whose first decode output has not been streamed yet."""
 
     def kv_addr(self) -> str:
         return self._kv_addr
@@ -84,8 +86,10 @@ class DecodeWorker(Worker):
             self.engine.abort(rid)
             await self.send_control(RequestDone(rid, self.worker_id, "error"))
             return
+        landed = time.time()
         self._stream_addr[rid] = request.stream_addr
-        await self.send_control(KVReceived(rid, self.worker_id, msg.num_tokens, time.time() - started))
+        self._pending_events[rid] = {"handoff_start": msg.sent_time or started, "handoff_end": landed}
+        await self.send_control(KVReceived(rid, self.worker_id, msg.num_tokens, landed - started))
 
     async def after_step(self, output: Any) -> None:
         streams: dict[str, list[TokenOutput]] = {}
@@ -95,8 +99,9 @@ class DecodeWorker(Worker):
             addr = self._stream_addr.get(tok.request_id)
             if addr is None:
                 continue
+            events = self._pending_events.pop(tok.request_id, {})
             streams.setdefault(addr, []).append(
-                TokenOutput(tok.request_id, tok.index, [tok.token_id], tok.finish_reason, [tok.time]))
+                TokenOutput(tok.request_id, tok.index, [tok.token_id], tok.finish_reason, [tok.time], events))
             counts[tok.request_id] = counts.get(tok.request_id, 0) + 1
             if tok.finish_reason:
                 finish_reasons[tok.request_id] = tok.finish_reason
@@ -105,8 +110,10 @@ class DecodeWorker(Worker):
             await self.send_control(TokenReport(self.worker_id, counts))
         for rid in output.finished:
             self._stream_addr.pop(rid, None)
+            self._pending_events.pop(rid, None)
             await self.send_control(RequestDone(rid, self.worker_id, finish_reasons.get(rid, "stop")))
 
     def abort(self, request_id: str) -> bool:
         self._stream_addr.pop(request_id, None)
+        self._pending_events.pop(request_id, None)
         return super().abort(request_id)

@@ -21,9 +21,12 @@ log = logging.getLogger("diptych.prefill")
 
 @dataclass
 class PrefillJob:
+    """Times in seconds since the epoch; ``prefill_start`` is set when the first chunk runs."""
+
     request: Request
     decode_kv_addr: str
-    received: float
+    admitted_time: float
+    prefill_start: float = 0.0
 
 
 class PrefillWorker(Worker):
@@ -45,36 +48,41 @@ class PrefillWorker(Worker):
             log.warning("req=%s refused: %s", request.request_id, exc)
             await self.send_control(RequestDone(request.request_id, self.worker_id, "error"))
             return
-        self._jobs[request.request_id] = PrefillJob(request, msg.decode_kv_addr, time.time())
+        self._jobs[request.request_id] = PrefillJob(request, msg.decode_kv_addr, msg.admitted_time or time.time())
         log.debug("req=%s prefill queued (%d tokens)", request.request_id, len(request.prompt_token_ids))
 
     async def after_step(self, output: Any) -> None:
+        for rid in output.admitted:
+            if rid in self._jobs:
+                self._jobs[rid].prefill_start = output.start_time
         streams: dict[str, list[TokenOutput]] = {}
-        for tok in output.tokens:
+        for tok in output.tokens:  # each is a request's first token: its prefill ended with this iteration
             job = self._jobs.get(tok.request_id)
             if job is not None:
+                events = {"admitted": job.admitted_time, "prefill_start": job.prefill_start, "prefill_end": tok.time}
                 streams.setdefault(job.request.stream_addr, []).append(
-                    TokenOutput(tok.request_id, tok.index, [tok.token_id], tok.finish_reason, [tok.time]))
+                    TokenOutput(tok.request_id, tok.index, [tok.token_id], tok.finish_reason, [tok.time], events))
         await self.stream_tokens(streams)
-        end = time.time()
         first_tokens = {tok.request_id: tok for tok in output.tokens}
         for rid in output.prefilled:
             job = self._jobs.pop(rid, None)
             if job is None:
                 continue
             await self._hand_off(job, first_tokens[rid].token_id, first_tokens[rid].time)
-            await self.send_control(PrefillDone(rid, self.worker_id, True, job.received, end))
+            await self.send_control(PrefillDone(rid, self.worker_id, True, job.prefill_start, first_tokens[rid].time))
         for rid in output.finished:
             job = self._jobs.pop(rid, None)
             if job is not None:
-                await self.send_control(PrefillDone(rid, self.worker_id, False, job.received, end))
+                await self.send_control(PrefillDone(rid, self.worker_id, False, job.prefill_start,
+                                                    first_tokens[rid].time))
 
     async def _hand_off(self, job: PrefillJob, first_token: int, first_token_time: float) -> None:
         rid = job.request.request_id
+        sent_time = time.time()
         frames = self.engine.export_kv(rid)
         self.engine.release(rid)
         msg = KVHandoff(job.request, first_token, first_token_time, len(job.request.prompt_token_ids),
-                        self.engine.layout, frames)
+                        self.engine.layout, frames, sent_time)
         await self.push(job.decode_kv_addr, msg)
         log.debug("req=%s KV pushed to %s (%d blocks)", rid, job.decode_kv_addr, len(frames))
 
