@@ -9,7 +9,15 @@
         print(client.complete("Hello").text)
 
 Generation keywords are the fields of ``proto.SamplingParams`` (max_tokens, temperature, top_p, top_k, seed, stop,
-stop_token_ids, ignore_eos) and of ``proto.SLO`` (tier, ttft_s, tbt_s); anything else is a TypeError.
+stop_token_ids, ignore_eos), those of ``proto.SLO`` (``tier``, and ``ttft_s``/``tbt_s`` in seconds: targets of this
+request; the server refuses an unknown tier or a non-positive target with BadRequestError, and with API keys a
+target tighter than the key's tier allows), and ``timeline`` (default True: ``Completion.timeline`` and the last
+``StreamChunk.timeline`` hold the request's timeline, which the server always sends; False leaves them None);
+anything else is a TypeError, and an SLO keyword of the wrong type a BadRequestError before anything is sent.
+
+A timeline is a dict of times in seconds since the epoch: ``arrival`` (the frontend got the request), ``admitted``,
+``prefill_start``, ``prefill_end``, ``handoff_start``, ``handoff_end`` (each absent when that phase did not
+happen), ``first_token``, ``token_times`` (one per output token), ``finish``, and ``finish_reason``.
 
 Invariants: one receive loop per client demultiplexes replies by request id; a request left unfinished (the
 iterator broken out of, closed or garbage-collected, the awaiting task cancelled, a timeout) is cancelled on the
@@ -31,7 +39,7 @@ import zmq
 import zmq.asyncio
 
 import proto
-from diptych.errors import DiptychError, RequestTimeoutError, error_for_status
+from diptych.errors import BadRequestError, DiptychError, RequestTimeoutError, error_for_status
 from services.common.sockets import make_socket, recv_message, send_message
 
 DEFAULT_ADDRESS = "tcp://127.0.0.1:5601"
@@ -56,13 +64,15 @@ class Usage:
 @dataclass
 class StreamChunk:
     """Output since the previous chunk; ``text`` never splits a character. The last chunk has ``finish_reason``
-    ("stop", "length", or "abort" when cancelled) and ``usage``."""
+    ("stop", "length", or "abort" when cancelled), ``usage`` and the server's ``timeline`` (None when cancelled by
+    this client, or requested with ``timeline=False``)."""
 
     request_id: str
     text: str
     token_ids: list[int]
     finish_reason: str | None = None
     usage: Usage | None = None
+    timeline: dict[str, Any] | None = None
 
 
 @dataclass
@@ -72,6 +82,7 @@ class Completion:
     token_ids: list[int]
     finish_reason: str
     usage: Usage
+    timeline: dict[str, Any] | None = None
 
 
 class AsyncClient:
@@ -92,23 +103,23 @@ class AsyncClient:
     async def complete(self, prompt: str | None = None, *, prompt_token_ids: list[int] | None = None,
                        request_id: str | None = None, **params: Any) -> Completion:
         """Generate and return the whole completion."""
-        msg = self._generate(prompt, prompt_token_ids, request_id, params, stream=False)
+        msg, timeline = self._generate(prompt, prompt_token_ids, request_id, params, stream=False)
         texts, token_ids = [], []
-        async with contextlib.aclosing(self._run(msg)) as chunks:
+        async with contextlib.aclosing(self._run(msg, timeline)) as chunks:
             async for chunk in chunks:
                 texts.append(chunk.text)
                 token_ids.extend(chunk.token_ids)
                 if chunk.finish_reason is not None:
                     return Completion(msg.request_id, "".join(texts), token_ids, chunk.finish_reason,
-                                      chunk.usage or Usage())
+                                      chunk.usage or Usage(), chunk.timeline)
         raise DiptychError("the reply ended without a finish reason", request_id=msg.request_id)
 
     def stream(self, prompt: str | None = None, *, prompt_token_ids: list[int] | None = None,
                request_id: str | None = None, **params: Any) -> "AsyncStream":
         """Generate, yielding ``StreamChunk`` values as tokens arrive. ``.request_id`` names the request; it is
         sent when iteration starts."""
-        msg = self._generate(prompt, prompt_token_ids, request_id, params, stream=True)
-        return AsyncStream(msg.request_id, self._run(msg))
+        msg, timeline = self._generate(prompt, prompt_token_ids, request_id, params, stream=True)
+        return AsyncStream(msg.request_id, self._run(msg, timeline))
 
     async def cancel(self, request_id: str) -> None:
         """Cancel a running request; its stream ends with a chunk whose finish_reason is "abort"."""
@@ -143,24 +154,30 @@ class AsyncClient:
     # ------------------------------------------------------------ internals
 
     def _generate(self, prompt: str | None, prompt_token_ids: list[int] | None, request_id: str | None,
-                  params: dict[str, Any], *, stream: bool) -> proto.ClientGenerate:
+                  params: dict[str, Any], *, stream: bool) -> tuple[proto.ClientGenerate, bool]:
+        """The message to send, and whether to keep the timeline (the ``timeline`` keyword)."""
+        timeline = params.pop("timeline", True)
         unknown = set(params) - _SAMPLING_KEYS - _SLO_KEYS
         if unknown:
             raise TypeError(f"unknown generation parameters: {sorted(unknown)}")
         if (prompt is None) == (prompt_token_ids is None):
             raise TypeError("pass exactly one of prompt and prompt_token_ids")
+        if not isinstance(timeline, bool):
+            raise TypeError(f"timeline must be True or False, not {timeline!r}")
         sampling = {k: v for k, v in params.items() if k in _SAMPLING_KEYS}
         if isinstance(sampling.get("stop"), str):
             sampling["stop"] = [sampling["stop"]]
         slo = {k: v for k, v in params.items() if k in _SLO_KEYS}
-        return proto.ClientGenerate(
+        msg = proto.ClientGenerate(
             request_id=request_id or uuid.uuid4().hex, prompt=prompt,
             prompt_token_ids=list(prompt_token_ids) if prompt_token_ids is not None else None,
             sampling=proto.SamplingParams(**sampling), api_key=self.api_key,
-            slo=proto.SLO(**slo) if slo else None, stream=stream)
+            slo=_slo(slo) if slo else None, stream=stream)
+        return msg, timeline
 
-    async def _run(self, msg: proto.ClientGenerate) -> AsyncIterator[StreamChunk]:
-        """Send ``msg`` and yield its chunks until the last; cancels the request if left before that."""
+    async def _run(self, msg: proto.ClientGenerate, timeline: bool) -> AsyncIterator[StreamChunk]:
+        """Send ``msg`` and yield its chunks until the last; cancels the request if left before that. ``timeline``
+        False drops the final chunk's timeline."""
         if self._closed:
             raise DiptychError("the client is closed")
         if msg.request_id in self._pending:
@@ -188,7 +205,8 @@ class AsyncClient:
                 if finished:  # forget the request now, not when the caller gets around to closing us
                     self._forget(msg.request_id, queue)
                 yield StreamChunk(msg.request_id, reply.text, list(reply.token_ids), reply.finish_reason,
-                                  Usage(reply.prompt_tokens, reply.completion_tokens) if finished else None)
+                                  Usage(reply.prompt_tokens, reply.completion_tokens) if finished else None,
+                                  reply.timeline if timeline else None)
         finally:
             self._forget(msg.request_id, queue)
             if not finished and not self._closed:
@@ -312,6 +330,20 @@ class Stream:
 
     def close(self) -> None:
         self._chunks.close()  # type: ignore[attr-defined]
+
+
+def _slo(params: dict[str, Any]) -> proto.SLO:
+    """The SLO keywords as a ``proto.SLO``; BadRequestError for a wrong type (values are checked by the server)."""
+    tier = params.get("tier", proto.SLO.tier)
+    if not isinstance(tier, str):
+        raise BadRequestError(f"tier must be a string, not {tier!r}")
+    targets = {}
+    for name in ("ttft_s", "tbt_s"):
+        value = params.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise BadRequestError(f"{name} must be a number of seconds, not {value!r}")
+        targets[name] = None if value is None else float(value)
+    return proto.SLO(tier=tier, **targets)
 
 
 async def _make_async_client(address: str, api_key: str | None, timeout_s: float) -> AsyncClient:

@@ -21,11 +21,14 @@ from dataclasses import dataclass, field
 
 @dataclass
 class ClusterSpec:
-    """Ports are TCP ports on ``host``; decode worker i takes ``kv_base_port + i``."""
+    """Ports are TCP ports on ``host``; the decode, colocated and flex workers take ``kv_base_port``,
+    ``kv_base_port + 1``, ... in that order."""
 
     model: str | None = None
     prefill_workers: int = 1
     decode_workers: int = 1
+    colocated_workers: int = 0
+    flex_workers: int = 0
     host: str = "127.0.0.1"
     http_port: int = 8000
     coordinator_port: int = 5600
@@ -36,6 +39,8 @@ class ClusterSpec:
     admission_opts: list[str] = field(default_factory=list)
     policy: str = "sarathi"
     policy_opts: list[str] = field(default_factory=list)
+    pool_policy: str = "static"
+    pool_opts: list[str] = field(default_factory=list)
     device: str = "cpu"
     block_size: int = 16
     num_blocks: int | None = None
@@ -46,8 +51,17 @@ class ClusterSpec:
     extra_coordinator_args: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        if self.prefill_workers < 1 or self.decode_workers < 1:
-            raise ValueError("a cluster needs at least one prefill and one decode worker")
+        counts = (self.prefill_workers, self.decode_workers, self.colocated_workers, self.flex_workers)
+        if min(counts) < 0:
+            raise ValueError("worker counts cannot be negative")
+        disaggregated = self.prefill_workers + self.flex_workers >= 1 and self.decode_workers + self.flex_workers >= 1
+        if self.colocated_workers == 0 and not (disaggregated and sum(counts) >= 2):
+            raise ValueError("a cluster needs a colocated worker, or workers for both prefill and decode "
+                             "(prefill + flex >= 1, decode + flex >= 1, at least two in all)")
+
+    @property
+    def num_workers(self) -> int:
+        return self.prefill_workers + self.decode_workers + self.colocated_workers + self.flex_workers
 
     def addr(self, port: int) -> str:
         return f"tcp://{self.host}:{port}"
@@ -81,13 +95,18 @@ class Cluster:
             *(["--num-blocks", str(s.num_blocks)] if s.num_blocks else []), *s.extra_worker_args,
         ]
         cmds = {"coordinator": [*py, "services.coordinator", "--address", coordinator, "--admission", s.admission,
-                                *_opts("--admission-opt", s.admission_opts), "--log-level", s.log_level,
+                                *_opts("--admission-opt", s.admission_opts), "--pool-policy", s.pool_policy,
+                                *_opts("--pool-opt", s.pool_opts), "--log-level", s.log_level,
                                 *s.extra_coordinator_args]}
         for i in range(s.prefill_workers):
             cmds[f"prefill-{i}"] = [*py, "services.prefill_worker", "--worker-id", f"prefill-{i}", *worker_common]
-        for i in range(s.decode_workers):
-            cmds[f"decode-{i}"] = [*py, "services.decode_worker", "--worker-id", f"decode-{i}",
-                                   "--kv-addr", s.addr(s.kv_base_port + i), *worker_common]
+        kv_port = s.kv_base_port
+        for role, count in (("decode", s.decode_workers), ("colocated", s.colocated_workers),
+                            ("flex", s.flex_workers)):
+            for i in range(count):
+                cmds[f"{role}-{i}"] = [*py, "services.decode_worker", "--worker-id", f"{role}-{i}", "--role", role,
+                                       "--kv-addr", s.addr(kv_port), *worker_common]
+                kv_port += 1
         cmds["frontend"] = [
             *py, "services.frontend", *model, "--host", s.host, "--http-port", str(s.http_port),
             "--sdk-addr", s.sdk_addr, "--stream-addr", s.addr(s.stream_port), "--coordinator-addr", coordinator,
@@ -115,7 +134,6 @@ class Cluster:
     def wait_ready(self, timeout_s: float = 120.0) -> dict:
         """Block until the frontend's /health reports every worker registered; raise if a process dies first."""
         deadline = time.time() + timeout_s
-        want = (self.spec.prefill_workers, self.spec.decode_workers)
         last = None
         while time.time() < deadline:
             dead = self.dead()
@@ -124,7 +142,8 @@ class Cluster:
             try:
                 with urllib.request.urlopen(self.spec.http_url + "/health", timeout=2) as resp:
                     last = json.loads(resp.read())
-                if (last.get("prefill_workers"), last.get("decode_workers")) == want:
+                registered = sum(last.get(k) or 0 for k in ("prefill_workers", "decode_workers", "colocated_workers"))
+                if registered == self.spec.num_workers:
                     return last
             except (urllib.error.URLError, ConnectionError, TimeoutError, json.JSONDecodeError, OSError):
                 pass

@@ -80,6 +80,8 @@ class WorkerLoad:
     num_waiting: int
     num_running: int
     waiting_prompt_tokens: int
+    prefill_tps: float = 0.0
+    """Recent prefill throughput of this worker while prefilling (prompt tokens per second; 0 = not measured)."""
 
 
 @dataclass
@@ -134,7 +136,8 @@ class RequestFailed:
 class RegisterWorker:
     worker_id: str
     role: str
-    """"prefill" or "decode"."""
+    """"prefill", "decode", "colocated" (prefill and decode of the same requests in one batch), or "flex" (serves
+    the prefill or the decode pool, as the coordinator's pool policy assigns it)."""
     model: str
     layout: KVLayout
     kv_addr: str
@@ -178,7 +181,8 @@ class KVReserved:
 
 @message("prefill")
 class PrefillTask:
-    """Coordinator -> prefill worker: prefill ``request`` and push its KV to ``decode_kv_addr``."""
+    """Coordinator -> prefill worker: prefill ``request`` and push its KV to ``decode_kv_addr``. When
+    ``decode_worker_id`` is the receiving worker itself (colocated mode), it runs the whole request instead."""
 
     request: Request
     decode_worker_id: str
@@ -322,3 +326,6 @@ class ClusterStatus:
     in_flight: int
     admission: dict[str, Any] = field(default_factory=dict)
     workers: dict[str, Any] = field(default_factory=dict)
+    colocated_workers: int = 0
+    pools: dict[str, Any] = field(default_factory=dict)
+    """The pool policy's state: its name and recent worker moves with their reasons."""

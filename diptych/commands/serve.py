@@ -10,6 +10,7 @@ import sys
 def register(sub: argparse._SubParsersAction) -> None:
     from policies.admission import ADMISSION_POLICIES
     from policies.batch import BATCH_POLICIES
+    from policies.pool import POOL_POLICIES
 
     p = sub.add_parser("serve", help="start coordinator, workers and frontend as separate processes",
                        description="Start a Diptych cluster on this machine and serve until Ctrl-C/SIGTERM.")
@@ -17,6 +18,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=None, help="HF model id or local directory [built-in tiny Llama]")
     p.add_argument("--prefill-workers", type=int, default=1, help="number of prefill workers [%(default)s]")
     p.add_argument("--decode-workers", type=int, default=1, help="number of decode workers [%(default)s]")
+    p.add_argument("--colocated-workers", type=int, default=0,
+                   help="workers that prefill and decode their own requests in the same batches [%(default)s]")
+    p.add_argument("--flex-workers", type=int, default=0,
+                   help="workers the pool policy moves between prefill and decode [%(default)s]")
     p.add_argument("--host", default="127.0.0.1", help="interface for every endpoint [%(default)s]")
     p.add_argument("--http-port", type=int, default=8000, help="OpenAI-compatible HTTP API port [%(default)s]")
     p.add_argument("--sdk-port", type=int, default=5601, help="ZeroMQ SDK endpoint port [%(default)s]")
@@ -27,6 +32,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="admission policy across clients [%(default)s]")
     p.add_argument("--admission-opt", action="append", default=[], metavar="KEY=VALUE",
                    help="admission policy knob, repeatable")
+    p.add_argument("--pool-policy", default="static", choices=POOL_POLICIES.names(),
+                   help="prefill/decode split of flex workers: static or rad (dynamic) [%(default)s]")
+    p.add_argument("--pool-opt", action="append", default=[], metavar="KEY=VALUE", help="pool policy knob")
     p.add_argument("--policy", default="sarathi", choices=BATCH_POLICIES.names(),
                    help="worker batch policy [%(default)s]")
     p.add_argument("--policy-opt", action="append", default=[], metavar="KEY=VALUE", help="batch policy knob")
@@ -43,6 +51,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         spec = ClusterSpec(
             model=args.model, prefill_workers=args.prefill_workers, decode_workers=args.decode_workers,
+            colocated_workers=args.colocated_workers, flex_workers=args.flex_workers,
+            pool_policy=args.pool_policy, pool_opts=args.pool_opt,
             host=args.host, http_port=args.http_port, coordinator_port=args.coordinator_port,
             sdk_port=args.sdk_port, stream_port=args.stream_port, kv_base_port=args.kv_base_port,
             admission=args.admission, admission_opts=args.admission_opt, policy=args.policy,
@@ -57,8 +67,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         cluster.start()
         health = cluster.wait_ready()
-        print(f"Diptych is up: {health.get('prefill_workers')} prefill + {health.get('decode_workers')} decode "
-              f"workers, model {health.get('model')}\n"
+        workers = ", ".join(f"{health.get(f'{pool}_workers') or 0} {pool}"
+                            for pool in ("prefill", "decode", "colocated"))
+        print(f"Diptych is up: workers {workers}; model {health.get('model')}\n"
               f"  OpenAI API   {spec.http_url}/v1   (try: curl {spec.http_url}/v1/models)\n"
               f"  SDK          {spec.sdk_addr}\n"
               f"  coordinator  {spec.addr(spec.coordinator_port)}\n"

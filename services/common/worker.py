@@ -12,7 +12,6 @@ import asyncio
 import logging
 import time
 import uuid
-from abc import ABC, abstractmethod
 from typing import Any
 
 import zmq
@@ -20,7 +19,7 @@ import zmq.asyncio
 
 from proto import ProtocolError
 from proto.messages import (
-    CancelRequest, Heartbeat, RegisterAck, RegisterWorker, RequestDone, TokenBatch, TokenOutput,
+    CancelRequest, Heartbeat, RegisterAck, RegisterWorker, RequestDone, TokenBatch, TokenOutput, WorkerLoad,
 )
 from services.common.cli import env_default
 from services.common.sockets import make_socket, recv_message, send_message
@@ -66,12 +65,14 @@ def build_engine(args: argparse.Namespace) -> Any:
     return Engine(config, policy)
 
 
-class Worker(ABC):
-    """Base of the two worker kinds. Subclasses handle their control messages and the engine's step outputs."""
+class Worker:
+    """Base of the worker roles (prefill, decode, and both at once): registration, the engine loop with heartbeats,
+    cancellation, and PUSH sockets to frontends and decode workers. Role classes cooperate through ``super()``."""
 
     role: str = ""
 
     def __init__(self, args: argparse.Namespace, engine: Any) -> None:
+        self.role = getattr(args, "role", None) or self.role
         self.worker_id: str = args.worker_id
         self.heartbeat_interval_s: float = args.heartbeat_interval
         self.engine = engine
@@ -81,19 +82,29 @@ class Worker(ABC):
         self._wake = asyncio.Event()
         self._last_heartbeat = 0.0
         self._registered = False
+        self._prefill_tps = 0.0
 
     # ------------------------------------------------------------------ subclass hooks
 
     def kv_addr(self) -> str:
         return ""
 
-    @abstractmethod
     async def handle_control(self, msg: Any) -> None:
-        """A message from the coordinator other than RegisterAck."""
+        """A coordinator message other than RegisterAck/CancelRequest. Role classes handle theirs and pass the rest
+        up with ``super()``; what reaches here is unexpected."""
+        log.warning("dropped unexpected %s", type(msg).__name__)
 
-    @abstractmethod
     async def after_step(self, output: Any) -> None:
-        """Ship the results of one engine iteration."""
+        """Ship the results of one engine iteration: each role class handles the requests it owns, then calls
+        ``super()``."""
+        if output.num_prefill_tokens and output.duration_s > 0:
+            rate = output.num_prefill_tokens / output.duration_s
+            self._prefill_tps = rate if not self._prefill_tps else 0.8 * self._prefill_tps + 0.2 * rate
+
+    def load(self) -> WorkerLoad:
+        load = self.engine.load()
+        load.prefill_tps = self._prefill_tps
+        return load
 
     def extra_tasks(self) -> list[asyncio.Task]:
         return []
@@ -119,7 +130,7 @@ class Worker(ABC):
 
     async def _register(self) -> None:
         msg = RegisterWorker(self.worker_id, self.role, self.engine.model_name, self.engine.layout, self.kv_addr(),
-                             self.engine.load(), self.engine.max_model_len)
+                             self.load(), self.engine.max_model_len)
         await send_message(self.control, msg)
         log.info("worker %s (%s) registering with %s blocks", self.worker_id, self.role, msg.load.total_blocks)
 
@@ -163,7 +174,7 @@ class Worker(ABC):
             now = time.time()
             if now - self._last_heartbeat >= self.heartbeat_interval_s:
                 self._last_heartbeat = now
-                await self.send_control(Heartbeat(self.worker_id, self.engine.load(), now))
+                await self.send_control(Heartbeat(self.worker_id, self.load(), now))
             if self.engine.has_work():
                 output = self.engine.step()
                 await self.after_step(output)

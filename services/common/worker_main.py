@@ -9,7 +9,7 @@ from services.common.lifecycle import run_service, setup_logging
 from services.common.worker import Worker, add_worker_arguments, build_engine
 
 
-def worker_main(role: str, description: str, worker_cls: type[Worker],
+def worker_main(role: str, description: str, worker_cls: type[Worker] | Callable[[argparse.Namespace], type],
                 extra_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
                 argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog=f"diptych {role}-worker", description=description)
@@ -23,7 +23,9 @@ def worker_main(role: str, description: str, worker_cls: type[Worker],
     except (ValueError, KeyError, TypeError) as exc:
         parser.error(str(exc))
 
+    cls = worker_cls if isinstance(worker_cls, type) else worker_cls(args)
+
     async def serve(stop):
-        await worker_cls(args, engine).run(stop)
+        await cls(args, engine).run(stop)
 
     run_service(serve)

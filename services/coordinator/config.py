@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from policies.admission import ADMISSION_POLICIES
+from policies.pool import POOL_POLICIES
 from services.common.cli import env_default, parse_knobs
 
 DEFAULT_ADDRESS = "tcp://127.0.0.1:5600"
@@ -23,13 +24,20 @@ class CoordinatorConfig:
     handoff_timeout_s: float = 30.0
     watchdog_interval_s: float = 0.5
     max_prefill_backlog_tokens: int = 4096
+    pool_policy: str = "static"
+    pool_knobs: dict[str, Any] = field(default_factory=dict)
+    pool_interval_s: float = 1.0
 
     def __post_init__(self) -> None:
         try:  # unknown names and knobs fail here, with the choices
             ADMISSION_POLICIES.create(self.admission_policy, **self.admission_knobs)
         except TypeError as exc:
             raise ValueError(f"bad option for admission policy {self.admission_policy!r}: {exc}") from None
-        for name in ("heartbeat_timeout_s", "handoff_timeout_s", "watchdog_interval_s"):
+        try:
+            POOL_POLICIES.create(self.pool_policy, **self.pool_knobs)
+        except TypeError as exc:
+            raise ValueError(f"bad option for pool policy {self.pool_policy!r}: {exc}") from None
+        for name in ("heartbeat_timeout_s", "handoff_timeout_s", "watchdog_interval_s", "pool_interval_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
         if self.max_prefill_backlog_tokens <= 0:
@@ -48,6 +56,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds without a heartbeat before a worker is evicted [%(default)s]")
     parser.add_argument("--handoff-timeout", type=float, default=d.handoff_timeout_s,
                         help="seconds a KV handoff may take before the request fails [%(default)s]")
+    parser.add_argument("--pool-policy", default=env_default("pool_policy", d.pool_policy),
+                        choices=POOL_POLICIES.names(),
+                        help="prefill/decode split: static keeps each worker's role; rad moves flex workers between "
+                        "the pools as load shifts [%(default)s]")
+    parser.add_argument("--pool-opt", action="append", metavar="KEY=VALUE",
+                        help="pool policy knob, repeatable (e.g. min_dwell_s=10)")
     parser.add_argument("--max-prefill-backlog", type=int, default=d.max_prefill_backlog_tokens,
                         help="prompt tokens queued per prefill worker; the rest wait in admission [%(default)s]")
 
@@ -56,5 +70,6 @@ def from_args(args: argparse.Namespace) -> CoordinatorConfig:
     return CoordinatorConfig(
         address=args.address, admission_policy=args.admission, admission_knobs=parse_knobs(args.admission_opt),
         heartbeat_timeout_s=args.heartbeat_timeout, handoff_timeout_s=args.handoff_timeout,
-        max_prefill_backlog_tokens=args.max_prefill_backlog,
+        max_prefill_backlog_tokens=args.max_prefill_backlog, pool_policy=args.pool_policy,
+        pool_knobs=parse_knobs(args.pool_opt),
     )

@@ -2,8 +2,8 @@
 
 A request is *held* by a worker from the moment the coordinator sends it work (``ReserveKV`` to the decode worker,
 ``PrefillTask`` to the prefill worker) until that worker says it let go (``PrefillDone`` or ``RequestDone``), or the
-worker is evicted. A record is deleted once it is finished or cancelled and no worker holds it, so accounting on
-workers is always released exactly once.
+worker is evicted. A record is deleted once it is finished or cancelled and no worker holds it. Accounting on workers
+(backlog, reservation) is tracked by its own flags and released exactly once.
 """
 
 from __future__ import annotations
@@ -34,6 +34,10 @@ class RequestRecord:
     decode_blocks: int = 0
     prefill_holds: bool = False
     decode_holds: bool = False
+    prefill_accounted: bool = False
+    """The prompt still counts in the prefill worker's backlog (until its first token)."""
+    decode_accounted: bool = False
+    """The decode reservation still counts on the decode worker (until it lets the request go)."""
     handoff_deadline: float | None = None
     admitted_time: float = 0.0
 
@@ -81,3 +85,7 @@ class RequestTable:
             r for r in self._records.values()
             if r.phase is Phase.HANDOFF and r.handoff_deadline is not None and now > r.handoff_deadline
         ]
+
+    def queued_prompt_tokens(self) -> int:
+        """Prompt tokens of the requests still waiting for admission."""
+        return sum(r.prompt_tokens for r in self._records.values() if r.phase is Phase.QUEUED)

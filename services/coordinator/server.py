@@ -25,6 +25,7 @@ from proto.messages import (
 from services.common.sockets import bind_address, make_socket, recv_message, send_message
 from services.coordinator.config import CoordinatorConfig
 from services.coordinator.placement import Placer
+from services.coordinator.pools import PoolManager
 from services.coordinator.requests import Phase, RequestRecord, RequestTable
 from services.coordinator.workers import WorkerInfo, WorkerRegistry
 
@@ -39,6 +40,7 @@ class Coordinator:
         self.policy = ADMISSION_POLICIES.create(config.admission_policy, **config.admission_knobs)
         self.workers = WorkerRegistry(config.heartbeat_timeout_s)
         self.placer = Placer(self.workers, config.max_prefill_backlog_tokens)
+        self.pools = PoolManager(self.workers, config.pool_policy, config.pool_knobs, config.pool_interval_s)
         self.requests = RequestTable()
         self.ctx = zmq.asyncio.Context()
         self.sock = make_socket(self.ctx, zmq.ROUTER, bind=bind_address(config.address))
@@ -52,7 +54,8 @@ class Coordinator:
     # ------------------------------------------------------------------ main loops
 
     async def run(self, stop: asyncio.Event) -> None:
-        log.info("listening on %s (admission=%s)", self.config.address, self.policy.name)
+        log.info("listening on %s (admission=%s, pools=%s)", self.config.address, self.policy.name,
+                 self.pools.policy.name)
         tasks = [asyncio.create_task(self._receive_loop()), asyncio.create_task(self._watchdog_loop())]
         await stop.wait()
         log.info("stopping: %d requests in flight, %d waiting", len(self.requests), len(self.policy))
@@ -86,6 +89,7 @@ class Coordinator:
                 await self._evict(worker, f"no heartbeat for {now - worker.last_heartbeat:.1f} s")
             for record in self.requests.overdue_handoffs(now):
                 await self._fail(record, 503, "KV handoff timed out")
+            self.pools.tick(now, self.requests.queued_prompt_tokens())
             await self._admit()
 
     # ------------------------------------------------------------------ sending
@@ -126,6 +130,7 @@ class Coordinator:
             await self._send(identity, RequestFailed(rid, 429, rejection.reason, rejection.retry_after_s))
             return
         self.requests.add(RequestRecord(request, identity))
+        self.pools.on_arrival(prompt, time.time())
         log.info("req=%s client=%s queued (%d prompt tokens, max %d)", rid, request.client_id, prompt, max_tokens)
 
     async def _on_cancel(self, identity: bytes, msg: CancelRequest) -> None:
@@ -147,14 +152,20 @@ class Coordinator:
             if placement is None:
                 return
             self.policy.pop(time.time())
-            Placer.commit(placement, head.request_id, head.prompt_tokens)
-            record.phase, record.admitted_time = Phase.RESERVING, time.time()
+            Placer.commit(placement)
+            record.admitted_time = time.time()
             record.prefill_worker, record.decode_worker = placement.prefill.worker_id, placement.decode.worker_id
             record.prefill_blocks, record.decode_blocks = placement.prefill_blocks, placement.decode_blocks
-            record.decode_holds = True
+            record.decode_holds = record.prefill_accounted = record.decode_accounted = True
             log.info("req=%s admitted: prefill=%s decode=%s (%d decode blocks)", head.request_id,
                      placement.prefill.worker_id, placement.decode.worker_id, placement.decode_blocks)
-            await self._send(placement.decode.identity, ReserveKV(head.request_id, placement.decode_blocks))
+            if placement.colocated:  # one worker runs it all: no reservation round trip, no handoff
+                record.phase = Phase.DECODING
+                await self._send(placement.decode.identity, PrefillTask(
+                    record.request, placement.decode.worker_id, "", record.admitted_time))
+            else:
+                record.phase = Phase.RESERVING
+                await self._send(placement.decode.identity, ReserveKV(head.request_id, placement.decode_blocks))
 
     # ------------------------------------------------------------------ worker messages
 
@@ -178,6 +189,7 @@ class Coordinator:
         if not msg.ok:
             record.decode_holds = False
             self._release_decode(record)
+            self._release_prefill(record)
             await self._fail(record, 500, f"decode worker refused the reservation: {msg.error}")
             return
         prefill = self.workers.get(record.prefill_worker or "")
@@ -215,6 +227,7 @@ class Coordinator:
             record = self.requests.get(rid)
             if record is not None:
                 self.policy.on_output_tokens(record.request.client_id, count)
+                self._release_prefill(record)  # colocated: its prompt has left the worker's prefill backlog
 
     async def _on_request_done(self, identity: bytes, msg: RequestDone) -> None:
         record = self.requests.get(msg.request_id)
@@ -223,6 +236,8 @@ class Coordinator:
         if msg.worker_id == record.decode_worker and record.decode_holds:
             record.decode_holds = False
             self._release_decode(record)
+            if record.prefill_worker == record.decode_worker:
+                self._release_prefill(record)
         elif msg.worker_id == record.prefill_worker and record.prefill_holds:
             record.prefill_holds = False
             self._release_prefill(record)
@@ -265,25 +280,29 @@ class Coordinator:
 
     def _release_prefill(self, record: RequestRecord) -> None:
         worker = self.workers.get(record.prefill_worker or "")
-        if worker is not None and record.request_id in worker.requests:
-            worker.requests.discard(record.request_id)
-            worker.backlog_tokens -= record.prompt_tokens
-            worker.backlog_blocks -= record.prefill_blocks
+        if record.prefill_accounted:
+            record.prefill_accounted = False
+            if worker is not None:
+                worker.backlog_tokens -= record.prompt_tokens
+                worker.backlog_blocks -= record.prefill_blocks
 
     def _release_decode(self, record: RequestRecord) -> None:
         worker = self.workers.get(record.decode_worker or "")
-        if worker is not None and record.request_id in worker.requests:
-            worker.requests.discard(record.request_id)
-            worker.reserved_blocks -= record.decode_blocks
+        if record.decode_accounted:
+            record.decode_accounted = False
+            if worker is not None:
+                worker.reserved_blocks -= record.decode_blocks
 
     async def _on_status_query(self, identity: bytes, msg: StatusQuery) -> None:
         workers = {
-            w.worker_id: {"role": w.role, "reserved_blocks": w.reserved_blocks, "total_blocks": w.total_blocks,
+            w.worker_id: {"role": w.role, "pool": w.pool, "draining_to": w.draining_to,
+                          "reserved_blocks": w.reserved_blocks, "total_blocks": w.total_blocks,
                           "free_blocks": w.load.free_blocks, "backlog_tokens": w.backlog_tokens,
-                          "requests": len(w.requests)}
+                          "requests": len(self.requests.held_by(w.worker_id)), "prefill_tps": w.load.prefill_tps}
             for w in self.workers.workers.values()
         }
         await self._send(identity, ClusterStatus(
-            prefill_workers=len(self.workers.by_role("prefill")), decode_workers=len(self.workers.by_role("decode")),
+            prefill_workers=len(self.workers.in_pool("prefill")), decode_workers=len(self.workers.in_pool("decode")),
             waiting=len(self.policy), in_flight=len(self.requests), admission=self.policy.snapshot(), workers=workers,
+            colocated_workers=len(self.workers.in_pool("colocated")), pools=self.pools.snapshot(),
         ))

@@ -10,13 +10,14 @@ Accounting invariants (blocks are KV blocks of the worker's own pool, tokens are
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from proto.messages import KVLayout, RegisterWorker, WorkerLoad
 
 log = logging.getLogger(__name__)
 
-ROLES = ("prefill", "decode")
+ROLES = ("prefill", "decode", "colocated", "flex")
+POOLS = ("prefill", "decode", "colocated")
 
 
 @dataclass
@@ -30,10 +31,13 @@ class WorkerInfo:
     max_model_len: int
     load: WorkerLoad
     last_heartbeat: float
+    pool: str = ""
+    """The pool the worker serves: its role, or for a flex worker the one the pool policy assigned."""
+    draining_to: str | None = None
+    """A flex worker being moved: it takes no new work until its old pool's work is done, then joins this pool."""
     reserved_blocks: int = 0
     backlog_tokens: int = 0
     backlog_blocks: int = 0
-    requests: set[str] = field(default_factory=set)
 
     @property
     def total_blocks(self) -> int:
@@ -41,7 +45,13 @@ class WorkerInfo:
 
     @property
     def unreserved_blocks(self) -> int:
-        return self.total_blocks - self.reserved_blocks
+        """Blocks neither reserved for decodes nor held by queued prefills."""
+        return self.total_blocks - self.reserved_blocks - self.backlog_blocks
+
+    @property
+    def accepting(self) -> str | None:
+        """The pool this worker takes new work for, or None while it drains."""
+        return None if self.draining_to else self.pool
 
     def blocks_for(self, tokens: int) -> int:
         return -(-tokens // self.layout.block_size)
@@ -61,8 +71,8 @@ class WorkerRegistry:
         """Add the worker; returns an error string (and changes nothing) if it cannot join."""
         if msg.role not in ROLES:
             return f"unknown role {msg.role!r}; expected one of {ROLES}"
-        if msg.role == "decode" and not msg.kv_addr:
-            return "a decode worker must give its KV ingress address"
+        if msg.role in ("decode", "flex") and not msg.kv_addr:
+            return f"a {msg.role} worker must give its KV ingress address"
         if self.model is not None and msg.model != self.model:
             return f"model {msg.model!r} does not match the cluster's {self.model!r}"
         if self.layout is not None and msg.layout != self.layout:
@@ -73,8 +83,14 @@ class WorkerRegistry:
         self.workers[msg.worker_id] = WorkerInfo(
             worker_id=msg.worker_id, identity=identity, role=msg.role, model=msg.model, layout=msg.layout,
             kv_addr=msg.kv_addr, max_model_len=msg.max_model_len, load=msg.load, last_heartbeat=now,
+            pool=msg.role if msg.role != "flex" else self._smaller_pool(),
         )
         return None
+
+    def _smaller_pool(self) -> str:
+        """Where a new flex worker starts: the prefill or decode pool with fewer workers (prefill on a tie)."""
+        sizes = {pool: len(self.in_pool(pool)) for pool in ("prefill", "decode")}
+        return "prefill" if sizes["prefill"] <= sizes["decode"] else "decode"
 
     def heartbeat(self, worker_id: str, load: WorkerLoad, now: float) -> bool:
         worker = self.workers.get(worker_id)
@@ -93,8 +109,13 @@ class WorkerRegistry:
             self.model, self.layout = None, None
         return worker
 
-    def by_role(self, role: str) -> list[WorkerInfo]:
-        return [w for w in self.workers.values() if w.role == role]
+    def accepting(self, pool: str) -> list[WorkerInfo]:
+        """Workers taking new work for ``pool`` now."""
+        return [w for w in self.workers.values() if w.accepting == pool]
+
+    def in_pool(self, pool: str) -> list[WorkerInfo]:
+        """Workers counted in ``pool``, draining ones included (they still serve their old pool's work)."""
+        return [w for w in self.workers.values() if w.pool == pool]
 
     def get(self, worker_id: str) -> WorkerInfo | None:
         return self.workers.get(worker_id)

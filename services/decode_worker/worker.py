@@ -1,10 +1,10 @@
-"""The decode worker: reserves KV blocks when the coordinator asks (no transfer without room), takes KV handoffs
+"""The decode role: reserves KV blocks when the coordinator asks (no transfer without room), takes KV handoffs
 into them, decodes with continuous batching, streams tokens to frontends and reports token counts to the
 coordinator.
 
 Invariants: KV that arrives for a request without a reservation here (cancelled meanwhile, or never reserved) is
-dropped; every reservation ends in exactly one ``RequestDone`` (finished, aborted or failed), sent after the final
-``TokenReport`` for that request, so the coordinator charges every token before it forgets the request.
+dropped; every request this role owns ends in exactly one ``RequestDone`` (finished, aborted or failed), sent after
+the final ``TokenReport`` for it, so the coordinator charges every token before it forgets the request.
 """
 
 from __future__ import annotations
@@ -12,44 +12,60 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import zmq
 
 from proto import ProtocolError
-from proto.messages import KVHandoff, KVReceived, KVReserved, RequestDone, ReserveKV, TokenOutput, TokenReport
+from proto.messages import (
+    KVHandoff, KVReceived, KVReserved, Request, RequestDone, ReserveKV, TokenOutput, TokenReport,
+)
 from services.common.sockets import bind_address, make_socket, recv_message
 from services.common.worker import Worker
 
 log = logging.getLogger("diptych.decode")
 
 
+@dataclass
+class DecodeJob:
+    """A request this worker decodes. ``pending_events`` (phase times, seconds since the epoch) ride on its next
+    streamed output."""
+
+    stream_addr: str
+    pending_events: dict[str, float] = field(default_factory=dict)
+
+
 class DecodeWorker(Worker):
     role = "decode"
+    can_decode = True
 
     def __init__(self, args: Any, engine: Any) -> None:
         super().__init__(args, engine)
         self._kv_addr: str = args.kv_addr
         self.kv_in = make_socket(self.ctx, zmq.PULL, bind=bind_address(args.kv_addr))
-        self._stream_addr: dict[str, str] = {}
-        self._pending_events: dict[str, dict[str, float]] = {}
-        """Handoff times of requests whose first decode output has not been streamed yet."""
+        self._decoding: dict[str, DecodeJob] = {}
 
     def kv_addr(self) -> str:
         return self._kv_addr
 
     def extra_tasks(self) -> list[asyncio.Task]:
-        return [asyncio.create_task(self._kv_loop())]
+        return [*super().extra_tasks(), asyncio.create_task(self._kv_loop())]
 
     async def handle_control(self, msg: Any) -> None:
         if not isinstance(msg, ReserveKV):
-            log.warning("dropped unexpected %s", type(msg).__name__)
+            await super().handle_control(msg)
             return
         ok = self.engine.reserve(msg.request_id, msg.num_blocks)
         if not ok:
             log.warning("req=%s reservation of %d blocks refused (%d free)", msg.request_id, msg.num_blocks,
                         self.engine.load().free_blocks)
         await self.send_control(KVReserved(msg.request_id, self.worker_id, ok, "" if ok else "not enough free blocks"))
+
+    def adopt(self, request: Request, events: dict[str, float]) -> None:
+        """Take over a colocated request at its first token: stream it (with its prefill ``events``) and report it
+        from now on."""
+        self._decoding[request.request_id] = DecodeJob(request.stream_addr, events)
 
     async def _kv_loop(self) -> None:
         try:
@@ -70,8 +86,8 @@ class DecodeWorker(Worker):
         rid = request.request_id
         if msg.layout != self.engine.layout:
             log.error("req=%s KV layout %s does not match ours %s", rid, msg.layout, self.engine.layout)
-            self.engine.abort(rid)
-            await self.send_control(RequestDone(rid, self.worker_id, "error"))
+            if self.engine.abort(rid):
+                await self.send_control(RequestDone(rid, self.worker_id, "error"))
             return
         started = time.time()
         try:
@@ -87,20 +103,21 @@ class DecodeWorker(Worker):
             await self.send_control(RequestDone(rid, self.worker_id, "error"))
             return
         landed = time.time()
-        self._stream_addr[rid] = request.stream_addr
-        self._pending_events[rid] = {"handoff_start": msg.sent_time or started, "handoff_end": landed}
+        self._decoding[rid] = DecodeJob(request.stream_addr,
+                                        {"handoff_start": msg.sent_time or started, "handoff_end": landed})
         await self.send_control(KVReceived(rid, self.worker_id, msg.num_tokens, landed - started))
 
     async def after_step(self, output: Any) -> None:
+        await super().after_step(output)  # a colocated request's first token is adopted there first
         streams: dict[str, list[TokenOutput]] = {}
         counts: dict[str, int] = {}
         finish_reasons: dict[str, str] = {}
         for tok in output.tokens:
-            addr = self._stream_addr.get(tok.request_id)
-            if addr is None:
+            job = self._decoding.get(tok.request_id)
+            if job is None:
                 continue
-            events = self._pending_events.pop(tok.request_id, {})
-            streams.setdefault(addr, []).append(
+            events, job.pending_events = job.pending_events, {}
+            streams.setdefault(job.stream_addr, []).append(
                 TokenOutput(tok.request_id, tok.index, [tok.token_id], tok.finish_reason, [tok.time], events))
             counts[tok.request_id] = counts.get(tok.request_id, 0) + 1
             if tok.finish_reason:
@@ -109,11 +126,9 @@ class DecodeWorker(Worker):
         if counts:
             await self.send_control(TokenReport(self.worker_id, counts))
         for rid in output.finished:
-            self._stream_addr.pop(rid, None)
-            self._pending_events.pop(rid, None)
-            await self.send_control(RequestDone(rid, self.worker_id, finish_reasons.get(rid, "stop")))
+            if self._decoding.pop(rid, None) is not None:
+                await self.send_control(RequestDone(rid, self.worker_id, finish_reasons.get(rid, "stop")))
 
     def abort(self, request_id: str) -> bool:
-        self._stream_addr.pop(request_id, None)
-        self._pending_events.pop(request_id, None)
+        self._decoding.pop(request_id, None)
         return super().abort(request_id)

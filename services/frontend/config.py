@@ -15,7 +15,7 @@ class FrontendConfig:
     """Addresses are ZeroMQ endpoints; ``stream_addr`` is the token-stream address *as workers connect to it* (the
     frontend binds it on all interfaces). ``max_model_len`` (tokens) defaults to the model's
     ``max_position_embeddings``. ``request_timeout_s``: a request that receives no output for this long is cancelled
-    and fails with 504."""
+    and fails with 504. ``slo_tiers_file``: JSON tiers map (``services.frontend.identity`` describes both files)."""
 
     model: str | None = None
     served_model_name: str | None = None
@@ -25,6 +25,7 @@ class FrontendConfig:
     stream_addr: str = "tcp://127.0.0.1:5602"
     coordinator_addr: str = "tcp://127.0.0.1:5600"
     api_keys_file: str | None = None
+    slo_tiers_file: str | None = None
     max_model_len: int | None = None
     request_timeout_s: float = 600.0
     log_level: str | None = None
@@ -62,8 +63,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--coordinator-addr", default=env_default("coordinator_addr", d.coordinator_addr),
                    help="coordinator control socket [%(default)s]")
     p.add_argument("--api-keys-file", default=env_default("api_keys_file", "") or None,
-                   help='JSON {"clients": {"<key>": {"client_id": ..., "weight": ..., "tier": ...}}}; '
-                        "without it every request is client 'anonymous'")
+                   help='JSON {"tiers": {...}, "clients": {"<key>": {"client_id": ..., "weight": ..., "tier": ...}}} '
+                        '("tiers", "weight" and "tier" optional; a tier must be known). A client runs in its '
+                        "key's tier; its requests may loosen the tier's targets, not tighten them. Without it every "
+                        "request is client 'anonymous' and picks its own tier and targets")
+    p.add_argument("--slo-tiers", default=env_default("slo_tiers", "") or None, metavar="FILE",
+                   help='JSON {"<tier>": {"tbt_s": <s>, "ttft_s": <s>}, ...} (ttft_s optional): the SLO tiers, '
+                        "replacing the built-in default (tbt 0.2 s), strict (0.1 s) and relaxed (0.5 s); 'default' "
+                        "(0.2 s) is kept unless redefined. Alternatively put this map under \"tiers\" in the API "
+                        "keys file (not both)"),
     p.add_argument("--max-model-len", type=int, default=env_default("max_model_len", 0) or None,
                    help="context length in tokens (prompt + output); default: the model's max_position_embeddings")
     p.add_argument("--request-timeout", type=float, default=env_default("request_timeout_s", d.request_timeout_s),
@@ -79,7 +87,7 @@ def parse_config(argv: list[str] | None = None) -> FrontendConfig:  # type: igno
         return FrontendConfig(
             model=args.model, served_model_name=args.served_model_name, host=args.host, http_port=args.http_port,
             sdk_addr=args.sdk_addr, stream_addr=args.stream_addr, coordinator_addr=args.coordinator_addr,
-            api_keys_file=args.api_keys_file, max_model_len=args.max_model_len,
+            api_keys_file=args.api_keys_file, slo_tiers_file=args.slo_tiers, max_model_len=args.max_model_len,
             request_timeout_s=args.request_timeout, log_level=args.log_level,
         )
     except ValueError as exc:

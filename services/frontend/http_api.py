@@ -3,6 +3,10 @@
 and has at least one prefill and one decode worker, else 503; the body has the worker counts either way) and
 ``GET /admin/status`` (the coordinator's ``ClusterStatus`` as JSON, plus this frontend's running requests).
 
+Both generation endpoints accept the ``"diptych"`` extension object (``schemas.DiptychOptions``): ``tier``,
+``ttft_s``, ``tbt_s`` (seconds; resolved by ``slo.SloPolicy`` into the ``Request.slo`` submitted) and ``timeline``
+(true: the response carries the request's timeline, see ``responses``). ``services/frontend/README.md`` has examples.
+
 Every error is an OpenAI-style body ``{"error": {...}}``; FastAPI's 422 validation responses are replaced by 400s.
 A streamed request waits for its first output before sending headers, so a refusal (429 with ``Retry-After``, 503)
 is still a proper HTTP status; a failure after that is sent as a final ``data: {"error": ...}`` event.
@@ -29,7 +33,8 @@ from services.frontend.coordinator_link import CoordinatorLink
 from services.frontend.identity import ClientDirectory, ClientIdentity
 from services.frontend.model_info import ModelInfo
 from services.frontend.responses import SSE_DONE, OpenAIFormatter, sse_event
-from services.frontend.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
+from services.frontend.schemas import ChatCompletionRequest, CompletionRequest, DiptychOptions, SamplingFields
+from services.frontend.slo import SloPolicy
 from services.frontend.tracker import Delta, RequestState, RequestTracker
 from services.frontend.validation import Generation, chat_generation, completion_generation
 
@@ -60,7 +65,7 @@ class _TrackedStream(StreamingResponse):
             self._on_close()
 
 
-def create_app(info: ModelInfo, tracker: RequestTracker, directory: ClientDirectory,
+def create_app(info: ModelInfo, tracker: RequestTracker, directory: ClientDirectory, slo_policy: SloPolicy,
                coordinator: CoordinatorLink) -> FastAPI:
     app = FastAPI(title="Diptych", docs_url=None, redoc_url=None, openapi_url=None)
     started = int(time.time())
@@ -115,25 +120,30 @@ def create_app(info: ModelInfo, tracker: RequestTracker, directory: ClientDirect
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request,
                           client: ClientIdentity = Depends(authenticate)) -> Response:
-        return await _generate(request, body, completion_generation(body, info), client, chat=False)
+        arrival = time.time()
+        return await _generate(request, body, completion_generation(body, info), client, arrival, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request,
                                client: ClientIdentity = Depends(authenticate)) -> Response:
-        return await _generate(request, body, chat_generation(body, info), client, chat=True)
+        arrival = time.time()
+        return await _generate(request, body, chat_generation(body, info), client, arrival, chat=True)
 
-    async def _generate(request: Request, body: SamplingFields, gen: Generation, client: ClientIdentity, *,
-                        chat: bool) -> Response:
-        state = tracker.submit(client, gen, directory.slo_for(client), source="http")
+    async def _generate(request: Request, body: SamplingFields, gen: Generation, client: ClientIdentity,
+                        arrival: float, *, chat: bool) -> Response:
+        options = body.diptych or DiptychOptions()
+        slo = slo_policy.resolve(client.tier, options.tier, options.ttft_s, options.tbt_s, param="diptych")
+        state = tracker.submit(client, gen, slo, arrival, source="http")
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        fmt = OpenAIFormatter(chat=chat, request_id=state.request_id, model=info.name, include_usage=include_usage)
+        fmt = OpenAIFormatter(chat=chat, request_id=state.request_id, model=info.name, include_usage=include_usage,
+                              include_timeline=options.timeline)
         headers = {"X-Request-Id": state.request_id}
         streaming = False
         try:
             if not body.stream:
-                text, finish = await _unless_disconnected(request, _collect(tracker, state))
-                return JSONResponse(fmt.body(text, finish, state.prompt_len, state.num_output_tokens),
-                                    headers=headers)
+                final = await _unless_disconnected(request, _collect(tracker, state))
+                return JSONResponse(fmt.body(final.text, final.finish_reason, state.prompt_len,
+                                             state.num_output_tokens, final.timeline), headers=headers)
             first = await _unless_disconnected(request, tracker.next_event(state))
             streaming = True
             return _TrackedStream(_sse(tracker, state, fmt, first), lambda: tracker.release(state), headers)
@@ -144,13 +154,15 @@ def create_app(info: ModelInfo, tracker: RequestTracker, directory: ClientDirect
     return app
 
 
-async def _collect(tracker: RequestTracker, state: RequestState) -> tuple[str, str]:
-    texts = []
+async def _collect(tracker: RequestTracker, state: RequestState) -> Delta:
+    """The whole output as one final ``Delta`` (text of every delta, finish_reason and timeline of the last)."""
+    texts, token_ids = [], []
     while True:
         event = await tracker.next_event(state)
         texts.append(event.text)
+        token_ids.extend(event.token_ids)
         if event.finish_reason is not None:
-            return "".join(texts), event.finish_reason
+            return Delta("".join(texts), token_ids, event.finish_reason, event.timeline)
 
 
 async def _sse(tracker: RequestTracker, state: RequestState, fmt: OpenAIFormatter,
@@ -162,7 +174,7 @@ async def _sse(tracker: RequestTracker, state: RequestState, fmt: OpenAIFormatte
             if event.text:
                 yield fmt.text_chunk(event.text)
             if event.finish_reason is not None:
-                yield fmt.finish_chunk(event.finish_reason)
+                yield fmt.finish_chunk(event.finish_reason, event.timeline)
                 if fmt.include_usage:
                     yield fmt.usage_chunk(state.prompt_len, state.num_output_tokens)
                 break
@@ -197,6 +209,9 @@ def _validation_error(exc: RequestValidationError, content_type: str) -> APIErro
     loc = [str(part) for part in first.get("loc", ()) if part != "body"]
     if first.get("type") == "json_invalid":
         return APIError(400, f"request body is not valid JSON: {first.get('ctx', {}).get('error', '')}".rstrip(": "))
+    if first.get("type") == "extra_forbidden" and loc:  # only DiptychOptions forbids unknown fields
+        return APIError(400, f"unknown field '{'.'.join(loc)}'; the {loc[0]} object takes "
+                             f"{', '.join(DiptychOptions.model_fields)}", param=loc[0])
     if not loc:
         if content_type and "json" not in content_type:
             return APIError(400, f"send the body as JSON with 'Content-Type: application/json', not {content_type!r}")

@@ -1,8 +1,14 @@
-"""Who is calling: API keys mapped to client identities.
+"""Who is calling: API keys mapped to client identities, and the SLO tiers those clients run in.
 
-The keys file is JSON: ``{"clients": {"<api key>": {"client_id": "alice", "weight": 1.0, "tier": "default"}}}``
-(``weight`` and ``tier`` are optional). With no keys configured every request belongs to ``ANONYMOUS``; with keys
-configured, a request without a known key is refused (HTTP 401 / SDK ``ClientError`` 401).
+The keys file is JSON::
+
+    {"tiers": {"strict": {"tbt_s": 0.1, "ttft_s": 1.0}, "relaxed": {"tbt_s": 0.5}},      (optional)
+     "clients": {"<api key>": {"client_id": "alice", "weight": 1.0, "tier": "strict"}}}
+
+(``weight`` and ``tier`` are optional; ``tier`` must name a known tier). The tiers map may instead come from its own
+file (``--slo-tiers``, with or without a keys file): the same ``{"<name>": {...}}`` object; giving tiers in both
+files is an error. With neither, the built-in tiers apply (``services.frontend.slo``). With no keys configured every request belongs to
+``ANONYMOUS``; with keys configured, a request without a known key is refused (HTTP 401 / SDK ``ClientError`` 401).
 """
 
 from __future__ import annotations
@@ -11,8 +17,11 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from proto import SLO
+from services.frontend.slo import DEFAULT_TIER, SloPolicy, Tier, parse_tiers
+
+_KEYS_FILE_KEYS = frozenset({"tiers", "clients"})
 
 
 @dataclass(frozen=True)
@@ -21,7 +30,7 @@ class ClientIdentity:
 
     client_id: str
     weight: float = 1.0
-    tier: str = "default"
+    tier: str = DEFAULT_TIER
 
 
 ANONYMOUS = ClientIdentity("anonymous")
@@ -43,37 +52,43 @@ class ClientDirectory:
             return ANONYMOUS
         return self._clients.get(api_key) if api_key else None
 
-    def slo_for(self, client: ClientIdentity, requested: SLO | None = None) -> SLO:
-        """The SLO a request runs under. With keys configured the tier is the key's (a client cannot promote
-        itself); without keys the requested tier is used. Latency targets are the client's own."""
-        requested = requested or SLO()
-        tier = client.tier if self._clients else requested.tier
-        return SLO(tier=tier, ttft_s=requested.ttft_s, tbt_s=requested.tbt_s)
 
-    @classmethod
-    def from_file(cls, path: str | Path | None) -> "ClientDirectory":
-        """Load the keys file; raises ValueError naming the problem when it is malformed."""
-        if not path:
-            return cls()
-        try:
-            data = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ValueError(f"cannot read API keys file {path}: {exc}") from None
-        entries = data.get("clients") if isinstance(data, dict) else None
-        if not isinstance(entries, dict):
-            raise ValueError(f"{path}: expected {{\"clients\": {{<api key>: {{\"client_id\": ...}}}}}}")
-        return cls({key: _parse_identity(key, entry, path) for key, entry in entries.items()})
+def load_access(keys_file: str | Path | None, tiers_file: str | Path | None = None,
+                ) -> tuple[ClientDirectory, SloPolicy]:
+    """Load the keys file and/or tiers file. Raises ValueError naming the file and the problem when either is
+    malformed, when tiers are given twice, or when a client names an unknown tier."""
+    keys = _read_json(keys_file, "API keys") if keys_file else {"clients": {}}
+    if not isinstance(keys, dict) or not isinstance(keys.get("clients"), dict) or set(keys) - _KEYS_FILE_KEYS:
+        raise ValueError(f'{keys_file}: expected {{"tiers": {{...}} (optional), "clients": {{<api key>: '
+                         '{"client_id": ...}}}')
+    tiers: dict[str, Tier] | None = None
+    if "tiers" in keys:
+        if tiers_file:
+            raise ValueError(f"SLO tiers given twice: in {keys_file} and in {tiers_file}; keep one")
+        tiers = parse_tiers(keys["tiers"], f"{keys_file}: tiers")
+    elif tiers_file:
+        tiers = parse_tiers(_read_json(tiers_file, "SLO tiers"), str(tiers_file))
+    policy = SloPolicy(tiers, client_tiers_fixed=bool(keys["clients"]))
+    clients = {key: _parse_identity(key, entry, keys_file, policy) for key, entry in keys["clients"].items()}
+    return ClientDirectory(clients), policy
 
 
-def _parse_identity(key: str, entry: object, path: str | Path) -> ClientIdentity:
+def _read_json(path: str | Path, what: str) -> Any:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"cannot read {what} file {path}: {exc}") from None
+
+
+def _parse_identity(key: str, entry: object, path: str | Path | None, policy: SloPolicy) -> ClientIdentity:
     where = f"{path}: client with key ending {key[-4:]!r}"
     if not key or not isinstance(entry, dict):
         raise ValueError(f"{where}: each key must be a non-empty string mapped to an object")
-    client_id, weight, tier = entry.get("client_id"), entry.get("weight", 1.0), entry.get("tier", "default")
+    client_id, weight, tier = entry.get("client_id"), entry.get("weight", 1.0), entry.get("tier", DEFAULT_TIER)
     if not isinstance(client_id, str) or not client_id:
         raise ValueError(f"{where}: client_id must be a non-empty string")
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight <= 0:
         raise ValueError(f"{where}: weight must be a positive number")
-    if not isinstance(tier, str) or not tier:
-        raise ValueError(f"{where}: tier must be a non-empty string")
+    if not isinstance(tier, str) or tier not in policy.tiers:
+        raise ValueError(f"{where}: unknown tier {tier!r}; known tiers: {', '.join(sorted(policy.tiers))}")
     return ClientIdentity(client_id, float(weight), tier)

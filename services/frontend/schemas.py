@@ -2,7 +2,8 @@
 
 Strict typing means a JSON value of the wrong type (``"max_tokens": "5"``, ``"stream": 1``) is a 400, never
 silently coerced. Unknown fields are kept in ``model_extra`` so ``validation`` can refuse the OpenAI parameters this
-server does not implement instead of ignoring them. Range and context-length checks live in ``validation``.
+server does not implement instead of ignoring them. Range and context-length checks live in ``validation``; the
+SLO values of the ``diptych`` extension are checked against the tier table by ``slo``.
 """
 
 from __future__ import annotations
@@ -20,9 +21,21 @@ class StreamOptions(_Body):
     include_usage: StrictBool = False
 
 
+class DiptychOptions(_Body):
+    """The ``"diptych"`` extension object: SLO tier and targets in seconds (see ``services.frontend.slo``), and
+    ``timeline`` to get the request's timeline in the response. Every field is optional; unknown ones are a 400."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    tier: StrictStr | None = None
+    ttft_s: StrictFloat | None = None
+    tbt_s: StrictFloat | None = None
+    timeline: StrictBool = False
+
+
 class SamplingFields(_Body):
     """Fields shared by both endpoints. ``top_k``, ``stop_token_ids`` and ``ignore_eos`` are extensions (vLLM's
-    names); ``user`` is accepted and ignored (identity comes from the API key)."""
+    names), ``diptych`` is this server's; ``user`` is accepted and ignored (identity comes from the API key)."""
 
     model: StrictStr | None = None
     max_tokens: StrictInt | None = None
@@ -37,6 +50,7 @@ class SamplingFields(_Body):
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     user: StrictStr | None = None
+    diptych: DiptychOptions | None = None
 
 
 class CompletionRequest(SamplingFields):

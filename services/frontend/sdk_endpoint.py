@@ -5,12 +5,16 @@ Request ids are the SDK's and scoped to its connection: a duplicate of a running
 request runs in the cluster under a fresh id (logged as ``req=<id> sdk_req=<sdk id>``). Frames that do not decode
 (malformed, unknown type, wrong protocol version) are answered with ``ClientError(request_id="", code=400)`` and the
 endpoint goes on serving. A running request whose SDK connection is gone (a send fails) is cancelled.
+
+``ClientGenerate.slo`` (tier, ttft_s, tbt_s; seconds) is resolved by ``slo.SloPolicy`` like the HTTP ``diptych``
+extension; the final ``ClientChunk`` of a request always carries its timeline (``services.frontend.timeline``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import zmq
 import zmq.asyncio
@@ -20,6 +24,7 @@ from services.common.sockets import make_socket, recv_message, send_message
 from services.frontend.api_errors import APIError, bad_request
 from services.frontend.identity import ClientDirectory
 from services.frontend.model_info import ModelInfo
+from services.frontend.slo import SloPolicy
 from services.frontend.tracker import RequestState, RequestTracker
 from services.frontend.validation import Generation, check_prompt, check_sampling, completion_prompt_ids
 
@@ -28,11 +33,12 @@ log = logging.getLogger(__name__)
 
 class SdkEndpoint:
     def __init__(self, ctx: zmq.asyncio.Context, address: str, tracker: RequestTracker, info: ModelInfo,
-                 directory: ClientDirectory) -> None:
+                 directory: ClientDirectory, slo_policy: SloPolicy) -> None:
         self._sock = make_socket(ctx, zmq.ROUTER, bind=address)
         self._tracker = tracker
         self._info = info
         self._directory = directory
+        self._slo_policy = slo_policy
         self._running: dict[tuple[bytes, str], tuple[RequestState, asyncio.Task]] = {}
 
     async def run(self) -> None:
@@ -69,6 +75,7 @@ class SdkEndpoint:
         self._sock.close()
 
     async def _on_generate(self, peer: bytes, msg: proto.ClientGenerate) -> None:
+        arrival = time.time()
         key = (peer, msg.request_id)
         if key in self._running:
             await self._reply(peer, proto.ClientError(msg.request_id, 400, "duplicate request_id"))
@@ -79,8 +86,9 @@ class SdkEndpoint:
             return
         try:
             gen = self._validate(msg)
-            state = self._tracker.submit(client, gen, self._directory.slo_for(client, msg.slo), source="sdk",
-                                         note=f"sdk_req={msg.request_id}")
+            requested = msg.slo or proto.SLO()
+            slo = self._slo_policy.resolve(client.tier, requested.tier, requested.ttft_s, requested.tbt_s, "slo")
+            state = self._tracker.submit(client, gen, slo, arrival, source="sdk", note=f"sdk_req={msg.request_id}")
         except APIError as exc:
             await self._reply(peer, proto.ClientError(msg.request_id, exc.status, exc.message, exc.retry_after_s))
             return
@@ -123,6 +131,7 @@ class SdkEndpoint:
                     continue
                 if finished:
                     chunk.prompt_tokens, chunk.completion_tokens = state.prompt_len, state.num_output_tokens
+                    chunk.timeline = event.timeline
                 await send_message(self._sock, chunk, to=peer)
                 if finished:
                     return

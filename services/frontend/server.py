@@ -21,7 +21,7 @@ from services.common.sockets import bind_address, make_socket
 from services.frontend.config import FrontendConfig
 from services.frontend.coordinator_link import CoordinatorLink, frontend_identity
 from services.frontend.http_api import create_app
-from services.frontend.identity import ClientDirectory
+from services.frontend.identity import load_access
 from services.frontend.model_info import ModelInfo
 from services.frontend.sdk_endpoint import SdkEndpoint
 from services.frontend.tracker import RequestTracker
@@ -50,8 +50,8 @@ def resolve_model_path(model: str | None) -> str:
 async def serve(config: FrontendConfig, stop: asyncio.Event) -> int:
     """Run until ``stop`` is set; returns the process exit status (0, or 1 when a component failed)."""
     try:
+        directory, slo_policy = load_access(config.api_keys_file, config.slo_tiers_file)  # before the slow part
         info = ModelInfo.load(resolve_model_path(config.model), config.served_model_name, config.max_model_len)
-        directory = ClientDirectory.from_file(config.api_keys_file)
         family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
         http_sock = socket.create_server((config.host, config.http_port), family=family)
     except (OSError, ValueError) as exc:
@@ -62,13 +62,13 @@ async def serve(config: FrontendConfig, stop: asyncio.Event) -> int:
         coordinator = CoordinatorLink(ctx, config.coordinator_addr, frontend_identity())
         stream_sock = make_socket(ctx, zmq.PULL, bind=bind_address(config.stream_addr))
         tracker = RequestTracker(info, coordinator, config.stream_addr, config.request_timeout_s)
-        sdk = SdkEndpoint(ctx, config.sdk_addr, tracker, info, directory)
+        sdk = SdkEndpoint(ctx, config.sdk_addr, tracker, info, directory, slo_policy)
     except zmq.ZMQError as exc:
         log.error("cannot start: %s (sdk=%s, stream=%s)", exc, config.sdk_addr, config.stream_addr)
         http_sock.close()
         ctx.destroy(linger=0)
         return 1
-    server = _EmbeddedServer(uvicorn.Config(create_app(info, tracker, directory, coordinator), lifespan="off",
+    server = _EmbeddedServer(uvicorn.Config(create_app(info, tracker, directory, slo_policy, coordinator), lifespan="off",
                                             log_level="warning", timeout_graceful_shutdown=HTTP_GRACE_S))
     http_task = asyncio.create_task(server.serve(sockets=[http_sock]), name="http")
     background = [
@@ -77,8 +77,9 @@ async def serve(config: FrontendConfig, stop: asyncio.Event) -> int:
         asyncio.create_task(coordinator.run_receiver(tracker.on_failed), name="coordinator-recv"),
         asyncio.create_task(sdk.run(), name="sdk"),
     ]
-    log.info("serving model %r (max_model_len=%d, %s) on http://%s:%d, sdk=%s, stream=%s, coordinator=%s as %s",
-             info.name, info.max_model_len, "API keys required" if directory.requires_key else "anonymous clients",
+    log.info("serving model %r (max_model_len=%d, %s, SLO tiers %s) on http://%s:%d, sdk=%s, stream=%s, "
+             "coordinator=%s as %s", info.name, info.max_model_len,
+             "API keys required" if directory.requires_key else "anonymous clients", slo_policy.describe(),
              config.host, http_sock.getsockname()[1], config.sdk_addr, config.stream_addr, config.coordinator_addr,
              coordinator.identity)
 

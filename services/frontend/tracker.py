@@ -9,7 +9,10 @@ Invariants:
 - outputs are applied in ``TokenOutput.index`` order: the first token comes from the prefill worker and later ones
   from the decode worker, so an output ahead of its turn waits in the request's reorder buffer; duplicates and
   outputs for unknown (finished, cancelled) requests are dropped;
-- a request leaves ``_requests`` exactly once (finished, failed or cancelled) and its finish line is logged then;
+- a request leaves ``_requests`` exactly once (finished, failed or cancelled) and its finish line (TTFT, mean TBT,
+  queueing, latency) is logged then;
+- the final ``Delta`` of a request (the one with a ``finish_reason``) carries its closed ``Timeline`` as a dict
+  (``services.frontend.timeline``): phase events and token times are merged into it as outputs are applied;
 - whenever the frontend gives up on a request that the cluster may still hold (client disconnect or cancel, stop
   string, timeout, shutdown), a ``CancelRequest`` is sent to the coordinator; a request the cluster already ended
   (a finish_reason arrived, or ``RequestFailed``) gets none.
@@ -22,6 +25,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import Any
 
 import zmq.asyncio
 
@@ -32,6 +36,7 @@ from services.frontend.coordinator_link import CoordinatorLink
 from services.frontend.detokenizer import IncrementalDetokenizer
 from services.frontend.identity import ClientIdentity
 from services.frontend.model_info import ModelInfo
+from services.frontend.timeline import Timeline
 from services.frontend.validation import Generation
 
 log = logging.getLogger(__name__)
@@ -42,25 +47,24 @@ _WORKER_FAILURES = {"abort": (503, "the request was aborted by the server"), "er
 @dataclass
 class Delta:
     """Output since the previous delta. ``finish_reason`` is set on the last one ("stop", "length", or "abort" when
-    the request was cancelled by its own client)."""
+    the request was cancelled by its own client), and so is ``timeline`` (``Timeline.as_dict``)."""
 
     text: str
     token_ids: list[int]
     finish_reason: str | None = None
+    timeline: dict[str, Any] | None = None
 
 
 @dataclass
 class RequestState:
-    """Times: ``arrival`` is wall clock (seconds since the epoch), ``started``/``first_token`` are monotonic."""
+    """``timeline`` holds the request's times (seconds since the epoch), from its arrival on."""
 
     request_id: str
     client: ClientIdentity
     prompt_len: int
     sampling: proto.SamplingParams
     detokenizer: IncrementalDetokenizer
-    arrival: float = field(default_factory=time.time)
-    started: float = field(default_factory=time.monotonic)
-    first_token: float | None = None
+    timeline: Timeline
     next_index: int = 0
     num_output_tokens: int = 0
     pending: dict[int, proto.TokenOutput] = field(default_factory=dict)
@@ -81,24 +85,25 @@ class RequestTracker:
 
     # ------------------------------------------------------------ consumer side
 
-    def submit(self, client: ClientIdentity, gen: Generation, slo: proto.SLO, source: str,
+    def submit(self, client: ClientIdentity, gen: Generation, slo: proto.SLO, arrival: float, source: str,
                note: str = "") -> RequestState:
         """Register a validated request and send it to the coordinator. Raises APIError(503) after ``close``.
+        ``arrival`` is when the frontend received it (seconds since the epoch, before validation and tokenization).
         ``source`` ("http", "sdk") and ``note`` only go into the admission log line."""
         if self._closed:
             raise APIError(503, "the frontend is shutting down")
         state = RequestState(request_id=uuid.uuid4().hex, client=client, prompt_len=len(gen.prompt_token_ids),
-                             sampling=gen.sampling,
+                             sampling=gen.sampling, timeline=Timeline(arrival),
                              detokenizer=IncrementalDetokenizer(self._info.tokenizer, gen.sampling.stop))
         self._requests[state.request_id] = state
         request = proto.Request(request_id=state.request_id, client_id=client.client_id,
                                 prompt_token_ids=gen.prompt_token_ids, sampling=gen.sampling,
-                                arrival_time=state.arrival, stream_addr=self._stream_addr, slo=slo,
+                                arrival_time=state.timeline.arrival, stream_addr=self._stream_addr, slo=slo,
                                 weight=client.weight)
         self._coordinator.post(proto.SubmitRequest(request))
-        log.info("req=%s admitted via %s client=%s prompt_tokens=%d max_tokens=%d tier=%s%s", state.request_id,
-                 source, client.client_id, state.prompt_len, gen.sampling.max_tokens, slo.tier,
-                 f" {note}" if note else "")
+        log.info("req=%s admitted via %s client=%s prompt_tokens=%d max_tokens=%d tier=%s tbt_s=%g ttft_s=%s%s",
+                 state.request_id, source, client.client_id, state.prompt_len, gen.sampling.max_tokens, slo.tier,
+                 slo.tbt_s, "-" if slo.ttft_s is None else f"{slo.ttft_s:g}", f" {note}" if note else "")
         return state
 
     async def next_event(self, state: RequestState) -> Delta:
@@ -124,7 +129,8 @@ class RequestTracker:
         if state is None:
             return False
         self._coordinator.post(proto.CancelRequest(request_id, reason))
-        state.queue.put_nowait(Delta("", [], "abort"))
+        state.timeline.close("abort", time.time())
+        state.queue.put_nowait(Delta("", [], "abort", state.timeline.as_dict()))
         self._retire(state, f"cancelled:{reason}")
         return True
 
@@ -184,8 +190,6 @@ class RequestTracker:
     def _apply(self, state: RequestState, output: proto.TokenOutput) -> None:
         """Apply the in-order ``output``: detokenize, check stop strings, deliver, retire when finished."""
         state.next_index += len(output.token_ids)
-        if output.token_ids and state.first_token is None:
-            state.first_token = time.monotonic()
         if output.finish_reason in _WORKER_FAILURES:
             status, message = _WORKER_FAILURES[output.finish_reason]
             state.queue.put_nowait(APIError(status, message))
@@ -201,13 +205,19 @@ class RequestTracker:
             if state.detokenizer.stopped:
                 stopped = True
                 break
+        now = time.time()
+        state.timeline.record(output, len(ids), now)
         state.num_output_tokens += len(ids)
         finish = "stop" if stopped else output.finish_reason
-        if finish is not None and not stopped:
-            texts.append(state.detokenizer.flush())
+        timeline = None
+        if finish is not None:
+            if not stopped:
+                texts.append(state.detokenizer.flush())
+            state.timeline.close(finish, now)
+            timeline = state.timeline.as_dict()
         text = "".join(texts)
         if text or ids or finish:
-            state.queue.put_nowait(Delta(text, ids, finish))
+            state.queue.put_nowait(Delta(text, ids, finish, timeline))
         if stopped and output.finish_reason is None:
             self._coordinator.post(proto.CancelRequest(state.request_id, "stop"))
         if finish is not None:
@@ -215,8 +225,6 @@ class RequestTracker:
 
     def _retire(self, state: RequestState, outcome: str, detail: str = "") -> None:
         del self._requests[state.request_id]
-        now = time.monotonic()
-        ttft = f"{state.first_token - state.started:.3f}s" if state.first_token is not None else "-"
-        log.info("req=%s finished client=%s prompt_tokens=%d output_tokens=%d finish=%s ttft=%s latency=%.3fs%s",
-                 state.request_id, state.client.client_id, state.prompt_len, state.num_output_tokens, outcome, ttft,
-                 now - state.started, f" ({detail})" if detail else "")
+        log.info("req=%s finished client=%s prompt_tokens=%d output_tokens=%d finish=%s %s latency=%.3fs%s",
+                 state.request_id, state.client.client_id, state.prompt_len, state.num_output_tokens, outcome,
+                 state.timeline.summary(), time.time() - state.timeline.arrival, f" ({detail})" if detail else "")

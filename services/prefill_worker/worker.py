@@ -1,4 +1,4 @@
-"""The prefill worker: runs prompts in chunks under the batch policy's token budget, emits each request's first
+"""The prefill role: runs prompts in chunks under the batch policy's token budget, emits each request's first
 token to its frontend, pushes the request's KV blocks to the decode worker that reserved room for it, then frees
 its own blocks.
 
@@ -28,6 +28,9 @@ class PrefillJob:
     admitted_time: float
     prefill_start: float = 0.0
 
+    def events(self, prefill_end: float) -> dict[str, float]:
+        return {"admitted": self.admitted_time, "prefill_start": self.prefill_start, "prefill_end": prefill_end}
+
 
 class PrefillWorker(Worker):
     role = "prefill"
@@ -38,12 +41,17 @@ class PrefillWorker(Worker):
 
     async def handle_control(self, msg: Any) -> None:
         if not isinstance(msg, PrefillTask):
-            log.warning("dropped unexpected %s", type(msg).__name__)
+            await super().handle_control(msg)
             return
         request = msg.request
+        full = msg.decode_worker_id == self.worker_id  # colocated: this worker decodes the request too
+        if full and not self.can_decode:
+            log.error("req=%s sent to decode on %s, a prefill-only worker", request.request_id, self.worker_id)
+            await self.send_control(RequestDone(request.request_id, self.worker_id, "error"))
+            return
         try:
             self.engine.add_request(request.request_id, request.prompt_token_ids, request.sampling,
-                                    arrival_time=request.arrival_time, slo=request.slo, prefill_only=True)
+                                    arrival_time=request.arrival_time, slo=request.slo, prefill_only=not full)
         except (ValueError, KeyError) as exc:
             log.warning("req=%s refused: %s", request.request_id, exc)
             await self.send_control(RequestDone(request.request_id, self.worker_id, "error"))
@@ -51,30 +59,41 @@ class PrefillWorker(Worker):
         self._jobs[request.request_id] = PrefillJob(request, msg.decode_kv_addr, msg.admitted_time or time.time())
         log.debug("req=%s prefill queued (%d tokens)", request.request_id, len(request.prompt_token_ids))
 
+    can_decode = False
+    """Workers that also have the decode role (``FlexWorker``) take colocated requests: ``adopt`` hands them to
+    the decode role at their first token."""
+
     async def after_step(self, output: Any) -> None:
         for rid in output.admitted:
             if rid in self._jobs:
                 self._jobs[rid].prefill_start = output.start_time
         streams: dict[str, list[TokenOutput]] = {}
-        for tok in output.tokens:  # each is a request's first token: its prefill ended with this iteration
+        first_tokens = {}
+        for tok in output.tokens:  # a first token: its request's prefill ended with this iteration
             job = self._jobs.get(tok.request_id)
-            if job is not None:
-                events = {"admitted": job.admitted_time, "prefill_start": job.prefill_start, "prefill_end": tok.time}
-                streams.setdefault(job.request.stream_addr, []).append(
-                    TokenOutput(tok.request_id, tok.index, [tok.token_id], tok.finish_reason, [tok.time], events))
+            if job is None or tok.index != 0:
+                continue
+            first_tokens[tok.request_id] = tok
+            if not job.decode_kv_addr:  # colocated: the decode role streams this and every later token
+                self.adopt(job.request, job.events(tok.time))
+                continue
+            streams.setdefault(job.request.stream_addr, []).append(TokenOutput(
+                tok.request_id, tok.index, [tok.token_id], tok.finish_reason, [tok.time], job.events(tok.time)))
         await self.stream_tokens(streams)
-        first_tokens = {tok.request_id: tok for tok in output.tokens}
         for rid in output.prefilled:
             job = self._jobs.pop(rid, None)
-            if job is None:
-                continue
-            await self._hand_off(job, first_tokens[rid].token_id, first_tokens[rid].time)
-            await self.send_control(PrefillDone(rid, self.worker_id, True, job.prefill_start, first_tokens[rid].time))
-        for rid in output.finished:
-            job = self._jobs.pop(rid, None)
             if job is not None:
+                await self._hand_off(job, first_tokens[rid].token_id, first_tokens[rid].time)
+                await self.send_control(PrefillDone(rid, self.worker_id, True, job.prefill_start,
+                                                    first_tokens[rid].time))
+        for rid in output.finished:
+            job = self._jobs.get(rid)
+            if job is not None and job.decode_kv_addr:  # finished with its first token: nothing to hand off
                 await self.send_control(PrefillDone(rid, self.worker_id, False, job.prefill_start,
                                                     first_tokens[rid].time))
+        for rid in first_tokens:
+            self._jobs.pop(rid, None)
+        await super().after_step(output)
 
     async def _hand_off(self, job: PrefillJob, first_token: int, first_token_time: float) -> None:
         rid = job.request.request_id
