@@ -7,7 +7,8 @@ its sockets, so sync and async tests drive it the same way. A ``responder`` make
 tokens by itself (for the ``openai`` client tests).
 
 Three frontend processes start together once per session (startup is dominated by importing transformers):
-``anon`` (no API keys), ``keyed`` (API keys, a 2 s request timeout) and ``disposable`` (for the shutdown test).
+``anon`` (no API keys, built-in SLO tiers), ``keyed`` (API keys and tiers, a 2 s request timeout) and
+``disposable`` (for the shutdown test).
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ API_KEYS = {
     "sk-alice": {"client_id": "alice", "weight": 2.0, "tier": "strict"},
     "sk-bob": {"client_id": "bob"},
 }
+KEYED_TIERS = {"strict": {"tbt_s": 0.1, "ttft_s": 1.0}, "relaxed": {"tbt_s": 0.5}}
+"""The ``keyed`` frontend's tiers (from its keys file); ``default`` (TBT 0.2 s) is implied."""
 
 
 def free_port() -> int:
@@ -223,7 +226,7 @@ def tokenizer(tiny_model):
 def frontends(tiny_model, tmp_path_factory) -> dict[str, Frontend]:
     tmp = tmp_path_factory.mktemp("frontend")
     keys_file = tmp / "keys.json"
-    keys_file.write_text(json.dumps({"clients": API_KEYS}))
+    keys_file.write_text(json.dumps({"tiers": KEYED_TIERS, "clients": API_KEYS}))
     started = {
         "anon": _launch(tiny_model, str(tmp), "anon", "--request-timeout", "30"),
         "keyed": _launch(tiny_model, str(tmp), "keyed", "--api-keys-file", str(keys_file),

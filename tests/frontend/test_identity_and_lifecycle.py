@@ -45,10 +45,10 @@ def test_http_key_sets_client_identity(keyed, tokenizer):
 async def test_sdk_key_sets_client_identity_and_cannot_promote_its_tier(keyed, tokenizer):
     keyed.cluster.responder = replying(tokenizer, "ok")
     async with AsyncClient(keyed.sdk_addr, api_key="sk-bob", timeout_s=10) as client:
-        assert (await client.complete("hi", tier="strict", ttft_s=0.2)).text == "ok"
+        assert (await client.complete("hi", tier="strict", tbt_s=0.3)).text == "ok"
     request = keyed.cluster.wait_submit()
     assert (request.client_id, request.weight) == ("bob", 1.0)
-    assert request.slo == proto.SLO(tier="default", ttft_s=0.2)
+    assert request.slo == proto.SLO(tier="default", tbt_s=0.3)  # its own tier, a looser target of its own
     for key in (None, "sk-mallory"):
         async with AsyncClient(keyed.sdk_addr, api_key=key, timeout_s=10) as client:
             with pytest.raises(AuthenticationError) as info:
