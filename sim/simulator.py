@@ -1,0 +1,578 @@
+"""Discrete-event simulation of a Diptych cluster in virtual time, running the services' policy objects.
+
+What is simulated, and which service it mirrors:
+
+- **Coordinator** (``services/coordinator``): every arrival goes to the admission policy (``add``; a ``Rejection``
+  refuses it). After every event that adds work or frees capacity (arrival, prefill done, request done, a worker
+  changing pool) the admission loop runs: ``peek()`` the head, place it or stop at the first request that cannot be
+  placed (the policy's order is never bypassed), ``pop(now)``, dispatch. Placement (``Placer``): the prefill worker
+  with the least queued prompt tokens among those whose queue stays within ``max_prefill_backlog_tokens`` (an idle
+  one always takes a request) and whose KV pool holds its queued prompts; the decode worker with the most unreserved
+  blocks that can reserve ``ceil((prompt + max_tokens) / block_size)`` blocks up front. Requests larger than any
+  worker's pool are refused at arrival. Output tokens are charged to the admission policy as workers report them
+  (the first token when the prefill ends, then every decode token); before each admission decision the counters
+  are brought up to the current time.
+- **Workers** (``engine/engine.py``, ``sim.worker``): the batch policy composes each iteration from ``waiting`` and
+  ``running`` ``SequenceState``s and the KV state; the iteration takes the cost model's time; the first token is
+  sampled when the last prompt chunk ends; each decode yields one token per iteration. Work that reaches a busy
+  worker joins its next iteration.
+- **KV handoff**: when a prefill ends, its blocks are freed, the first token is out, and the KV reaches the decode
+  worker after ``handoff_latency_s + bytes / handoff_bandwidth_Bps`` (bytes = whole prompt blocks x KV bytes per
+  token); the sequence joins the decode worker's next iteration.
+- **Pools** (``policies.pool``): every ``pool_tick_s`` the pool policy gets ``PoolStats``; a move drains the chosen
+  worker (no new placements; it finishes or hands off what it holds) and then switches its role and batch policy.
+  The worker with the least work in the donor pool is chosen [simulator choice; the services do not move workers yet].
+- **Colocated workers** (prefill and decode in one engine) [simulator choice until the services have them]: placed
+  like prefill workers (least queued prompt tokens, backlog limit); with ``colocated_reserve`` the coordinator also
+  reserves the request's whole KV on the worker, as on a decode worker.
+
+Messages between processes take no time. Speed: a decode worker whose last plan ran every running sequence as a
+decode, with nothing waiting and nothing changed since, is assumed to plan the same again (true of every registered
+policy: with ``blocks_to_step = 0`` nothing can preempt, and each schedules all decodes while they fit its caps;
+``tests/sim`` checks it against ``exact`` mode); such *stationary stretches* run as one event until a sequence
+finishes or new work arrives. The policy's ``on_iteration_end`` is still called for every iteration, in order, and
+token charges reach the admission policy at each iteration's end time. ``ClusterConfig.exact`` turns this off.
+"""
+
+from __future__ import annotations
+
+import gc
+import heapq
+import math
+from collections import deque
+from typing import Any
+
+import numpy as np
+
+from metrics.histogram import LogHistogram
+from metrics.results import STATUS_CODES, RunResult
+from policies.admission import ADMISSION_POLICIES, AdmissionPolicy, PendingRequest
+from policies.batch import BATCH_POLICIES, BatchPolicy
+from policies.pool import DECODE as POOL_DECODE
+from policies.pool import POOL_POLICIES, PoolStats
+from sim.config import ClusterConfig, PolicySpec
+from sim.worker import COLOCATED, DECODE, PREFILL, SimSeq, Worker
+from workloads.spec import RequestSpec
+
+EV_WORKER, EV_HANDOFF, EV_POOL = 0, 1, 2
+NAN = float("nan")
+RATE_WINDOW_S = 10.0
+
+
+class Simulator:
+    def __init__(self, config: ClusterConfig, specs: list[RequestSpec], until: float | None = None,
+                 progress: bool = False) -> None:
+        config.validate()
+        if until is not None and not until > 0:
+            raise ValueError("until must be > 0")
+        self.config = config
+        self.cost = config.cost_model
+        self.block_size = config.block_size
+        self.specs = sorted(specs, key=lambda s: s.arrival_time)
+        if len({s.request_id for s in self.specs}) != len(self.specs):
+            raise ValueError("request ids must be unique")
+        self.until = until
+        self.progress = progress
+        self.admission: AdmissionPolicy = ADMISSION_POLICIES.create(config.admission.name, **config.admission.knobs)
+        self.tracks_tokens = type(self.admission).on_output_tokens is not AdmissionPolicy.on_output_tokens
+        self.pool_policy = POOL_POLICIES.create(config.pool_policy.name, **config.pool_policy.knobs)
+        blocks = config.blocks_per_worker()
+        self.workers: list[Worker] = []
+        for role, count in ((PREFILL, config.prefill_workers), (DECODE, config.decode_workers),
+                            (COLOCATED, config.colocated_workers)):
+            for _ in range(count):
+                self.workers.append(Worker(self, len(self.workers), role, self._new_policy(role), blocks))
+        self._refresh_pools()
+        n = len(self.specs)
+        self.tier_names = sorted({s.tier for s in self.specs}) or ["default"]
+        tier_index = {name: i for i, name in enumerate(self.tier_names)}
+        self.tier_of = [tier_index[s.tier] for s in self.specs]
+        self.hists = [LogHistogram() for _ in self.tier_names]
+        self.slo = [s.tbt_slo_s if s.tbt_slo_s is not None else math.inf for s in self.specs]
+        self.times = {phase: [NAN] * n for phase in ("admitted", "prefill_start", "prefill_end", "handoff_start",
+                                                     "handoff_end", "first_token", "finish")}
+        self.status = [STATUS_CODES["unfinished"]] * n
+        self.num_tokens = [0] * n
+        self.max_tbt = [0.0] * n
+        self.violations = [0] * n
+        self.num_gaps = [0] * n
+        self.token_times: list[list[float]] | None = [[] for _ in range(n)] if config.record_tokens else None
+        self.req_prefill = [-1] * n
+        self.req_decode = [-1] * n
+        self.req_blocks = [0] * n  # decode (or colocated) reservation
+        self.req_seq: list[SimSeq | None] = [None] * n
+        self.index_of = {s.request_id: i for i, s in enumerate(self.specs)}
+        self.heap: list[tuple] = []
+        self.counter = 0
+        self.now = 0.0
+        self.queued_prompt = 0
+        self.synced_at = -math.inf
+        self.done = 0
+        self.pool_history: list[tuple[float, int, int]] = []
+        self.pool_moves: list[dict[str, Any]] = []
+        self.recent_prompts: deque[tuple[float, int]] = deque()
+        self.prompt_mean = 2048.0
+        self.arrived = 0
+        self.events = 0
+        self._bar = None
+
+    # ------------------------------------------------------------------ setup helpers
+
+    def _policy_spec(self, role: str) -> PolicySpec:
+        return {PREFILL: self.config.prefill_policy, DECODE: self.config.decode_policy,
+                COLOCATED: self.config.colocated_policy}[role]
+
+    def _new_policy(self, role: str) -> BatchPolicy:
+        spec = self._policy_spec(role)
+        return BATCH_POLICIES.create(spec.name, **spec.knobs)
+
+    def _refresh_pools(self) -> None:
+        self.prefill_pool = [w for w in self.workers if w.role == PREFILL and w.draining_to is None]
+        self.decode_pool = [w for w in self.workers if w.role == DECODE and w.draining_to is None]
+        self.colocated_pool = [w for w in self.workers if w.role == COLOCATED]
+        self.max_blocks = max(w.total_blocks for w in self.workers)
+
+    # ------------------------------------------------------------------ event loop
+
+    def schedule_worker(self, worker: Worker) -> None:
+        self.counter += 1
+        heapq.heappush(self.heap, (worker.t_end, self.counter, EV_WORKER, worker.index, worker.generation))
+
+    def run(self) -> RunResult:
+        enabled = gc.isenabled()
+        gc.disable()  # millions of short-lived objects, no cycles worth collecting mid-run: ~20% faster
+        try:
+            return self._run()
+        finally:
+            if enabled:
+                gc.enable()
+
+    def _run(self) -> RunResult:
+        specs = self.specs
+        n = len(specs)
+        arrivals = [s.arrival_time for s in specs]
+        heap = self.heap
+        workers = self.workers
+        until = self.until if self.until is not None else math.inf
+        if self.config.pool_policy.name != "static":
+            self._push(self.config.pool_tick_s, EV_POOL, 0, 0)
+            self.pool_history.append((0.0, self._count(PREFILL), self._count(DECODE)))
+        if self.progress:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=n, unit="req", desc="simulating", mininterval=0.5)
+        ptr = 0
+        pop = heapq.heappop
+        while True:
+            next_arrival = arrivals[ptr] if ptr < n else math.inf
+            if heap and heap[0][0] < next_arrival:
+                t, _, kind, a, b = heap[0]
+                if t > until:
+                    break
+                pop(heap)
+                self.now = t
+                self.events += 1
+                if kind == EV_WORKER:
+                    worker = workers[a]
+                    if worker.generation == b and worker.busy:
+                        worker.finish()
+                elif kind == EV_HANDOFF:
+                    self._land(a, workers[b], t)
+                else:
+                    self._pool_tick(t, ptr < n)
+            elif next_arrival < math.inf:
+                if next_arrival > until:
+                    break
+                self.now = next_arrival
+                self._arrive(ptr, next_arrival)
+                ptr += 1
+            else:
+                break
+        end = min(until, self.now) if self.until is not None else self.now
+        if self._bar is not None:
+            self._bar.close()
+        return self._result(end)
+
+    def _push(self, t: float, kind: int, a: int, b: int) -> None:
+        self.counter += 1
+        heapq.heappush(self.heap, (t, self.counter, kind, a, b))
+
+    def _tick_progress(self) -> None:
+        self.done += 1
+        if self._bar is not None and self.done % 256 == 0:
+            self._bar.update(256)
+
+    # ------------------------------------------------------------------ coordinator
+
+    def _arrive(self, i: int, now: float) -> None:
+        spec = self.specs[i]
+        self.arrived += 1
+        self.recent_prompts.append((now, spec.prompt_len))
+        self.prompt_mean += (spec.prompt_len - self.prompt_mean) / self.arrived
+        if not self._fits_anywhere(spec):
+            self.status[i] = STATUS_CODES["rejected"]
+            self.times["finish"][i] = now
+            self._tick_progress()
+            return
+        self._sync(now)
+        pending = PendingRequest(spec.request_id, spec.client_id, spec.prompt_len, spec.max_tokens, spec.arrival_time,
+                                 weight=spec.weight, tier=spec.tier)
+        if self.admission.add(pending, now) is not None:
+            self.status[i] = STATUS_CODES["rejected"]
+            self.times["finish"][i] = now
+            self._tick_progress()
+            return
+        self.queued_prompt += spec.prompt_len
+        self._admit(now)
+
+    def _fits_anywhere(self, spec: RequestSpec) -> bool:
+        bs = self.block_size
+        total = -(-(spec.prompt_len + spec.max_tokens) // bs)
+        return total <= self.max_blocks
+
+    def _sync(self, now: float) -> None:
+        """Charge the admission policy for every token produced by ``now``."""
+        if self.tracks_tokens and now > self.synced_at:
+            self.synced_at = now
+            for worker in self.workers:
+                if worker.busy and worker.stretch:
+                    worker.sync_tokens(now)
+
+    def _admit(self, now: float) -> None:
+        policy = self.admission
+        self._sync(now)
+        bs = self.block_size
+        while (head := policy.peek()) is not None:
+            i = self.index_of[head.request_id]
+            need = -(-(head.prompt_tokens + head.max_tokens) // bs)
+            if self.colocated_pool:
+                target = self._place_colocated(head.prompt_tokens, need)
+                if target is None:
+                    return
+                policy.pop(now)
+                self.queued_prompt -= head.prompt_tokens
+                self._dispatch_colocated(i, target, need, now)
+            else:
+                prefill = self._pick_prefill(head.prompt_tokens)
+                if prefill is None:
+                    return
+                decode = None
+                for worker in self.decode_pool:
+                    free = worker.total_blocks - worker.reserved_blocks
+                    if need <= free and (decode is None or free > decode.total_blocks - decode.reserved_blocks):
+                        decode = worker
+                if decode is None:
+                    return
+                policy.pop(now)
+                self.queued_prompt -= head.prompt_tokens
+                self._dispatch(i, prefill, decode, need, now)
+
+    def _pick_prefill(self, prompt: int) -> Worker | None:
+        limit = self.config.max_prefill_backlog_tokens
+        blocks = -(-prompt // self.block_size)
+        best = None
+        for worker in self.prefill_pool:
+            fits_memory = worker.backlog_blocks + blocks <= worker.total_blocks
+            fits_backlog = worker.backlog_tokens == 0 or limit is None or worker.backlog_tokens + prompt <= limit
+            if fits_memory and fits_backlog and (best is None or worker.backlog_tokens < best.backlog_tokens):
+                best = worker
+        return best
+
+    def _place_colocated(self, prompt: int, need: int) -> Worker | None:
+        limit = self.config.max_prefill_backlog_tokens
+        reserve = self.config.colocated_reserve
+        best = None
+        for worker in self.colocated_pool:
+            if reserve and need > worker.total_blocks - worker.reserved_blocks:
+                continue
+            if not (worker.backlog_tokens == 0 or limit is None or worker.backlog_tokens + prompt <= limit):
+                continue
+            if best is None or (worker.backlog_tokens, best.reserved_blocks) < (best.backlog_tokens,
+                                                                                worker.reserved_blocks):
+                best = worker
+        return best
+
+    def _new_seq(self, i: int, blocks_to_admit: int) -> SimSeq:
+        spec = self.specs[i]
+        return SimSeq(request_id=spec.request_id, arrival_time=spec.arrival_time, prompt_len=spec.prompt_len,
+                      blocks_to_admit=blocks_to_admit, tbt_slo_s=spec.tbt_slo_s, ttft_slo_s=spec.ttft_slo_s,
+                      tier=spec.tier, idx=i, target=spec.output_len, client=spec.client_id, tier_idx=self.tier_of[i],
+                      slo=self.slo[i], blocks=blocks_to_admit)
+
+    def _dispatch(self, i: int, prefill: Worker, decode: Worker, need: int, now: float) -> None:
+        prompt = self.specs[i].prompt_len
+        self.times["admitted"][i] = now
+        decode.reserved_blocks += need
+        decode.free_blocks -= need  # the decode engine allocates the reservation (Engine.reserve)
+        decode.num_requests += 1
+        blocks = -(-prompt // self.block_size)
+        prefill.backlog_tokens += prompt
+        prefill.backlog_blocks += blocks
+        prefill.num_requests += 1
+        self.req_prefill[i], self.req_decode[i], self.req_blocks[i] = prefill.index, decode.index, need
+        seq = self._new_seq(i, blocks)
+        self.req_seq[i] = seq
+        prefill.add_waiting(seq)
+        self._kick(prefill, now)
+
+    def _dispatch_colocated(self, i: int, worker: Worker, need: int, now: float) -> None:
+        self.times["admitted"][i] = now
+        if self.config.colocated_reserve:
+            worker.reserved_blocks += need
+        worker.backlog_tokens += self.specs[i].prompt_len
+        worker.num_requests += 1
+        self.req_prefill[i] = self.req_decode[i] = worker.index
+        self.req_blocks[i] = need
+        seq = self._new_seq(i, need)
+        self.req_seq[i] = seq
+        worker.add_waiting(seq)
+        self._kick(worker, now)
+
+    @staticmethod
+    def _kick(worker: Worker, now: float) -> None:
+        if worker.busy:
+            worker.interrupt(now)
+        else:
+            worker.start(now)
+
+    # ------------------------------------------------------------------ worker callbacks
+
+    def on_prefill_start(self, worker: Worker, seq: SimSeq, now: float) -> None:
+        if math.isnan(self.times["prefill_start"][seq.idx]):
+            self.times["prefill_start"][seq.idx] = now
+
+    def first_token(self, worker: Worker, seq: SimSeq, t: float) -> None:
+        """The last prompt chunk ended at ``t``: the first token is sampled."""
+        i = seq.idx
+        seq.num_output = 1
+        seq.last_token_time = t
+        self.times["first_token"][i] = t
+        self.times["prefill_end"][i] = t
+        if self.token_times is not None:
+            self.token_times[i].append(t)
+        worker.backlog_tokens -= seq.prompt_len
+        if worker.role == PREFILL:
+            worker.backlog_blocks -= seq.blocks
+            worker.num_requests -= 1
+            if self.tracks_tokens:
+                self.admission.on_output_tokens(seq.client, 1)
+
+    def token(self, seq: SimSeq, t: float) -> None:
+        """One decode token of ``seq`` at ``t``."""
+        i = seq.idx
+        gap = t - seq.last_token_time
+        self.hists[seq.tier_idx].add(gap)
+        if gap > self.max_tbt[i]:
+            self.max_tbt[i] = gap
+        if gap > seq.slo:
+            self.violations[i] += 1
+        self.num_gaps[i] += 1
+        seq.num_output += 1
+        seq.last_token_time = t
+        if self.token_times is not None:
+            self.token_times[i].append(t)
+
+    def stretch_tokens(self, running: list[SimSeq], k: int, a: float, b: float, t0: float, first_end: float,
+                       last_end: float) -> None:
+        """Apply ``k`` pure-decode iterations of ``running`` from ``t0`` (the i-th taking ``a + b*i``)."""
+        hists, max_tbt, violations, num_gaps = self.hists, self.max_tbt, self.violations, self.num_gaps
+        last_gap = a + b * (k - 1)
+        over: dict[float, int] = {}
+        tier_counts: dict[int, int] = {}
+        times = None
+        if self.token_times is not None:
+            times = [t0 + (j + 1) * a + b * j * (j + 1) / 2 for j in range(k)]
+        for seq in running:
+            i = seq.idx
+            gap0 = first_end - seq.last_token_time
+            hists[seq.tier_idx].add(gap0)
+            worst = gap0 if (k == 1 or gap0 > last_gap) else last_gap
+            if worst > max_tbt[i]:
+                max_tbt[i] = worst
+            slo = seq.slo
+            if slo != math.inf:
+                count = over.get(slo)
+                if count is None:
+                    count = over[slo] = _count_over(a, b, k, slo)
+                violations[i] += count + (1 if gap0 > slo else 0)
+            num_gaps[i] += k
+            seq.num_output += k
+            seq.last_token_time = last_end
+            tier_counts[seq.tier_idx] = tier_counts.get(seq.tier_idx, 0) + 1
+            if times is not None:
+                self.token_times[i].extend(times)
+        if k >= 2:
+            for tier, count in tier_counts.items():
+                hists[tier].add_linear(a, b, 1, k, count)
+
+    def prefilled(self, worker: Worker, seq: SimSeq, t: float) -> None:
+        """A prefill worker exported ``seq``'s KV at ``t``: it travels to the decode worker that reserved room."""
+        i = seq.idx
+        spec = self.specs[i]
+        blocks = -(-spec.prompt_len // self.block_size)
+        nbytes = blocks * self.block_size * self.cost.kv_bytes_per_token
+        arrive = t + self.config.handoff_latency_s + nbytes / self.config.handoff_bandwidth_Bps
+        self.times["handoff_start"][i] = t
+        self.times["handoff_end"][i] = arrive
+        self._push(arrive, EV_HANDOFF, i, self.req_decode[i])
+        self._admit(t)
+
+    def _land(self, i: int, decode: Worker, t: float) -> None:
+        spec = self.specs[i]
+        first = self.times["first_token"][i]
+        seq = SimSeq(request_id=spec.request_id, arrival_time=spec.arrival_time, prompt_len=spec.prompt_len,
+                     num_computed=spec.prompt_len, num_output=1, blocks_held=self.req_blocks[i],
+                     last_token_time=first, tbt_slo_s=spec.tbt_slo_s, ttft_slo_s=spec.ttft_slo_s, tier=spec.tier,
+                     idx=i, target=spec.output_len, client=spec.client_id, tier_idx=self.tier_of[i],
+                     slo=self.slo[i], blocks=self.req_blocks[i])
+        self.req_seq[i] = seq
+        decode.add_running(seq)
+        self._kick(decode, t)
+
+    def finished(self, worker: Worker, seq: SimSeq, t: float) -> None:
+        i = seq.idx
+        self.times["finish"][i] = t
+        self.status[i] = STATUS_CODES["finished"]
+        self.num_tokens[i] = seq.num_output
+        self._tick_progress()
+        need = self.req_blocks[i]
+        if worker.role == PREFILL:  # finished with its first token: release the decode reservation
+            decode = self.workers[self.req_decode[i]]
+            decode.reserved_blocks -= need
+            decode.free_blocks += need
+            decode.num_requests -= 1
+            self._maybe_switch(decode, t)
+        elif worker.role == DECODE:
+            worker.reserved_blocks -= need
+            worker.num_requests -= 1
+        else:
+            if self.config.colocated_reserve:
+                worker.reserved_blocks -= need
+            worker.num_requests -= 1
+        self._admit(t)
+
+    # ------------------------------------------------------------------ pools
+
+    def _count(self, role: str) -> int:
+        return sum(1 for w in self.workers if w.role == role)
+
+    def _pool_stats(self, now: float) -> PoolStats:
+        prefill = [w for w in self.workers if w.role == PREFILL]
+        decode = [w for w in self.workers if w.role == DECODE]
+        while self.recent_prompts and self.recent_prompts[0][0] < now - RATE_WINDOW_S:
+            self.recent_prompts.popleft()
+        window = min(RATE_WINDOW_S, now) if now > 0 else RATE_WINDOW_S
+        arrival_tps = sum(p for _, p in self.recent_prompts) / window
+        budget = getattr(prefill[0].policy if prefill else None, "token_budget", 2048)
+        per_worker = self.cost.prefill_throughput_tps(budget, int(self.prompt_mean))
+        total = sum(w.total_blocks for w in decode)
+        slack = None
+        for w in decode:
+            targets = [s.slo for s in w.running if s.slo != math.inf]
+            if targets and w.last_duration > 0:
+                value = 1.0 - w.last_duration / min(targets)
+                slack = value if slack is None else min(slack, value)
+        return PoolStats(
+            prefill_workers=len(prefill), decode_workers=len(decode),
+            queued_prompt_tokens=self.queued_prompt + sum(w.prefill_tokens_queued for w in prefill),
+            prefill_throughput_tps=per_worker * len(prefill),
+            decode_kv_utilization=sum(w.reserved_blocks for w in decode) / total if total else 0.0,
+            running_decodes=sum(len(w.running) for w in decode), tbt_slack=slack, prompt_arrival_tps=arrival_tps,
+        )
+
+    def _pool_tick(self, now: float, arrivals_left: bool) -> None:
+        stats = self._pool_stats(now)
+        decision = self.pool_policy.decide(stats, now)
+        if decision is not None:
+            donors = [w for w in self.workers if w.role == decision.from_pool and w.draining_to is None]
+            if len(donors) >= 2:
+                if decision.from_pool == POOL_DECODE:
+                    worker = min(donors, key=lambda w: (w.reserved_blocks, w.index))
+                else:
+                    worker = min(donors, key=lambda w: (w.backlog_tokens, w.index))
+                worker.draining_to = decision.to_pool
+                self._refresh_pools()
+                self.pool_moves.append({"time": now, "worker": worker.worker_id, "from": decision.from_pool,
+                                        "to": decision.to_pool, "reason": decision.reason})
+                self._maybe_switch(worker, now)
+        busy = any(w.busy or w.num_requests for w in self.workers) or len(self.admission)
+        if arrivals_left or busy:
+            self._push(now + self.config.pool_tick_s, EV_POOL, 0, 0)
+
+    def _maybe_switch(self, worker: Worker, now: float) -> None:
+        if worker.draining_to is not None and worker.is_empty():
+            self.switch_role(worker, now)
+
+    def switch_role(self, worker: Worker, now: float) -> None:
+        role = worker.draining_to
+        assert role is not None
+        worker.role = role
+        worker.worker_id = f"{role}-{worker.index}"
+        worker.draining_to = None
+        worker.set_policy(self._new_policy(role))
+        worker.reserved_blocks = worker.backlog_tokens = worker.backlog_blocks = 0
+        worker.free_blocks = worker.total_blocks
+        worker.prefill_tokens_queued = 0
+        worker.plan_all_decodes = False
+        self._refresh_pools()
+        self.pool_history.append((now, self._count(PREFILL), self._count(DECODE)))
+        self._admit(now)
+
+    # ------------------------------------------------------------------ results
+
+    def _result(self, end: float) -> RunResult:
+        n = len(self.specs)
+        specs = self.specs
+        for i in range(n):
+            if self.status[i] == STATUS_CODES["unfinished"]:
+                seq = self.req_seq[i]
+                if seq is not None:
+                    extra = 0
+                    worker = self.workers[self.req_decode[i]] if self.req_decode[i] >= 0 else None
+                    if worker is not None and worker.busy and worker.stretch and seq in worker.stretch_seqs:
+                        extra = worker.completed_iterations(end)
+                    self.num_tokens[i] = seq.num_output + extra
+        times = {"arrival": np.array([s.arrival_time for s in specs], float)}
+        times.update({phase: np.array(values, float) for phase, values in self.times.items()})
+        names = {w.index: w.worker_id for w in self.workers}
+        return RunResult(
+            request_ids=[s.request_id for s in specs], client_ids=[s.client_id for s in specs],
+            tiers=[s.tier for s in specs],
+            prompt_len=np.array([s.prompt_len for s in specs], np.int64),
+            output_len=np.array([s.output_len for s in specs], np.int64),
+            weight=np.array([s.weight for s in specs], float),
+            tbt_slo=np.array([NAN if s.tbt_slo_s is None else s.tbt_slo_s for s in specs], float),
+            ttft_slo=np.array([NAN if s.ttft_slo_s is None else s.ttft_slo_s for s in specs], float),
+            times=times, status=np.array(self.status, np.int8), num_tokens=np.array(self.num_tokens, np.int64),
+            num_gaps=np.array(self.num_gaps, np.int64), max_tbt=np.array(self.max_tbt, float),
+            tbt_violations=np.array(self.violations, np.int64),
+            tbt_hist={name: self.hists[k] for k, name in enumerate(self.tier_names)}, end_time=end,
+            token_times=[np.array(t) for t in self.token_times] if self.token_times is not None else None,
+            prefill_worker=[names.get(k) if k >= 0 else None for k in self.req_prefill],
+            decode_worker=[names.get(k) if k >= 0 and not self.colocated_pool else None for k in self.req_decode],
+            kv_bytes_per_token=self.cost.kv_bytes_per_token,
+            meta={"cluster": self.config.describe(), "events": self.events, "pool_history": self.pool_history,
+                  "pool_moves": self.pool_moves},
+        )
+
+
+def _count_over(a: float, b: float, k: int, slo: float) -> int:
+    """How many of the gaps ``a + b*j``, j = 1 .. k-1, exceed ``slo`` (they grow with j)."""
+    if k < 2:
+        return 0
+    if a + b * (k - 1) <= slo:
+        return 0
+    if a + b > slo:
+        return k - 1
+    first = int((slo - a) / b) + 1  # smallest j with a + b*j > slo
+    while first > 1 and a + b * (first - 1) > slo:
+        first -= 1
+    while a + b * first <= slo:
+        first += 1
+    return max(0, k - first)
+
+
+def simulate(config: ClusterConfig, specs: list[RequestSpec], until: float | None = None,
+             progress: bool = False) -> RunResult:
+    """Run ``specs`` on the cluster ``config``; see the module docstring."""
+    return Simulator(config, specs, until, progress).run()
