@@ -12,6 +12,10 @@ The model runner packs one iteration (prefill chunks and decodes of many sequenc
 Sequences with a single new token (decodes) are attended together in one padded batch; longer chunks one by one.
 The module's ``scaling`` is used; grouped-query attention shares each KV head among ``num_key_value_groups`` query
 heads. No Hugging Face cache is involved (run the model with ``use_cache=False``).
+
+On CUDA the model runner passes an ``engine.paged_attention_cuda.CudaAttentionContext`` instead, and the layer runs
+the Triton/SDPA path of that module; this module's own code is the reference path (CPU, and CUDA when the kernels
+cannot be used).
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
+
+from engine.paged_attention_cuda import CudaAttentionContext, cuda_attention_forward
 
 ATTENTION_NAME = "diptych_paged"
 """Pass as ``attn_implementation`` to ``from_pretrained``."""
@@ -129,7 +135,7 @@ def paged_attention_forward(
     attention_mask: torch.Tensor | None,
     scaling: float | None = None,
     sliding_window: int | None = None,
-    paged_context: PagedAttentionContext | None = None,
+    paged_context: PagedAttentionContext | CudaAttentionContext | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """Attention over the paged pool. ``query`` is ``[1, heads, T, head_dim]``, ``key``/``value``
@@ -138,6 +144,9 @@ def paged_attention_forward(
     at inference. Returns ``([1, T, heads, head_dim], None)``."""
     if paged_context is None:
         raise RuntimeError(f"attn_implementation={ATTENTION_NAME!r} needs the forward kwarg paged_context")
+    scale = scaling if scaling is not None else module.head_dim**-0.5
+    if isinstance(paged_context, CudaAttentionContext):
+        return cuda_attention_forward(module, query, key, value, paged_context, scale, sliding_window), None
     ctx = paged_context
     layer_cache = ctx.pool[:, module.layer_idx]
     layer_cache[ctx.slot_blocks, 0, ctx.slot_offsets] = key[0].transpose(0, 1).to(layer_cache.dtype)
@@ -145,7 +154,6 @@ def paged_attention_forward(
 
     queries = query[0].transpose(0, 1)
     output = torch.empty_like(queries)
-    scale = scaling if scaling is not None else module.head_dim**-0.5
     single = ctx.single_query
     if single is not None:
         output[single.token_indices] = _attend_single_queries(queries, layer_cache, single, scale, sliding_window)

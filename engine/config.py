@@ -38,6 +38,8 @@ class EngineConfig:
     kv_memory_gb: float = 0.25
     max_model_len: int | None = None
     seed: int = 0
+    cuda_graph_max_batch: int = 128
+    """CUDA only: decode-only iterations of up to this many sequences replay captured CUDA graphs (0: off)."""
 
     def __post_init__(self) -> None:
         if self.model is not None and (not isinstance(self.model, str) or not self.model.strip()):
@@ -56,6 +58,8 @@ class EngineConfig:
             raise ValueError(f"max_model_len must be an integer > 1 or None, got {self.max_model_len!r}")
         if not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if not isinstance(self.cuda_graph_max_batch, int) or self.cuda_graph_max_batch < 0:
+            raise ValueError(f"cuda_graph_max_batch must be an integer >= 0, got {self.cuda_graph_max_batch!r}")
 
     def torch_dtype(self) -> torch.dtype:
         """The resolved parameter and KV dtype ("auto": float32 on CPU, bfloat16 on CUDA)."""

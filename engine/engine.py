@@ -29,11 +29,13 @@ from proto.messages import SLO, SamplingParams, WorkerLoad
 class Engine:
     """Model, KV pool, sequences and batch policy of one worker. Not thread-safe: call it from one thread."""
 
-    def __init__(self, config: EngineConfig, policy: BatchPolicy | None = None) -> None:
+    def __init__(self, config: EngineConfig, policy: BatchPolicy | None = None, *, model=None) -> None:
+        """``model``: an already built Hugging Face model (loaded with ``attn_implementation="diptych_paged"``) to
+        use instead of loading ``config.model``'s weights; the tokenizer still comes from ``config.model``."""
         self.config = config
         self.policy = policy if policy is not None else SarathiBatching()
         self.model_name = resolve_model(config.model)
-        self.runner = ModelRunner(config, self.model_name)
+        self.runner = ModelRunner(config, self.model_name, model)
         self.kv = self.runner.kv
         self.tokenizer = self.runner.tokenizer
         self.layout = self.runner.layout

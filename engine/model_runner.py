@@ -3,12 +3,14 @@
 The model is loaded with ``attn_implementation="diptych_paged"`` (``engine.attention``) in eval mode and runs
 under ``torch.inference_mode`` with ``use_cache=False``: all KV lives in the runner's ``KVCachePool``. One
 ``execute`` call runs one iteration: every item's new tokens are packed into one ``[1, T]`` sequence and logits
-are computed only for the items that sample.
+are computed only for the items that sample. On CUDA (power-of-two head and block sizes) ``execute`` goes through
+``engine.cuda_runner.CudaExecutor``: Triton paged attention and CUDA graphs for decode-only iterations.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
@@ -16,7 +18,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from engine.attention import ATTENTION_NAME, build_context
 from engine.config import EngineConfig
 from engine.kv_cache import KVCachePool, bytes_per_block, dtype_name
+from engine.paged_attention_cuda import kernels_support
 from proto.messages import KVLayout
+
+if TYPE_CHECKING:
+    from engine.cuda_runner import CudaExecutor
 
 SUPPORTED_LAYER_TYPES = {"full_attention", "sliding_attention"}
 
@@ -44,13 +50,17 @@ class ModelRunner:
     config and tokenizer EOS ids), ``vocab_size`` and ``max_position_embeddings`` (tokens, None if unknown).
     """
 
-    def __init__(self, config: EngineConfig, model_path: str) -> None:
+    def __init__(self, config: EngineConfig, model_path: str, model: PreTrainedModel | None = None) -> None:
         self.device = torch.device(config.device)
         self.dtype = config.torch_dtype()
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        self.model = AutoModelForCausalLM.from_pretrained(
-            model_path, dtype=self.dtype, attn_implementation=ATTENTION_NAME
-        )
+        if model is None:
+            model = AutoModelForCausalLM.from_pretrained(
+                model_path, dtype=self.dtype, attn_implementation=ATTENTION_NAME
+            )
+        elif model.dtype != self.dtype:
+            raise ValueError(f"the given model is {model.dtype}, the engine is configured for {self.dtype}")
+        self.model = model
         self.model.to(self.device).eval()
         check_supported(self.model)
         model_config = self.model.config
@@ -68,6 +78,12 @@ class ModelRunner:
         num_blocks = config.kv_pool_blocks(bytes_per_block(layout, self.dtype))
         self.kv = KVCachePool(layout, num_blocks, self.dtype, self.device)
         self.layout = layout
+        self.cuda: CudaExecutor | None = None
+        if self.device.type == "cuda" and kernels_support(layout.head_dim, layout.block_size):
+            from engine.cuda_runner import CudaExecutor
+
+            max_len = config.max_model_len or self.max_position_embeddings or 8192
+            self.cuda = CudaExecutor(self.model, self.kv.pool, max_len, config.cuda_graph_max_batch)
 
     @torch.inference_mode()
     def execute(self, items: list[ForwardItem]) -> torch.Tensor:
@@ -75,6 +91,8 @@ class ModelRunner:
         item order, on the model's device."""
         if not items:
             raise ValueError("execute needs at least one item")
+        if self.cuda is not None:
+            return self.cuda.execute(items)
         token_ids: list[int] = []
         positions: list[list[int]] = []
         keep: list[int] = []

@@ -43,10 +43,12 @@ class Sampler:
         """``logits`` is ``[len(requests), vocab]`` (any device and dtype); returns one token id per row."""
         if logits.shape[0] != len(requests):
             raise ValueError(f"{logits.shape[0]} logits rows for {len(requests)} sampling requests")
-        tokens = logits.argmax(dim=-1).tolist()
-        for row, request in enumerate(requests):
-            if request.params.temperature > 0:
-                tokens[row] = self._draw(logits[row], request)
+        tokens = _to_host(logits.argmax(dim=-1)).tolist()
+        drawn = [row for row, request in enumerate(requests) if request.params.temperature > 0]
+        if drawn:
+            rows = _to_host(logits[torch.tensor(drawn, device=logits.device)].double())
+            for index, row in enumerate(drawn):
+                tokens[row] = self._draw(rows[index], requests[row])
         return tokens
 
     def _draw(self, row_logits: torch.Tensor, request: SamplingRequest) -> int:
@@ -59,6 +61,16 @@ class Sampler:
         cumulative = probs.cumsum(0)
         choice = int(torch.searchsorted(cumulative, uniform * cumulative[-1], right=True))
         return min(choice, probs.shape[0] - 1)
+
+
+def _to_host(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` on the CPU; from CUDA through pinned memory (the iteration's one synchronisation)."""
+    if tensor.device.type != "cuda":
+        return tensor
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    host.copy_(tensor, non_blocking=True)
+    torch.cuda.current_stream(tensor.device).synchronize()
+    return host
 
 
 def filtered_probabilities(row_logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
