@@ -2,22 +2,29 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 
 from services.common.lifecycle import run_service, setup_logging
 from services.frontend.config import parse_config
+from services.frontend.identity import load_access
 
 
 def main(argv: list[str] | None = None) -> None:
     config = parse_config(argv)
     setup_logging("frontend", config.log_level)
+    try:  # before importing the server, so a bad keys or tiers file fails in well under a second
+        directory, slo_policy = load_access(config.api_keys_file, config.slo_tiers_file)
+    except ValueError as exc:
+        logging.getLogger(__name__).error("cannot start: %s", exc)
+        sys.exit(1)
     from services.frontend.server import serve  # after argument parsing, so --help does not load transformers
 
     status = 0
 
     async def run(stop) -> None:
         nonlocal status
-        status = await serve(config, stop)
+        status = await serve(config, directory, slo_policy, stop)
 
     run_service(run)
     sys.exit(status)

@@ -21,9 +21,10 @@ from services.common.sockets import bind_address, make_socket
 from services.frontend.config import FrontendConfig
 from services.frontend.coordinator_link import CoordinatorLink, frontend_identity
 from services.frontend.http_api import create_app
-from services.frontend.identity import load_access
+from services.frontend.identity import ClientDirectory
 from services.frontend.model_info import ModelInfo
 from services.frontend.sdk_endpoint import SdkEndpoint
+from services.frontend.slo import SloPolicy
 from services.frontend.tracker import RequestTracker
 
 log = logging.getLogger(__name__)
@@ -47,10 +48,11 @@ def resolve_model_path(model: str | None) -> str:
     return resolve_model(None)
 
 
-async def serve(config: FrontendConfig, stop: asyncio.Event) -> int:
-    """Run until ``stop`` is set; returns the process exit status (0, or 1 when a component failed)."""
+async def serve(config: FrontendConfig, directory: ClientDirectory, slo_policy: SloPolicy,
+                stop: asyncio.Event) -> int:
+    """Run until ``stop`` is set, with clients and SLO tiers from ``identity.load_access``; returns the process exit
+    status (0, or 1 when a component failed)."""
     try:
-        directory, slo_policy = load_access(config.api_keys_file, config.slo_tiers_file)  # before the slow part
         info = ModelInfo.load(resolve_model_path(config.model), config.served_model_name, config.max_model_len)
         family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
         http_sock = socket.create_server((config.host, config.http_port), family=family)

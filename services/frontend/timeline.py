@@ -13,7 +13,8 @@ the workers' (phases, token times) are compared directly, so they are as consist
   count;
 - ``finish`` and ``finish_reason``: when and why the frontend ended the request ("stop", "length", "abort").
 
-A phase is taken from the first output that carries it; event names other than the five phases are ignored.
+A phase is taken from the first output that carries it; a phase time <= 0 (a worker's "not measured") and event
+names other than the five phases are ignored.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ class Timeline:
         """Merge the in-order ``output``'s phase events and the times of its first ``num_tokens`` tokens (the ones
         the client gets: a stop string may cut an output short). ``now`` stands in for missing timestamps."""
         for name, at in output.events.items():
-            if name in PHASES:
+            if name in PHASES and at > 0:
                 self.phases.setdefault(name, at)
         times = list(output.timestamps[:num_tokens])
         self.token_times.extend(times + [now] * (num_tokens - len(times)))
