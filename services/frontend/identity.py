@@ -7,8 +7,9 @@ The keys file is JSON::
 
 (``weight`` and ``tier`` are optional; ``tier`` must name a known tier). The tiers map may instead come from its own
 file (``--slo-tiers``, with or without a keys file): the same ``{"<name>": {...}}`` object; giving tiers in both
-files is an error. With neither, the built-in tiers apply (``services.frontend.slo``). With no keys configured every request belongs to
-``ANONYMOUS``; with keys configured, a request without a known key is refused (HTTP 401 / SDK ``ClientError`` 401).
+files is an error. With neither, the built-in tiers apply (``services.frontend.slo``). With no keys configured every
+request belongs to ``ANONYMOUS``; with keys configured, a request without a known key is refused (HTTP 401 / SDK
+``ClientError`` 401).
 """
 
 from __future__ import annotations

@@ -70,8 +70,9 @@ async def serve(config: FrontendConfig, directory: ClientDirectory, slo_policy: 
         http_sock.close()
         ctx.destroy(linger=0)
         return 1
-    server = _EmbeddedServer(uvicorn.Config(create_app(info, tracker, directory, slo_policy, coordinator), lifespan="off",
-                                            log_level="warning", timeout_graceful_shutdown=HTTP_GRACE_S))
+    app = create_app(info, tracker, directory, slo_policy, coordinator)
+    server = _EmbeddedServer(uvicorn.Config(app, lifespan="off", log_level="warning",
+                                            timeout_graceful_shutdown=HTTP_GRACE_S))
     http_task = asyncio.create_task(server.serve(sockets=[http_sock]), name="http")
     background = [
         asyncio.create_task(tracker.run_token_stream(stream_sock), name="token-stream"),
