@@ -101,8 +101,9 @@ def create_app(info: ModelInfo, tracker: RequestTracker, directory: ClientDirect
         body: dict[str, Any] = {"model": info.name, "running_requests": len(tracker)}
         if status is None:
             return JSONResponse({"status": "coordinator unreachable", **body}, status_code=503)
-        body.update(prefill_workers=status.prefill_workers, decode_workers=status.decode_workers)
-        ready = status.prefill_workers > 0 and status.decode_workers > 0
+        body.update(prefill_workers=status.prefill_workers, decode_workers=status.decode_workers,
+                    colocated_workers=status.colocated_workers)
+        ready = status.colocated_workers > 0 or (status.prefill_workers > 0 and status.decode_workers > 0)
         return JSONResponse({"status": "ok" if ready else "no workers", **body}, status_code=200 if ready else 503)
 
     @app.get("/admin/status")
