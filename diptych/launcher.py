@@ -45,6 +45,7 @@ class ClusterSpec:
     block_size: int = 16
     num_blocks: int | None = None
     api_keys_file: str | None = None
+    slo_tiers_file: str | None = None
     log_level: str = "INFO"
     extra_worker_args: list[str] = field(default_factory=list)
     extra_frontend_args: list[str] = field(default_factory=list)
@@ -111,6 +112,7 @@ class Cluster:
             *py, "services.frontend", *model, "--host", s.host, "--http-port", str(s.http_port),
             "--sdk-addr", s.sdk_addr, "--stream-addr", s.addr(s.stream_port), "--coordinator-addr", coordinator,
             "--log-level", s.log_level, *(["--api-keys-file", s.api_keys_file] if s.api_keys_file else []),
+            *(["--slo-tiers", s.slo_tiers_file] if s.slo_tiers_file else []),
             *s.extra_frontend_args,
         ]
         return cmds

@@ -88,6 +88,8 @@ ADMISSION_POLICIES: Registry[AdmissionPolicy] = Registry("admission")
 class FCFSAdmission(AdmissionPolicy):
     """First come, first served across all clients."""
 
+    summary = "first come, first served across all clients"
+
     def __init__(self) -> None:
         self._queue: deque[PendingRequest] = deque()
 

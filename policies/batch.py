@@ -116,6 +116,8 @@ class SarathiBatching(BatchPolicy):
     Knobs: ``token_budget`` (tokens per iteration, prefill chunks plus decodes; 512 under strict SLOs, 2048
     relaxed), ``max_running`` (sequences holding KV, 128), ``max_decodes`` (decodes per iteration, 128)."""
 
+    summary = "Sarathi-Serve: every decode each iteration, prompts chunked FCFS into the token budget"
+
     def __init__(self, token_budget: int = 512, max_running: int = 128, max_decodes: int = 128) -> None:
         if token_budget <= 0 or max_running <= 0 or max_decodes <= 0:
             raise ValueError("token_budget, max_running and max_decodes must be positive")

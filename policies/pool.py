@@ -81,6 +81,8 @@ POOL_POLICIES: Registry[PoolPolicy] = Registry("pool")
 class StaticPools(PoolPolicy):
     """The split given at start, never changed."""
 
+    summary = "keep the split given at start"
+
     def decide(self, stats: PoolStats, now: float) -> PoolDecision | None:
         return None
 
@@ -91,6 +93,8 @@ class RADPools(PoolPolicy):
     ``decode_batch_target`` (decodes per worker at full tile efficiency, 128), ``min_tbt_slack`` (0.2),
     ``up_threshold`` (1.0), ``down_threshold`` (0.7), ``min_dwell_s`` (30.0). All [Diptych] choices: the paper's
     switching rule was not available."""
+
+    summary = "move flex workers toward the bottleneck pool (prefill backlog vs decode pressure), with hysteresis"
 
     def __init__(self, backlog_target_s: float = 1.0, prefill_util_target: float = 0.9, kv_target: float = 0.9,
                  decode_batch_target: int = 128, min_tbt_slack: float = 0.2, up_threshold: float = 1.0, down_threshold: float = 0.7,

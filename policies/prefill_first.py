@@ -24,6 +24,8 @@ class PrefillFirstBatching(BatchPolicy):
     """Knobs: ``max_num_batched_tokens`` (prefill tokens per iteration, 2048), ``max_running`` (sequences holding
     KV, 128), ``max_decodes`` (decodes per iteration, 128)."""
 
+    summary = "vLLM-style: whole prompts first, decodes stall while prefills run"
+
     def __init__(self, max_num_batched_tokens: int = 2048, max_running: int = 128, max_decodes: int = 128) -> None:
         if max_num_batched_tokens <= 0 or max_running <= 0 or max_decodes <= 0:
             raise ValueError("max_num_batched_tokens, max_running and max_decodes must be positive")

@@ -37,6 +37,8 @@ class RADBatching(BatchPolicy):
     """Knobs: ``token_budget`` (512), ``max_running`` (128), ``max_decodes`` (128), ``tile_quantum`` (L, 128),
     ``decode_tile`` (b_col, None = every decode runs)."""
 
+    summary = "Sarathi-like with prefill chunks packed to multiples of the matmul tile quantum"
+
     def __init__(self, token_budget: int = 512, max_running: int = 128, max_decodes: int = 128,
                  tile_quantum: int = 128, decode_tile: int | None = None) -> None:
         if min(token_budget, max_running, max_decodes, tile_quantum) <= 0:

@@ -28,6 +28,10 @@ class Registry(Generic[T]):
     def names(self) -> list[str]:
         return sorted(self._classes)
 
+    def describe(self) -> str:
+        """One line per policy: its name and its ``summary`` class attribute (for ``--help``)."""
+        return "\n".join(f"  {name:14} {getattr(self._classes[name], 'summary', '')}" for name in self.names())
+
     def get(self, name: str) -> type[T]:
         try:
             return self._classes[name]

@@ -22,6 +22,8 @@ class RPMAdmission(FCFSAdmission):
     """FCFS behind a per-client sliding-window rate limit. Knobs: ``limit`` (accepted requests per window per
     client; 5 as in the paper's RPM(5) run), ``window_s`` (60.0)."""
 
+    summary = "FCFS behind a per-client requests-per-minute limit (429 beyond it)"
+
     def __init__(self, limit: int = 5, window_s: float = 60.0) -> None:
         super().__init__()
         if limit <= 0 or window_s <= 0:

@@ -47,6 +47,8 @@ class SLAIBatching(BatchPolicy):
     ``default_tbt_s`` (TBT target of sequences without one, 0.2), ``b_bar_mode`` (``"cumulative"`` or ``"ewma"``),
     ``ewma_alpha`` (0.1), ``strict_tier_first`` (False), ``aging_s`` (None = off)."""
 
+    summary = "SLO-aware: urgent decodes first, decodes with TBT slack deferred for shortest-prompt-first prefills"
+
     def __init__(self, token_budget: int = 512, max_decodes: int = 128, max_running: int = 128,
                  theta_lo: float = 5.0, theta_hi: float = 10.0, kv_threshold: float = 0.96,
                  fixed_offset: bool = False, default_tbt_s: float = 0.2, b_bar_mode: str = "cumulative",

@@ -15,6 +15,8 @@ from policies.request_queue import RequestQueue
 class SPFAdmission(AdmissionPolicy):
     """Shortest prompt first. Knob: ``aging_s`` (seconds, None = off)."""
 
+    summary = "shortest prompt first across clients (optional aging bound)"
+
     def __init__(self, aging_s: float | None = None) -> None:
         self.aging_s = aging_s
         self._queue = RequestQueue("spf", aging_s)

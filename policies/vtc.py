@@ -41,6 +41,8 @@ class VTCAdmission(AdmissionPolicy):
     """Weighted VTC. Knobs: ``w_p`` (cost per input token, 1.0), ``w_q`` (cost per output token, 2.0),
     ``client_queue_order`` (``"fifo"`` or ``"spf"``), ``aging_s`` (SPF starvation bound in seconds, None = off)."""
 
+    summary = "Virtual Token Counter: the backlogged client with the least weighted service goes next"
+
     lifts_counters = True
 
     def __init__(self, w_p: float = 1.0, w_q: float = 2.0, client_queue_order: str = "fifo",
@@ -171,5 +173,7 @@ class VTCAdmission(AdmissionPolicy):
 @ADMISSION_POLICIES.register("lcf")
 class LCFAdmission(VTCAdmission):
     """Least counter first: VTC's counters and charges without the arrival lift. Same knobs as ``vtc``."""
+
+    summary = "least counter first: VTC without the lift (a returning client can monopolise)"
 
     lifts_counters = False

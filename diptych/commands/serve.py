@@ -12,8 +12,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     from policies.batch import BATCH_POLICIES
     from policies.pool import POOL_POLICIES
 
-    p = sub.add_parser("serve", help="start coordinator, workers and frontend as separate processes",
-                       description="Start a Diptych cluster on this machine and serve until Ctrl-C/SIGTERM.")
+    p = sub.add_parser(
+        "serve", help="start coordinator, workers and frontend as separate processes",
+        description="Start a Diptych cluster on this machine and serve until Ctrl-C/SIGTERM.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"admission policies (--admission, coordinator):\n{ADMISSION_POLICIES.describe()}\n\n"
+               f"batch policies (--policy, every worker):\n{BATCH_POLICIES.describe()}\n\n"
+               f"pool policies (--pool-policy, flex workers):\n{POOL_POLICIES.describe()}\n\n"
+               "Policy knobs: --admission-opt/--policy-opt/--pool-opt KEY=VALUE (see README, 'Policies').",
+    )
     p.set_defaults(run=run)
     p.add_argument("--model", default=None, help="HF model id or local directory [built-in tiny Llama]")
     p.add_argument("--prefill-workers", type=int, default=1, help="number of prefill workers [%(default)s]")
@@ -40,7 +47,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--policy-opt", action="append", default=[], metavar="KEY=VALUE", help="batch policy knob")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N for every worker [%(default)s]")
     p.add_argument("--num-blocks", type=int, default=None, help="KV blocks per worker [from 0.25 GB]")
-    p.add_argument("--api-keys-file", default=None, help="JSON file mapping API keys to clients [anonymous]")
+    p.add_argument("--api-keys-file", default=None,
+                   help="JSON file mapping API keys to clients (id, fairness weight, SLO tier) [anonymous]")
+    p.add_argument("--slo-tiers", default=None, help="JSON file of SLO tiers {name: {tbt_s, ttft_s}} "
+                   "[default 0.2 s, strict 0.1 s, relaxed 0.5 s TBT]")
     p.add_argument("--log-dir", default=None, help="write each process's log to DIR/<name>.log [stderr]")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING [%(default)s]")
 
@@ -57,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
             sdk_port=args.sdk_port, stream_port=args.stream_port, kv_base_port=args.kv_base_port,
             admission=args.admission, admission_opts=args.admission_opt, policy=args.policy,
             policy_opts=args.policy_opt, device=args.device, num_blocks=args.num_blocks,
-            api_keys_file=args.api_keys_file, log_level=args.log_level,
+            api_keys_file=args.api_keys_file, slo_tiers_file=args.slo_tiers, log_level=args.log_level,
         )
     except ValueError as exc:
         print(f"diptych serve: {exc}", file=sys.stderr)
