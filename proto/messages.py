@@ -329,3 +329,5 @@ class ClusterStatus:
     colocated_workers: int = 0
     pools: dict[str, Any] = field(default_factory=dict)
     """The pool policy's state: its name and recent worker moves with their reasons."""
+    clients: dict[str, Any] = field(default_factory=dict)
+    """Service delivered per client (input and output tokens, requests, ``input + 2 * output``), for any policy."""

@@ -24,6 +24,7 @@ from proto.messages import (
 )
 from services.common.sockets import bind_address, make_socket, recv_message, send_message
 from services.coordinator.config import CoordinatorConfig
+from services.coordinator.ledger import ServiceLedger
 from services.coordinator.placement import Placer
 from services.coordinator.pools import PoolManager
 from services.coordinator.requests import Phase, RequestRecord, RequestTable
@@ -42,6 +43,7 @@ class Coordinator:
         self.placer = Placer(self.workers, config.max_prefill_backlog_tokens)
         self.pools = PoolManager(self.workers, config.pool_policy, config.pool_knobs, config.pool_interval_s)
         self.requests = RequestTable()
+        self.ledger = ServiceLedger()
         self.ctx = zmq.asyncio.Context()
         self.sock = make_socket(self.ctx, zmq.ROUTER, bind=bind_address(config.address))
         self._handlers = {
@@ -153,6 +155,7 @@ class Coordinator:
                 return
             self.policy.pop(time.time())
             Placer.commit(placement)
+            self.ledger.on_dispatch(record.request.client_id, head.prompt_tokens)
             record.admitted_time = time.time()
             record.prefill_worker, record.decode_worker = placement.prefill.worker_id, placement.decode.worker_id
             record.prefill_blocks, record.decode_blocks = placement.prefill_blocks, placement.decode_blocks
@@ -207,7 +210,7 @@ class Coordinator:
             return
         record.prefill_holds = False
         self._release_prefill(record)
-        self.policy.on_output_tokens(record.request.client_id, 1)
+        self._charge_output(record, 1)
         if record.phase is Phase.PREFILLING:
             if msg.handed_off:
                 record.phase = Phase.HANDOFF
@@ -226,7 +229,7 @@ class Coordinator:
         for rid, count in msg.counts.items():
             record = self.requests.get(rid)
             if record is not None:
-                self.policy.on_output_tokens(record.request.client_id, count)
+                self._charge_output(record, count)
                 self._release_prefill(record)  # colocated: its prompt has left the worker's prefill backlog
 
     async def _on_request_done(self, identity: bytes, msg: RequestDone) -> None:
@@ -247,6 +250,10 @@ class Coordinator:
             else:
                 await self._end(record, msg.finish_reason)
         self.requests.drop_if_released(record)
+
+    def _charge_output(self, record: RequestRecord, count: int) -> None:
+        self.policy.on_output_tokens(record.request.client_id, count)
+        self.ledger.on_output(record.request.client_id, count)
 
     # ------------------------------------------------------------------ endings
 
@@ -305,4 +312,5 @@ class Coordinator:
             prefill_workers=len(self.workers.in_pool("prefill")), decode_workers=len(self.workers.in_pool("decode")),
             waiting=len(self.policy), in_flight=len(self.requests), admission=self.policy.snapshot(), workers=workers,
             colocated_workers=len(self.workers.in_pool("colocated")), pools=self.pools.snapshot(),
+            clients=self.ledger.snapshot(),
         ))
