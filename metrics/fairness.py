@@ -5,8 +5,9 @@ evenly over its first-token-to-finish interval (the paper's measure); an unfinis
 up to the end of the run at the rate its tokens came (``num_tokens`` of ``output_len``).
 
 - ``service_curves``: accumulated service per client at grid times.
-- ``service_difference``: at each grid time, max minus min accumulated service among the clients *backlogged* then
-  (with a request that has arrived and not yet been admitted).
+- ``service_difference``: at each grid time, max minus min accumulated service per unit of client weight among the
+  clients *backlogged* then (with a request that has arrived and not yet been admitted). With equal weights this is
+  the plain service difference; with weights it is what weighted VTC equalises.
 - ``window_service``: service per client per window (tokens/s).
 - ``table2_metric``: per window, ``sum_i min(s_max - s_i, max(0, demand_i - s_i))`` with ``s_i`` the service of
   client i in the window, ``s_max`` the largest, and ``demand_i`` the cost of the client's requests that arrived
@@ -70,13 +71,23 @@ def backlogged(result: RunResult, grid: np.ndarray) -> dict[str, np.ndarray]:
     return out
 
 
+def client_weights(result: RunResult) -> dict[str, float]:
+    """Each client's weight (its largest request weight)."""
+    weights: dict[str, float] = {}
+    for client, weight in zip(result.client_ids, result.weight):
+        weights[client] = max(weights.get(client, 0.0), float(weight))
+    return weights
+
+
 def service_difference(result: RunResult, step_s: float = 1.0, w_p: float = 1.0, w_q: float = 2.0
                        ) -> tuple[np.ndarray, np.ndarray]:
-    """(grid, difference): max minus min accumulated service among backlogged clients (NaN with fewer than two)."""
+    """(grid, difference): max minus min accumulated service / weight among backlogged clients (NaN with fewer
+    than two)."""
     grid, curves = service_curves(result, step_s, w_p, w_q)
     backlog = backlogged(result, grid)
     clients = sorted(curves)
-    matrix = np.array([curves[c] for c in clients])
+    weights = client_weights(result)
+    matrix = np.array([curves[c] / weights[c] for c in clients])
     mask = np.array([backlog[c] for c in clients])
     hi = np.where(mask, matrix, -np.inf).max(axis=0)
     lo = np.where(mask, matrix, np.inf).min(axis=0)
