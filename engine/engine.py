@@ -111,7 +111,8 @@ class Engine:
     ) -> None:
         """Write a handed-off prompt KV (``frames``: one raw buffer per block, covering ``num_tokens`` ==
         prompt length positions) into the request's reserved blocks and start decoding it, with
-        ``[first_token_id]`` as its output so far. ``KeyError`` without a reservation; ``ValueError`` (reservation
+        ``[first_token_id]`` as its output so far. ``frames=None``: the KV is already in the reserved blocks (a
+        GPU-to-GPU push, ``engine.kv_transfer``). ``KeyError`` without a reservation; ``ValueError`` (reservation
         kept, nothing written) for mismatched sizes, a too small reservation, or a first token that already
         finishes the request."""
         if request_id not in self._reservations:
@@ -138,7 +139,8 @@ class Engine:
         token_time = now if first_token_time is None else first_token_time
         if sequence.append_token(first_token_id, token_time, self.eos_token_ids, self.max_model_len) is not None:
             raise ValueError(f"request {request_id} already finished with its first token")
-        self.kv.import_blocks(blocks[: math.ceil(num_tokens / self.block_size)], frames)
+        if frames is not None:
+            self.kv.import_blocks(blocks[: math.ceil(num_tokens / self.block_size)], frames)
         del self._reservations[request_id]
         self._running[request_id] = sequence
 
@@ -152,6 +154,18 @@ class Engine:
         if sequence is None:
             raise KeyError(f"request {request_id} is not a prefilled request of this engine")
         return self.kv.export_blocks(sequence.block_table[: math.ceil(sequence.prompt_len / self.block_size)])
+
+    def reserved_blocks(self, request_id: str) -> list[int]:
+        """The block ids reserved for ``request_id`` (what a GPU-to-GPU sender writes into). ``KeyError`` if none."""
+        return list(self._reservations[request_id])
+
+    def computed_blocks(self, request_id: str) -> tuple[list[int], int]:
+        """``(block_table, num_computed)`` of a running or prefilled request: positions ``0 .. num_computed - 1``
+        have KV in those blocks (for streaming a handoff while prefill runs). ``KeyError`` otherwise."""
+        sequence = self._running.get(request_id) or self._prefilled.get(request_id)
+        if sequence is None:
+            raise KeyError(f"request {request_id} is not running or prefilled here")
+        return sequence.block_table, sequence.num_computed
 
     def release(self, request_id: str) -> bool:
         """Free a PREFILLED request's blocks once its KV is exported. False if it is not prefilled here."""

@@ -87,7 +87,12 @@ class KVCachePool:
         are freed and reused."""
         self._check_ids(block_ids)
         index = torch.tensor(block_ids, dtype=torch.long, device=self.pool.device)
-        host = self.pool.index_select(0, index).cpu()
+        gathered = self.pool.index_select(0, index)
+        if gathered.device.type == "cuda":  # through pinned memory (cached by torch's host allocator)
+            host = torch.empty(gathered.shape, dtype=gathered.dtype, pin_memory=True)
+            host.copy_(gathered)
+        else:
+            host = gathered.cpu()
         raw = host.view(torch.uint8).reshape(len(block_ids), -1).numpy()
         return [memoryview(row) for row in raw]
 
@@ -108,9 +113,11 @@ class KVCachePool:
         with warnings.catch_warnings():  # read-only frames are fine: they are only read, and stack copies them
             warnings.filterwarnings("ignore", message="The given buffer is not writable")
             blocks = [torch.frombuffer(buffer, dtype=torch.uint8).view(self.dtype) for buffer in buffers]
-        host = torch.stack(blocks).reshape(len(blocks), *self.block_shape)
+        pinned = self.pool.device.type == "cuda"
+        host = torch.empty((len(blocks), *self.block_shape), dtype=self.dtype, pin_memory=pinned)
+        torch.stack(blocks, out=host.view(len(blocks), -1))
         index = torch.tensor(block_ids, dtype=torch.long, device=self.pool.device)
-        self.pool.index_copy_(0, index, host.to(self.pool.device))
+        self.pool.index_copy_(0, index, host.to(self.pool.device, non_blocking=pinned))
 
     def _check_ids(self, block_ids: list[int]) -> None:
         for block_id in block_ids:

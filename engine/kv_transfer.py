@@ -1,0 +1,205 @@
+"""KV handoff between a prefill and a decode engine: GPU to GPU through CUDA IPC when both sit on GPUs of one host,
+otherwise the ZeroMQ frame path (``Engine.export_kv`` -> frames -> ``Engine.add_prefilled``, through pinned memory).
+
+GPU path ("push into a reservation", streamed chunk by chunk):
+
+1. the decode worker publishes its pool once: ``share_pool(engine.kv)`` (a msgpack-able dict: host id, GPU UUID,
+   CUDA IPC handle) in a control message;
+2. the prefill worker calls ``select_path(engine.kv.pool.device, share)``; on ``cuda_ipc`` it opens the pool once
+   (``KVPusher(engine.kv, share)``);
+3. per request, once the decode side has reserved blocks (``Engine.reserve`` + ``Engine.reserved_blocks``), the
+   prefill worker opens ``pusher.start(dst_blocks)`` and after every ``Engine.step`` calls
+   ``handoff.advance(*engine.computed_blocks(request_id))``: every block whose positions are all computed is
+   copied GPU to GPU on a side stream while the next chunk computes;
+4. when the request is prefilled, ``handoff.finish(...)`` copies the rest, waits for the copies and returns a
+   ``HandoffReport``; then the prefill worker releases its blocks and tells the decode worker (ZeroMQ control
+   message), which calls ``Engine.add_prefilled(..., frames=None)``.
+
+The decode worker must keep a reservation's blocks until the sender reports the push finished or failed, even if
+the request is aborted meanwhile: the sender writes into them. Every selected path is logged with its reason and
+counted in ``handoff_stats()`` (no silent slow path).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+
+from engine.kv_cache import KVCachePool
+
+log = logging.getLogger(__name__)
+
+CUDA_IPC = "cuda_ipc"
+FRAMES = "zmq_frames"
+
+_stats_lock = threading.Lock()
+_stats: dict[str, dict[str, float]] = {}
+
+
+@dataclass
+class HandoffReport:
+    """One request's handoff: ``path``, bytes moved, copy calls, and ``tail_s``, the seconds from ``finish`` (the
+    end of prefill) until the KV was in place."""
+
+    path: str
+    num_bytes: int
+    copies: int
+    tail_s: float
+
+
+def record_handoff(report: HandoffReport) -> None:
+    """Count a finished handoff (the frame path's callers record theirs too)."""
+    with _stats_lock:
+        entry = _stats.setdefault(report.path, {"requests": 0, "bytes": 0, "seconds": 0.0})
+        entry["requests"] += 1
+        entry["bytes"] += report.num_bytes
+        entry["seconds"] += report.tail_s
+
+
+def handoff_stats() -> dict[str, dict[str, float]]:
+    """Per path: requests, bytes and summed tail seconds, for metrics export."""
+    with _stats_lock:
+        return {path: dict(entry) for path, entry in _stats.items()}
+
+
+def host_id() -> str:
+    """This machine: hostname plus boot id (two containers of one host share the boot id)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except OSError:
+        boot = ""
+    return f"{socket.gethostname()}/{boot}"
+
+
+def device_uuid(device: torch.device) -> str:
+    return str(torch.cuda.get_device_properties(device).uuid)
+
+
+def share_pool(pool: KVCachePool) -> dict:
+    """What a decode worker publishes so prefill workers on its host can write into its pool (CUDA pools only)."""
+    tensor = pool.pool
+    if tensor.device.type != "cuda":
+        raise ValueError("only a CUDA pool can be shared")
+    storage = tensor.untyped_storage()
+    (device, handle, size_bytes, offset_bytes, ref_handle, ref_offset, event_handle,
+     event_sync) = storage._share_cuda_()
+    return {
+        "host": host_id(), "device_uuid": device_uuid(tensor.device), "device_index": device,
+        "handle": bytes(handle), "storage_size": size_bytes, "storage_offset": offset_bytes,
+        "ref_handle": bytes(ref_handle), "ref_offset": ref_offset,
+        "event_handle": bytes(event_handle) if event_handle else b"", "event_sync": bool(event_sync),
+        "shape": list(tensor.shape), "stride": list(tensor.stride()), "offset": tensor.storage_offset(),
+        "dtype": str(tensor.dtype).removeprefix("torch."),
+    }
+
+
+def select_path(local_device: torch.device | str, share: dict | None) -> tuple[str, str]:
+    """``(path, reason)``: ``cuda_ipc`` when the peer shared a CUDA pool on this host that this process sees under
+    the same device index and can reach (same GPU or peer access), else ``zmq_frames``. Logged."""
+    path, reason = _select(torch.device(local_device), share)
+    log.info("KV handoff path: %s (%s)", path, reason)
+    return path, reason
+
+
+def _select(local: torch.device, share: dict | None) -> tuple[str, str]:
+    if share is None:
+        return FRAMES, "the decode worker shares no GPU pool"
+    if local.type != "cuda" or not torch.cuda.is_available():
+        return FRAMES, "this engine is not on a GPU"
+    if share.get("host") != host_id():
+        return FRAMES, "the decode worker is on another host"
+    index = share.get("device_index", -1)
+    if not 0 <= index < torch.cuda.device_count():
+        return FRAMES, f"GPU {index} of the decode worker is not visible here"
+    if device_uuid(torch.device("cuda", index)) != share.get("device_uuid"):
+        return FRAMES, "GPU numbering differs between the workers (set the same CUDA_VISIBLE_DEVICES)"
+    local_index = local.index if local.index is not None else torch.cuda.current_device()
+    if local_index != index and not torch.cuda.can_device_access_peer(local_index, index):
+        return FRAMES, f"no peer access from GPU {local_index} to GPU {index}"
+    return CUDA_IPC, f"same host, GPU {local_index} -> GPU {index}"
+
+
+def open_shared_pool(share: dict) -> torch.Tensor:
+    """The peer's pool tensor, mapped into this process (on the peer's device)."""
+    from torch.multiprocessing.reductions import rebuild_cuda_tensor
+
+    dtype = getattr(torch, share["dtype"])
+    return rebuild_cuda_tensor(
+        torch.Tensor, torch.Size(share["shape"]), tuple(share["stride"]), share["offset"],
+        torch.UntypedStorage, dtype, share["device_index"], share["handle"], share["storage_size"],
+        share["storage_offset"], False, share["ref_handle"], share["ref_offset"], share["event_handle"] or None,
+        share["event_sync"],
+    )
+
+
+class KVPusher:
+    """Copies blocks of ``local`` (this engine's pool) into a peer's shared pool, on a side stream."""
+
+    def __init__(self, local: KVCachePool, share: dict) -> None:
+        self.local = local
+        self.remote = open_shared_pool(share)
+        if tuple(self.remote.shape[1:]) != tuple(local.pool.shape[1:]) or self.remote.dtype != local.pool.dtype:
+            raise ValueError(f"peer pool blocks {tuple(self.remote.shape[1:])} {self.remote.dtype} differ from "
+                             f"ours {tuple(local.pool.shape[1:])} {local.pool.dtype}")
+        self.stream = torch.cuda.Stream(local.pool.device)
+
+    def start(self, dst_blocks: list[int]) -> "StreamingHandoff":
+        return StreamingHandoff(self, dst_blocks)
+
+    def copy(self, src_blocks: list[int], dst_blocks: list[int]) -> int:
+        """Enqueue the copies (after the work already queued on the current stream); returns the copy count.
+        Consecutive runs of blocks on both sides travel as one copy."""
+        if not src_blocks:
+            return 0
+        self.stream.wait_stream(torch.cuda.current_stream(self.local.pool.device))
+        copies = 0
+        with torch.cuda.stream(self.stream):
+            for src, dst, n in _runs(src_blocks, dst_blocks):
+                self.remote[dst:dst + n].copy_(self.local.pool[src:src + n], non_blocking=True)
+                copies += 1
+        return copies
+
+
+class StreamingHandoff:
+    """One request's push: ``advance`` after each prefill step, ``finish`` once prefilled."""
+
+    def __init__(self, pusher: KVPusher, dst_blocks: list[int]) -> None:
+        self.pusher = pusher
+        self.dst_blocks = list(dst_blocks)
+        self.sent = 0
+        self.copies = 0
+
+    def advance(self, block_table: list[int], num_computed: int, final: bool = False) -> None:
+        """Push the blocks completed since the last call (all covered blocks when ``final``)."""
+        block_size = self.pusher.local.block_size
+        ready = -(-num_computed // block_size) if final else num_computed // block_size
+        if ready > len(self.dst_blocks):
+            raise ValueError(f"{ready} KV blocks to push, the decode side reserved {len(self.dst_blocks)}")
+        if ready > self.sent:
+            self.copies += self.pusher.copy(block_table[self.sent:ready], self.dst_blocks[self.sent:ready])
+            self.sent = ready
+
+    def finish(self, block_table: list[int], num_tokens: int) -> HandoffReport:
+        """Push what is left of a prompt of ``num_tokens`` positions and wait until all of it has arrived."""
+        started = time.perf_counter()
+        self.advance(block_table, num_tokens, final=True)
+        self.pusher.stream.synchronize()
+        report = HandoffReport(CUDA_IPC, self.sent * self.pusher.local.bytes_per_block, self.copies,
+                               time.perf_counter() - started)
+        record_handoff(report)
+        return report
+
+
+def _runs(src: list[int], dst: list[int]):
+    """``(src_start, dst_start, length)`` of the maximal runs where both sides are consecutive."""
+    start = 0
+    for i in range(1, len(src) + 1):
+        if i == len(src) or src[i] != src[i - 1] + 1 or dst[i] != dst[i - 1] + 1:
+            yield src[start], dst[start], i - start
+            start = i
