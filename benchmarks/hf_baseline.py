@@ -72,7 +72,7 @@ class _Timeout(Exception):
 
 @torch.inference_mode()
 def generate_batch_tokens_per_s(model, batch: int, context: int, new_tokens: int, vocab: int, device,
-                                timeout_s: int = 120) -> tuple[float | None, str]:
+                                timeout_s: int = 60) -> tuple[float | None, str]:
     """HF continuous batching (``generate_batch``) throughput, prefill included: ``(tokens/s, note)``; None with
     the reason when it does not run here."""
     if not hasattr(model, "generate_batch"):

@@ -88,7 +88,9 @@ class Sequence:
 
     def decode_input(self) -> tuple[list[int], int]:
         """The newest token (whose KV is not computed yet) and its position."""
-        if self.in_prefill or self.num_computed != self.num_tokens - 1:
+        computed = self.num_computed
+        if computed < len(self.prompt_token_ids) or computed != len(self.prompt_token_ids) + len(
+                self.output_token_ids) - 1:
             raise ValueError(f"request {self.request_id} is not ready to decode")
         return [self.output_token_ids[-1]], self.num_computed
 
@@ -104,24 +106,20 @@ class Sequence:
             return FINISH_STOP
         if token_id in self.sampling.stop_token_ids:
             return FINISH_STOP
-        if len(self.output_token_ids) >= self.sampling.max_tokens or self.num_tokens >= max_model_len:
+        num_output = len(self.output_token_ids)
+        if num_output >= self.sampling.max_tokens or len(self.prompt_token_ids) + num_output >= max_model_len:
             return FINISH_LENGTH
         return None
 
     def to_state(self, block_size: int) -> SequenceState:
         """What the batch policy sees. Under the reservation rule a running sequence needs no more blocks
         (``blocks_to_step == 0``)."""
+        prompt_len = len(self.prompt_token_ids)
+        slo = self.slo
         return SequenceState(
-            request_id=self.request_id,
-            arrival_time=self.arrival_time,
-            prompt_len=self.prompt_len,
-            num_computed=min(self.num_computed, self.prompt_len),
-            num_output=len(self.output_token_ids),
+            request_id=self.request_id, arrival_time=self.arrival_time, prompt_len=prompt_len,
+            num_computed=min(self.num_computed, prompt_len), num_output=len(self.output_token_ids),
             blocks_to_admit=self.blocks_to_admit(block_size) if self.status is SequenceStatus.WAITING else 0,
-            blocks_to_step=0,
-            blocks_held=len(self.block_table),
-            last_token_time=self.last_token_time,
-            tbt_slo_s=self.slo.tbt_s,
-            ttft_slo_s=self.slo.ttft_s,
-            tier=self.slo.tier,
+            blocks_to_step=0, blocks_held=len(self.block_table), last_token_time=self.last_token_time,
+            tbt_slo_s=slo.tbt_s, ttft_slo_s=slo.ttft_s, tier=slo.tier,
         )
