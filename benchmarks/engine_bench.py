@@ -44,7 +44,7 @@ def run_until_idle(engine: Engine) -> list[float]:
 def decode_point(engine: Engine, mut: ModelUnderTest, batch: int, context: int, steps: int, warmup: int = 3) -> dict:
     """Time ``steps`` decode iterations of ``batch`` sequences at about ``context`` tokens."""
     vocab = mut.model.config.vocab_size
-    sampling = SamplingParams(max_tokens=warmup + steps + 2, temperature=0.0, ignore_eos=True)
+    sampling = SamplingParams(max_tokens=warmup + steps + 64, temperature=0.0, ignore_eos=True)  # aborted after
     ids = [f"decode-{batch}-{i}" for i in range(batch)]
     for request_id, prompt in zip(ids, random_prompts(batch, context, vocab, seed=batch)):
         engine.add_request(request_id, prompt, sampling)
@@ -116,7 +116,7 @@ def run(args) -> dict:
     print(f"# {env['device']}  model {args.model} ({mut.num_params / 1e9:.2f} B params)  copy {bandwidth / 1e12:.2f}"
           f" TB/s  matmul {flops / 1e12:.0f} TFLOP/s  commit {env['commit']}  {env['date']}", flush=True)
     max_batch = max(args.batches)
-    max_len = max(args.context + args.steps + 64, max(args.prefill_tokens) + 16)
+    max_len = max(args.context + args.steps + 128, max(args.prefill_tokens) + 16)
     started = time.perf_counter()
     engine = make_engine(mut, device, max_batch, args.kv_gb, max_len, args.prefill_budget, graphs=not args.no_graphs)
     env["engine_init_s"] = time.perf_counter() - started
