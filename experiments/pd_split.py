@@ -13,8 +13,9 @@ coordinator's placement rules are the services' (4096-token prefill backlog per 
 placement). RAD [Diptych]: ``decode_batch_target`` 256, ``min_dwell_s`` ``--rad-dwell`` (5 s, so that a run of a few
 minutes can converge), a pool decision every second; a moved worker drains first.
 
-A second part runs the shifting workload at one load (``--shift-qps``, default 80% of RAD's capacity on it) and plots
-RAD's split over time against the SLO attainment of the static splits in each phase.
+A second part runs the shifting workload at one load on ``--shift-gpus`` GPUs (``--shift-qps``; default 90% of the
+smaller of the two phases' best static goodputs, a load that a split following the phases can serve) and plots
+RAD's split over time against the SLO attainment of every static split and colocated serving in each phase.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from experiments.common import md_table, parallel_map, pyplot, save_figure, writ
 NAME = "pd-split"
 HELP = "every static prefill:decode split, colocated and RAD on 4/8/16 GPUs: goodput under SLOs per workload"
 WORKLOADS = ("sharegpt4", "azure-conv", "azure-code", "shift")
+RAD_DOWN_THRESHOLD = 0.4
 SHIFT = "shift"  # shorthand for the workload shift:azure-conv,azure-code
 
 
@@ -37,14 +39,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpus", default="4,8,16", help="cluster sizes [%(default)s]")
     p.add_argument("--workloads", default=",".join(WORKLOADS),
                    help="workloads; 'shift' is conversation then code (shift:azure-conv,azure-code) [%(default)s]")
-    p.add_argument("--requests-per-gpu", type=int, default=400, help="requests per run per GPU [%(default)s]")
+    p.add_argument("--run-seconds", type=float, default=60.0, help="seconds of arrivals per run [%(default)s]")
+    p.add_argument("--warmup", type=float, default=10.0,
+                   help="requests arriving in the first seconds of a run are not scored [%(default)s]")
     p.add_argument("--ttft-slo", type=float, default=1.0, help="TTFT target, s [%(default)s]")
     p.add_argument("--tbt-slo", type=float, default=0.1, help="TBT target (per-request P99), s [%(default)s]")
     p.add_argument("--cost-model", default="h200-mistral-7b", help="cost model preset or file [%(default)s]")
     p.add_argument("--rad-dwell", type=float, default=5.0, help="RAD min_dwell_s [%(default)s]")
     p.add_argument("--tolerance", type=float, default=0.04, help="capacity search tolerance [%(default)s]")
     p.add_argument("--shift-gpus", type=int, default=8, help="cluster size of the fixed-load shift run [%(default)s]")
-    p.add_argument("--shift-qps", type=float, default=None, help="load of the fixed-load shift run [80%% of RAD's]")
+    p.add_argument("--shift-qps", type=float, default=None,
+                   help="load of the fixed-load shift run [90%% of the phases' smaller best static goodput]")
     p.add_argument("--shift-duration", type=float, default=600.0, help="seconds of the fixed-load shift run")
 
 
@@ -57,14 +62,15 @@ def cluster(name: str, gpus: int, cost_model: str, rad_dwell: float):
     from sim.cost_model import resolve
 
     cost = resolve(cost_model)
-    decode = PolicySpec("sarathi", {"token_budget": 512, "max_decodes": 256, "max_running": 256})
+    decode = PolicySpec("sarathi", {"token_budget": 512, "max_decodes": 1024, "max_running": 1024})
     if name == "colocated":
         return ClusterConfig(prefill_workers=0, decode_workers=0, colocated_workers=gpus, cost_model=cost,
                              colocated_policy=PolicySpec("sarathi", {"token_budget": 512, "max_decodes": 256,
                                                                      "max_running": 256}))
     if name == "rad":
         prefill = gpus // 2
-        pool = PolicySpec("rad", {"min_dwell_s": rad_dwell, "decode_batch_target": 256})
+        pool = PolicySpec("rad", {"min_dwell_s": rad_dwell, "decode_batch_target": 512,
+                                  "down_threshold": RAD_DOWN_THRESHOLD})
         return ClusterConfig(prefill_workers=prefill, decode_workers=gpus - prefill, cost_model=cost,
                              decode_policy=decode, pool_policy=pool, pool_tick_s=1.0)
     p, d = (int(x) for x in name.split(":"))
@@ -79,41 +85,57 @@ def workload(name: str, qps: float, requests: int, ttft: float, tbt: float, seed
                                          seed=seed))
 
 
-def estimate(workload_name: str, gpus: int, cost_model: str) -> float:
-    """A rough throughput bound (requests/s) to start the search from: prefill and decode time per request on one
-    GPU, the best split in between."""
+def estimate(workload_name: str, config_name: str, gpus: int, cost_model: str) -> float:
+    """A rough capacity (requests/s) to start the search from: per-worker prefill and decode rates from the cost
+    model at the workload's mean lengths (decode: as many sequences as fit in KV, at most 1024)."""
     from sim.cost_model import resolve
 
     cost = resolve(cost_model)
     specs = workload(workload_name, 1.0, 2000, 1.0, 0.1)
-    prompt = np.mean([s.prompt_len for s in specs])
-    output = np.mean([s.output_len for s in specs])
-    prefill_s = prompt / cost.prefill_throughput_tps(2048, int(prompt))
-    batch = 128
+    prompt = float(np.mean([s.prompt_len for s in specs]))
+    output = float(np.mean([s.output_len for s in specs]))
+    prefill_rate = cost.prefill_throughput_tps(2048, int(prompt)) / prompt
+    batch = max(1, min(1024, int(0.9 * cost.kv_capacity_tokens() / (prompt + output))))
     step = cost.iteration_time(0, batch, int(batch * (prompt + output / 2)))
-    decode_s = output * step / batch
-    return gpus / (prefill_s + decode_s)
+    decode_rate = batch / step / output
+    if ":" in config_name:
+        p, d = (int(x) for x in config_name.split(":"))
+        return min(p * prefill_rate, d * decode_rate)
+    return gpus / (1 / prefill_rate + 1 / decode_rate)
 
 
 def _search(job: dict[str, Any]) -> dict[str, Any]:
-    from metrics.summary import summarize
     from sim.capacity import capacity_search
     from sim.simulator import simulate
 
     config = cluster(job["config"], job["gpus"], job["cost_model"], job["rad_dwell"])
-    requests = job["requests"]
 
     def one(qps: float) -> dict:
+        requests = max(job["min_requests"], int(qps * job["run_seconds"]))
         specs = workload(job["workload"], qps, requests, job["ttft"], job["tbt"])
-        return summarize(simulate(config, specs), fairness_metrics=False)
+        return steady_summary(simulate(config, specs), job["warmup"])
 
     est = job["estimate"]
-    result = capacity_search(one, "goodput90", 0.3 * est, 1.2 * est, rel_tol=job["tolerance"], max_runs=14)
+    result = capacity_search(one, "goodput90", 0.5 * est, est, rel_tol=job["tolerance"], max_runs=10)
     best = result.best_summary()
     return {**{k: job[k] for k in ("config", "gpus", "workload")}, "capacity": result.qps,
-            "attainment": best["slo_attainment"] if best else float("nan"),
-            "ttft_p50": best["ttft_p50"] if best else float("nan"),
-            "tbt_p99": best["tbt_p99"] if best else float("nan"), "runs": len(result.runs)}
+            "attainment": best["slo_attainment"] if best else float("nan"), "runs": len(result.runs)}
+
+
+def steady_summary(result, warmup_s: float) -> dict[str, Any]:
+    """What the goodput criterion needs, over requests that arrived after ``warmup_s`` (the cluster starts empty;
+    RAD starts from an even split)."""
+    from metrics.results import STATUS_CODES
+
+    arrival = result.times["arrival"]
+    keep = arrival >= arrival[0] + warmup_s
+    if keep.sum() < 20:
+        keep = np.ones(len(arrival), dtype=bool)
+    status = result.status[keep]
+    return {"unfinished": int((status == STATUS_CODES["unfinished"]).sum()),
+            "rejected": int((status == STATUS_CODES["rejected"]).sum()),
+            "failed": int((status == STATUS_CODES["failed"]).sum()),
+            "slo_attainment": float(result.meets_slo()[keep].mean()), "moves": len(result.meta["pool_moves"])}
 
 
 def _fixed(job: dict[str, Any]) -> dict[str, Any]:
@@ -143,28 +165,29 @@ def run(args: argparse.Namespace, out_dir: Path) -> list[Path]:
     names = [w.strip() for w in args.workloads.split(",") if w.strip()]
     if not gpu_counts or min(gpu_counts) < 2:
         raise ValueError("--gpus needs cluster sizes of at least 2")
-    if args.ttft_slo <= 0 or args.tbt_slo <= 0 or args.requests_per_gpu < 10:
-        raise ValueError("SLOs must be > 0 and --requests-per-gpu >= 10")
+    if args.ttft_slo <= 0 or args.tbt_slo <= 0 or args.run_seconds <= 0 or args.warmup < 0:
+        raise ValueError("SLOs and --run-seconds must be > 0, --warmup >= 0")
     from workloads.catalog import length_distribution
 
     for name in names:
         if name != SHIFT:
             length_distribution(name)  # validates
-    per_gpu, shift_gpus, duration = args.requests_per_gpu, args.shift_gpus, args.shift_duration
+    run_seconds, warmup, shift_gpus, duration = args.run_seconds, args.warmup, args.shift_gpus, args.shift_duration
+    min_requests = 300
     if args.quick:
-        gpu_counts, per_gpu, shift_gpus, duration = [4], min(per_gpu, 60), 4, min(duration, 120.0)
-    estimates = {(w, n): estimate(w, n, args.cost_model) for w in names for n in gpu_counts}
-    jobs = [{"config": c, "gpus": n, "workload": w, "requests": per_gpu * n, "cost_model": args.cost_model,
-             "rad_dwell": args.rad_dwell, "ttft": args.ttft_slo, "tbt": args.tbt_slo, "tolerance": args.tolerance,
-             "estimate": estimates[(w, n)]}
+        gpu_counts, shift_gpus = [2], 2
+        run_seconds, warmup, duration, min_requests = min(run_seconds, 15.0), min(warmup, 3.0), min(duration, 40.0), 60
+    jobs = [{"config": c, "gpus": n, "workload": w, "run_seconds": run_seconds, "warmup": warmup,
+             "min_requests": min_requests, "cost_model": args.cost_model, "rad_dwell": args.rad_dwell,
+             "ttft": args.ttft_slo, "tbt": args.tbt_slo, "tolerance": args.tolerance,
+             "estimate": estimate(w, c, n, args.cost_model)}
             for w in names for n in gpu_counts for c in configs(n)]
     jobs.sort(key=lambda j: -j["gpus"])  # big ones first: better packing over the processes
     results = parallel_map(_search, jobs, args.jobs, "pd-split capacity searches", progress=not args.no_progress)
     by = {(r["workload"], r["gpus"], r["config"]): r for r in results}
     shift = None
     if SHIFT in names:
-        rad = by.get((SHIFT, shift_gpus, "rad"))
-        qps = args.shift_qps or (0.8 * rad["capacity"] if rad and rad["capacity"] else estimates[(SHIFT, gpu_counts[0])])
+        qps = args.shift_qps or _shift_load(by, shift_gpus, args.cost_model)
         fixed_jobs = [{"config": c, "gpus": shift_gpus, "qps": qps, "duration": duration, "cost_model": args.cost_model,
                        "rad_dwell": args.rad_dwell, "ttft": args.ttft_slo, "tbt": args.tbt_slo}
                       for c in configs(shift_gpus)]
@@ -177,8 +200,21 @@ def run(args: argparse.Namespace, out_dir: Path) -> list[Path]:
         files.append(_plot_goodput(plt, out_dir, names, gpu_counts, by))
         if shift is not None:
             files.append(_plot_shift(plt, out_dir, shift))
-    files.append(write_markdown(out_dir, NAME, _report(args, names, gpu_counts, by, shift, per_gpu)))
+    files.append(write_markdown(out_dir, NAME, _report(args, names, gpu_counts, by, shift, run_seconds, warmup)))
     return files
+
+
+def _shift_load(by: dict, gpus: int, cost_model: str) -> float:
+    """90% of the load that each phase's own best static split sustains (the smaller of the two): a split that
+    follows the phases can serve it; one static split serves it only if it is best for both phases."""
+    best = []
+    for phase in ("azure-conv", "azure-code"):
+        static = [by[(phase, gpus, c)]["capacity"] for c in configs(gpus) if ":" in c and (phase, gpus, c) in by]
+        if static:
+            best.append(max(static))
+    if len(best) == 2 and min(best) > 0:
+        return 0.9 * min(best)
+    return 0.8 * estimate(SHIFT, "rad", gpus, cost_model)
 
 
 def _plot_goodput(plt: Any, out_dir: Path, names: list[str], gpu_counts: list[int], by: dict) -> Path:
@@ -217,10 +253,11 @@ def _plot_shift(plt: Any, out_dir: Path, shift: dict) -> Path:
 
 
 def _report(args: argparse.Namespace, names: list[str], gpu_counts: list[int], by: dict, shift: dict | None,
-            per_gpu: int) -> str:
+            run_seconds: float, warmup: float) -> str:
     text = [f"# {NAME}", "",
             f"Generated by `diptych experiment {NAME}" + (" --quick" if args.quick else "")
-            + f"` (cost model `{args.cost_model}`, {per_gpu} requests per GPU per run, Poisson arrivals, SLOs: "
+            + f"` (cost model `{args.cost_model}`, runs of {run_seconds:g} s of Poisson arrivals scored after a "
+            f"{warmup:g} s warm-up, SLOs: "
             f"TTFT <= {args.ttft_slo:g} s and per-request P99 TBT <= {args.tbt_slo:g} s; goodput = highest load "
             "with 90% of requests meeting both).", "",
             "## Best configuration per workload and cluster size", ""]

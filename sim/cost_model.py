@@ -168,10 +168,10 @@ class CostModel:
         return int(free // self.kv_bytes_per_token)
 
     def prefill_throughput_tps(self, chunk_tokens: int = 2048, prompt_tokens: int = 2048) -> float:
-        """Prefill tokens/s of one worker running back-to-back chunks of ``chunk_tokens`` over prompts of
-        ``prompt_tokens`` (attention at the prompt's average position)."""
-        chunk = max(1, min(chunk_tokens, prompt_tokens))
-        pairs = chunk * prompt_tokens / 2 + chunk / 2
+        """Prefill tokens/s of one worker running full iterations of ``chunk_tokens`` (prompts packed back to back)
+        over prompts of ``prompt_tokens``: each token attends to half its prompt on average."""
+        chunk = max(1, chunk_tokens)
+        pairs = chunk * (max(1, prompt_tokens) + 1) / 2
         return chunk / self.iteration_time(chunk, 0, 0, pairs, 1)
 
     # ------------------------------------------------------------------ persistence

@@ -88,6 +88,7 @@ class Simulator:
         tier_index = {name: i for i, name in enumerate(self.tier_names)}
         self.tier_of = [tier_index[s.tier] for s in self.specs]
         self.hists = [LogHistogram() for _ in self.tier_names]
+        self.pending_gaps: list[list[float]] = [[] for _ in self.tier_names]  # binned by flush_gaps
         self.slo = [s.tbt_slo_s if s.tbt_slo_s is not None else math.inf for s in self.specs]
         self.times = {phase: [NAN] * n for phase in ("admitted", "prefill_start", "prefill_end", "handoff_start",
                                                      "handoff_end", "first_token", "finish")}
@@ -163,11 +164,13 @@ class Simulator:
             self._bar = tqdm(total=n, unit="req", desc="simulating", mininterval=0.5)
         ptr = 0
         pop = heapq.heappop
+        stopped = False
         while True:
             next_arrival = arrivals[ptr] if ptr < n else math.inf
             if heap and heap[0][0] < next_arrival:
                 t, _, kind, a, b = heap[0]
                 if t > until:
+                    stopped = True
                     break
                 pop(heap)
                 self.now = t
@@ -182,13 +185,14 @@ class Simulator:
                     self._pool_tick(t, ptr < n)
             elif next_arrival < math.inf:
                 if next_arrival > until:
+                    stopped = True
                     break
                 self.now = next_arrival
                 self._arrive(ptr, next_arrival)
                 ptr += 1
             else:
                 break
-        end = min(until, self.now) if self.until is not None else self.now
+        end = until if stopped else self.now
         if self._bar is not None:
             self._bar.close()
         return self._result(end)
@@ -358,10 +362,10 @@ class Simulator:
                 self.admission.on_output_tokens(seq.client, 1)
 
     def token(self, seq: SimSeq, t: float) -> None:
-        """One decode token of ``seq`` at ``t``."""
+        """One decode token of ``seq`` at ``t`` (``Worker._finish_plan`` inlines this)."""
         i = seq.idx
         gap = t - seq.last_token_time
-        self.hists[seq.tier_idx].add(gap)
+        self.pending_gaps[seq.tier_idx].append(gap)
         if gap > self.max_tbt[i]:
             self.max_tbt[i] = gap
         if gap > seq.slo:
@@ -372,10 +376,21 @@ class Simulator:
         if self.token_times is not None:
             self.token_times[i].append(t)
 
+    def pending_count(self) -> int:
+        return sum(len(g) for g in self.pending_gaps)
+
+    def flush_gaps(self) -> None:
+        """Bin the token gaps collected since the last flush (binning in bulk is much cheaper than one by one)."""
+        for tier, gaps in enumerate(self.pending_gaps):
+            if gaps:
+                self.hists[tier].add_array(np.array(gaps))
+                gaps.clear()
+
     def stretch_tokens(self, running: list[SimSeq], k: int, a: float, b: float, t0: float, first_end: float,
                        last_end: float) -> None:
         """Apply ``k`` pure-decode iterations of ``running`` from ``t0`` (the i-th taking ``a + b*i``)."""
         hists, max_tbt, violations, num_gaps = self.hists, self.max_tbt, self.violations, self.num_gaps
+        pending = self.pending_gaps
         last_gap = a + b * (k - 1)
         over: dict[float, int] = {}
         tier_counts: dict[int, int] = {}
@@ -385,7 +400,7 @@ class Simulator:
         for seq in running:
             i = seq.idx
             gap0 = first_end - seq.last_token_time
-            hists[seq.tier_idx].add(gap0)
+            pending[seq.tier_idx].append(gap0)
             worst = gap0 if (k == 1 or gap0 > last_gap) else last_gap
             if worst > max_tbt[i]:
                 max_tbt[i] = worst
@@ -521,6 +536,7 @@ class Simulator:
     # ------------------------------------------------------------------ results
 
     def _result(self, end: float) -> RunResult:
+        self.flush_gaps()
         n = len(self.specs)
         specs = self.specs
         for i in range(n):

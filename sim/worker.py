@@ -265,14 +265,29 @@ class Worker:
                 if reports is not None and self.role == COLOCATED:
                     reports[seq.client] = reports.get(seq.client, 0) + 1
                 done.append(seq)
-        token = sim.token
+        # one token per decode (Simulator.token, inlined: this is the hot loop of busy clusters)
+        gaps, max_tbt, violations, num_gaps = sim.pending_gaps, sim.max_tbt, sim.violations, sim.num_gaps
+        token_times = sim.token_times
         for request_id in plan.decodes:
             seq = by_id[request_id]
-            token(seq, t)
+            i = seq.idx
+            gap = t - seq.last_token_time
+            gaps[seq.tier_idx].append(gap)
+            if gap > max_tbt[i]:
+                max_tbt[i] = gap
+            if gap > seq.slo:
+                violations[i] += 1
+            num_gaps[i] += 1
+            seq.num_output += 1
+            seq.last_token_time = t
+            if token_times is not None:
+                token_times[i].append(t)
             if reports is not None:
                 reports[seq.client] = reports.get(seq.client, 0) + 1
             if seq.num_output >= seq.target:
                 done.append(seq)
+        if sim.pending_count() > 1_000_000:
+            sim.flush_gaps()
         if reports:
             on_tokens = sim.admission.on_output_tokens
             for client, count in reports.items():
