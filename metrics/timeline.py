@@ -67,6 +67,27 @@ class RequestTimeline:
 
 
 _FIELDS = {f.name for f in fields(RequestTimeline)}
+_PHASES = ("admitted", "prefill_start", "prefill_end", "handoff_start", "handoff_end")
+
+
+def from_service_timeline(spec: Any, timeline: dict[str, Any] | None, status: str | None = None) -> RequestTimeline:
+    """A ``RequestTimeline`` for request ``spec`` (a ``workloads.spec.RequestSpec``) from the timeline the frontend
+    returns on a request's final chunk (``services/frontend/timeline.py``: ``arrival``, the phase times,
+    ``first_token``, ``token_times``, ``finish``, ``finish_reason``). ``status`` overrides the one derived from
+    ``finish_reason`` (e.g. ``rejected`` for a 429). Times stay on the service's clock (seconds since the epoch)."""
+    timeline = timeline or {}
+    reason = timeline.get("finish_reason")
+    if status is None:
+        status = "finished" if reason in ("stop", "length") else ("failed" if reason else "unfinished")
+    tokens = [float(t) for t in timeline.get("token_times", [])]
+    return RequestTimeline(
+        request_id=spec.request_id, client_id=spec.client_id, arrival=float(timeline.get("arrival", 0.0)),
+        prompt_len=spec.prompt_len, output_len=spec.output_len, tier=spec.tier, tbt_slo_s=spec.tbt_slo_s,
+        ttft_slo_s=spec.ttft_slo_s, weight=spec.weight,
+        **{phase: timeline.get(phase) for phase in _PHASES},
+        first_token=timeline.get("first_token", tokens[0] if tokens else None), token_times=tokens,
+        finish=timeline.get("finish"), status=status,
+    )
 
 
 def timeline_from_dict(data: dict[str, Any]) -> RequestTimeline:

@@ -10,7 +10,8 @@ from metrics.fairness import service_curves, service_difference, table2_metric, 
 from metrics.histogram import LogHistogram
 from metrics.results import RunResult
 from metrics.summary import format_summary, summarize
-from metrics.timeline import RequestTimeline, load_timelines, save_timelines
+from metrics.timeline import RequestTimeline, from_service_timeline, load_timelines, save_timelines
+from workloads.spec import RequestSpec
 from sim.config import ClusterConfig
 from sim.simulator import simulate
 from workloads.catalog import WorkloadConfig, build_workload
@@ -99,3 +100,15 @@ def test_simulated_and_timeline_summaries_agree():
         assert via[key] == pytest.approx(direct[key], rel=0.01), key
     for tier in direct["tiers"]:
         assert via["tiers"][tier]["tbt_p99"] == pytest.approx(direct["tiers"][tier]["tbt_p99"], rel=0.01)
+
+
+def test_service_timelines_convert():
+    spec = RequestSpec("r1", 0.0, 100, 3, client_id="alice", tier="strict", tbt_slo_s=0.1)
+    service = {"arrival": 100.0, "admitted": 100.1, "prefill_start": 100.1, "prefill_end": 100.3,
+               "handoff_start": 100.3, "handoff_end": 100.32, "first_token": 100.3, "token_times": [100.3, 100.4, 100.45],
+               "finish": 100.45, "finish_reason": "length"}
+    timeline = from_service_timeline(spec, service)
+    assert timeline.status == "finished" and timeline.ttft == pytest.approx(0.3) and timeline.num_tokens == 3
+    assert timeline.handoff_end == 100.32 and timeline.client_id == "alice" and timeline.tbt_slo_s == 0.1
+    assert from_service_timeline(spec, None, status="rejected").status == "rejected"
+    assert from_service_timeline(spec, {"arrival": 1.0, "finish_reason": "abort"}).status == "failed"

@@ -1,0 +1,57 @@
+"""``diptych experiment``: every experiment has --help, runs on a tiny input writing its figures and report, and
+refuses bad options clearly."""
+
+from __future__ import annotations
+
+import pytest
+
+from diptych.cli import main
+from experiments import experiments
+
+
+def test_every_experiment_is_registered_with_help(capsys):
+    assert set(experiments()) == {"vtc-fairness", "slai-vs-sarathi", "pd-split"}
+    for name in experiments():
+        with pytest.raises(SystemExit) as exit_info:
+            main(["experiment", name, "--help"])
+        assert exit_info.value.code == 0
+        assert "--out-dir" in capsys.readouterr().out
+
+
+def test_vtc_fairness_tiny(tmp_path, capsys):
+    code = main(["experiment", "vtc-fairness", "--out-dir", str(tmp_path), "--scenarios", "overload",
+                 "--policies", "fcfs,vtc", "--duration", "90", "--jobs", "1", "--no-progress"])
+    assert code == 0
+    report = (tmp_path / "vtc-fairness.md").read_text()
+    assert "| overload | VTC |" in report and "published (VTC paper)" in report
+    assert (tmp_path / "vtc-fairness-overload.png").stat().st_size > 10_000
+
+
+def test_slai_vs_sarathi_tiny(tmp_path):
+    code = main(["experiment", "slai-vs-sarathi", "--out-dir", str(tmp_path), "--variants", "sarathi-fcfs,slai",
+                 "--loads", "1.5", "--requests", "60", "--no-capacity", "--jobs", "1", "--no-progress"])
+    assert code == 0
+    report = (tmp_path / "slai-vs-sarathi.md").read_text()
+    assert "| 1.5 | slai |" in report and (tmp_path / "slai-vs-sarathi.png").exists()
+
+
+def test_pd_split_tiny(tmp_path):
+    code = main(["experiment", "pd-split", "--quick", "--out-dir", str(tmp_path), "--workloads", "azure-code",
+                 "--jobs", "2", "--no-progress"])
+    assert code == 0
+    report = (tmp_path / "pd-split.md").read_text()
+    assert "| azure-code | 2 | 1:1 |" in report and (tmp_path / "pd-split.png").exists()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["vtc-fairness", "--scenarios", "nope"], "unknown scenario"),
+    (["vtc-fairness", "--policies", "wfq"], "unknown policy"),
+    (["slai-vs-sarathi", "--loads", "a,b"], "comma-separated numbers"),
+    (["slai-vs-sarathi", "--variants", "orca"], "unknown variant"),
+    (["pd-split", "--gpus", "1"], "at least 2"),
+    (["pd-split", "--workloads", "lmsys"], "unknown length distribution"),
+    (["pd-split", "--jobs", "0"], "--jobs"),
+])
+def test_bad_options(argv, message, tmp_path, capsys):
+    assert main(["experiment", *argv, "--out-dir", str(tmp_path), "--no-progress"]) == 2
+    assert message in capsys.readouterr().err
