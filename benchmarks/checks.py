@@ -20,10 +20,12 @@ def greedy_agreement(engine, mut: ModelUnderTest, new_tokens: int, lengths=(37, 
     prompts = [p[:n] for p, n in zip(prompts, lengths)]
     ours = engine.generate(prompts, SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True))
     theirs, scores = hf_baseline.greedy_with_scores(mut.model, prompts, new_tokens, mut.model.device)
+    control, _ = hf_baseline.greedy_with_scores(mut.model, prompts, new_tokens, mut.model.device, "eager")
     rows = []
-    for prompt, a, b, s in zip(prompts, ours, theirs, scores):
-        first = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
-        row = {"prompt_tokens": len(prompt), "new_tokens": new_tokens, "first_divergence": first}
+    for prompt, a, b, s, c in zip(prompts, ours, theirs, scores, control):
+        first = _first_difference(a, b)
+        row = {"prompt_tokens": len(prompt), "new_tokens": new_tokens, "first_divergence": first,
+               "hf_eager_vs_sdpa_divergence": _first_difference(c, b)}
         if first is not None:
             logits = s[first]
             top = float(logits.max())
@@ -33,11 +35,18 @@ def greedy_agreement(engine, mut: ModelUnderTest, new_tokens: int, lengths=(37, 
     return rows
 
 
+def _first_difference(a: list[int], b: list[int]) -> int | None:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+
+
 def format_agreement(rows: list[dict]) -> str:
-    out = [[r["prompt_tokens"], r["new_tokens"], "none (exact)" if r["first_divergence"] is None
-            else r["first_divergence"], r.get("hf_margin", "-"), r.get("rounding_scale", "-")] for r in rows]
-    return table(["prompt tokens", "new tokens", "first divergent token", "HF logit margin there",
-                  "bf16 rounding of top logit"], out)
+    def show(index):
+        return "none (exact)" if index is None else index
+
+    out = [[r["prompt_tokens"], r["new_tokens"], show(r["first_divergence"]), r.get("hf_margin", "-"),
+            r.get("rounding_scale", "-"), show(r.get("hf_eager_vs_sdpa_divergence"))] for r in rows]
+    return table(["prompt tokens", "new tokens", "ours vs HF sdpa: first divergent token", "HF logit margin there",
+                  "bf16 rounding of top logit", "HF eager vs HF sdpa: first divergent token"], out)
 
 
 def _events_time(fn, repeats: int = 20) -> float:

@@ -26,10 +26,10 @@ from proto.messages import SamplingParams
 
 
 def make_engine(mut: ModelUnderTest, device: str, max_batch: int, kv_gb: float, max_model_len: int,
-                token_budget: int, graphs: bool = True) -> Engine:
+                token_budget: int, graphs: bool = True, fused: bool = True) -> Engine:
     config = EngineConfig(model=mut.tokenizer_path, device=device, dtype=str(mut.model.dtype).removeprefix("torch."),
                           block_size=16, kv_memory_gb=kv_gb, max_model_len=max_model_len,
-                          cuda_graph_max_batch=max_batch if graphs else 0)
+                          cuda_graph_max_batch=max_batch if graphs else 0, cuda_fused_decode=fused)
     policy = SarathiBatching(token_budget=token_budget, max_running=max(max_batch, 1), max_decodes=max(max_batch, 1))
     return Engine(config, policy, model=mut.model)
 
@@ -118,7 +118,11 @@ def run(args) -> dict:
     max_batch = max(args.batches)
     max_len = max(args.context + args.steps + 128, max(args.prefill_tokens) + 16)
     started = time.perf_counter()
-    engine = make_engine(mut, device, max_batch, args.kv_gb, max_len, args.prefill_budget, graphs=not args.no_graphs)
+    engine = make_engine(mut, device, max_batch, args.kv_gb, max_len, args.prefill_budget, graphs=not args.no_graphs,
+                         fused=not args.no_fused_decode)
+    cuda = engine.runner.cuda
+    env["decode_forward"] = ("none (eager)" if cuda is None or cuda.graphs is None else
+                             "fused graphs" if cuda.graphs.fused is not None else "HF-module graphs")
     env["engine_init_s"] = time.perf_counter() - started
     vocab = mut.model.config.vocab_size
     result: dict = {"environment": env, "decode": [], "prefill": []}
@@ -160,7 +164,7 @@ def format_report(result: dict) -> str:
     env = result["environment"]
     lines = [f"device {env['device']}, model {env['model']}, torch {env['torch']}, transformers {env['transformers']},"
              f" commit {env['commit']}, {env['date']}; copy {env['copy_bandwidth_Bps'] / 1e12:.2f} TB/s,"
-             f" matmul {env['matmul_flops'] / 1e12:.0f} TFLOP/s", ""]
+             f" matmul {env['matmul_flops'] / 1e12:.0f} TFLOP/s; decode forward: {env.get('decode_forward')}", ""]
     rows = []
     for p in result["decode"]:
         hf = p.get("hf_step_s")

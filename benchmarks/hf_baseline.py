@@ -54,10 +54,11 @@ def forward_seconds(model, tokens: int, vocab: int, device, repeats: int = 5) ->
 
 
 @torch.inference_mode()
-def greedy_with_scores(model, prompts: list[list[int]], new_tokens: int, device) -> tuple[list[list[int]], list]:
+def greedy_with_scores(model, prompts: list[list[int]], new_tokens: int, device, implementation: str = "sdpa"
+                       ) -> tuple[list[list[int]], list]:
     """HF greedy tokens per prompt (one at a time, no padding) and each step's logits ``[vocab]`` (float32)."""
     tokens, scores = [], []
-    with hf_attention(model):
+    with hf_attention(model, implementation):
         for prompt in prompts:
             ids = torch.tensor([prompt], device=device)
             out = _generate(model, ids, new_tokens, output_scores=True, return_dict_in_generate=True)
@@ -70,7 +71,6 @@ class _Timeout(Exception):
     pass
 
 
-@torch.inference_mode()
 def generate_batch_tokens_per_s(model, batch: int, context: int, new_tokens: int, vocab: int, device,
                                 timeout_s: int = 60) -> tuple[float | None, str]:
     """HF continuous batching (``generate_batch``) throughput, prefill included: ``(tokens/s, note)``; None with
@@ -97,7 +97,9 @@ def generate_batch_tokens_per_s(model, batch: int, context: int, new_tokens: int
         sync(device)
         elapsed = time.perf_counter() - start
         generated = sum(len(getattr(o, "generated_tokens", []) or []) for o in outputs.values())
-        return (generated or batch * new_tokens) / elapsed, f"{generated} tokens in {elapsed:.2f} s, prefill included"
+        if not generated:
+            return None, f"no tokens generated ({len(outputs)} outputs in {elapsed:.2f} s): requests failed"
+        return generated / elapsed, f"{generated} tokens in {elapsed:.2f} s, prefill included"
     except _Timeout:
         return None, f"did not finish in {timeout_s} s"
     except Exception as exc:  # noqa: BLE001 (a peer's API that changes between versions: report, don't crash)

@@ -138,8 +138,8 @@ def fit(samples: list[dict], held_out: list[dict], quantum: int, env: dict) -> d
         return {"error": f"sim.cost_model unavailable: {exc}"}
     memory = torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else 0
     model = CostModel.fit(samples, tile_quantum=max(1, quantum), device=env["device"], gpu_memory_bytes=float(memory))
-    errors = [abs(model.iteration_time(s["prefill_tokens"], s["num_decodes"], s["decode_context_tokens"]) - s["seconds"])
-              / s["seconds"] for s in held_out]
+    errors = [abs(model.iteration_time(s["prefill_tokens"], s["num_decodes"], s["decode_context_tokens"])
+                  - s["seconds"]) / s["seconds"] for s in held_out]
     return {"model": model.to_dict(), "held_out_median_ape": float(np.median(errors)) if errors else None,
             "held_out_p90_ape": float(np.percentile(errors, 90)) if errors else None, "held_out_count": len(errors)}
 

@@ -40,6 +40,9 @@ class EngineConfig:
     seed: int = 0
     cuda_graph_max_batch: int = 128
     """CUDA only: decode-only iterations of up to this many sequences replay captured CUDA graphs (0: off)."""
+    cuda_fused_decode: bool = True
+    """CUDA only: the decode graphs run the fused Llama-family forward (``engine.fast_decoder``) when the model
+    supports it, else the Hugging Face modules."""
 
     def __post_init__(self) -> None:
         if self.model is not None and (not isinstance(self.model, str) or not self.model.strip()):
@@ -58,6 +61,8 @@ class EngineConfig:
             raise ValueError(f"max_model_len must be an integer > 1 or None, got {self.max_model_len!r}")
         if not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if not isinstance(self.cuda_fused_decode, bool):
+            raise ValueError(f"cuda_fused_decode must be a bool, got {self.cuda_fused_decode!r}")
         if not isinstance(self.cuda_graph_max_batch, int) or self.cuda_graph_max_batch < 0:
             raise ValueError(f"cuda_graph_max_batch must be an integer >= 0, got {self.cuda_graph_max_batch!r}")
 

@@ -4,7 +4,8 @@ A decode-only pass of ``n`` sequences replays the graph captured for the smalles
 Its inputs live in static device buffers (token ids, positions, KV slots, block tables, context lengths) that are
 refilled before each replay from pinned host buffers with asynchronous copies; rows ``n ..`` of the captured batch
 are padding (slot -1: no KV write; context 0: zero attention output) and their logits are ignored. All graphs
-share one memory pool and are captured largest first.
+share one memory pool and are captured largest first. With a ``FastDecoder`` the graphs capture its fused forward,
+otherwise the Hugging Face forward with the CUDA attention context.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import logging
 import numpy as np
 import torch
 
+from engine.fast_decoder import FastDecoder
 from engine.paged_attention_cuda import CudaAttentionContext
 
 log = logging.getLogger(__name__)
@@ -28,8 +30,9 @@ class DecodeGraphs:
     sequence at ``max_model_len``)."""
 
     def __init__(self, model: torch.nn.Module, pool: torch.Tensor, max_batch: int, max_blocks: int,
-                 num_splits_for) -> None:
+                 num_splits_for, fused: FastDecoder | None = None) -> None:
         self.model = model
+        self.fused = fused
         self.pool = pool
         self.device = pool.device
         self.batch_sizes = [b for b in DEFAULT_BATCH_SIZES if b <= max_batch] or [max_batch]
@@ -58,6 +61,10 @@ class DecodeGraphs:
         )
 
     def _forward(self, batch: int, context: CudaAttentionContext) -> torch.Tensor:
+        if self.fused is not None:
+            return self.fused.forward(self._ids[0, :batch], self._positions[0, :batch], self.pool,
+                                      self._slots[:batch], self._tables[:batch], self._context_lens[:batch],
+                                      context.num_splits)
         output = self.model(
             input_ids=self._ids[:, :batch], position_ids=self._positions[:, :batch], use_cache=False,
             logits_to_keep=0, paged_context=context,
@@ -82,7 +89,8 @@ class DecodeGraphs:
                 logits = self._forward(batch, context)
             self._graphs[batch] = (graph, logits)
         torch.cuda.synchronize(self.device)
-        log.info("captured CUDA graphs for decode batch sizes %s", self.batch_sizes)
+        log.info("captured CUDA graphs (%s forward) for decode batch sizes %s",
+                 "fused" if self.fused is not None else "module-by-module", self.batch_sizes)
 
     def fits(self, num_seqs: int, width: int) -> bool:
         return 0 < num_seqs <= self.max_batch and width <= self.max_blocks and bool(self._graphs)

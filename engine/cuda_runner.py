@@ -11,15 +11,18 @@ import numpy as np
 import torch
 
 from engine.cuda_graphs import PIN, DecodeGraphs
+from engine.fast_decoder import FastDecoder
 from engine.paged_attention_cuda import ChunkSpan, CudaAttentionContext
 from engine.triton_kernels import num_splits_for
 
 
 class CudaExecutor:
     """Runs packed forward passes of ``model`` over ``pool`` (``[num_blocks, layers, 2, block_size, kv_heads,
-    head_dim]``) on its CUDA device. ``graph_max_batch`` 0 disables CUDA graphs."""
+    head_dim]``) on its CUDA device. ``graph_max_batch`` 0 disables CUDA graphs; ``fused_decode`` lets them capture
+    ``engine.fast_decoder.FastDecoder`` where the model supports it."""
 
-    def __init__(self, model: torch.nn.Module, pool: torch.Tensor, max_model_len: int, graph_max_batch: int) -> None:
+    def __init__(self, model: torch.nn.Module, pool: torch.Tensor, max_model_len: int, graph_max_batch: int,
+                 fused_decode: bool = True) -> None:
         self.model = model
         self.pool = pool
         self.device = pool.device
@@ -32,8 +35,9 @@ class CudaExecutor:
         self._tables: dict[int, tuple[list[int], np.ndarray]] = {}
         self.graphs: DecodeGraphs | None = None
         if graph_max_batch > 0:
+            fused = FastDecoder(model) if fused_decode and FastDecoder.supports(model) else None
             self.graphs = DecodeGraphs(model, pool, graph_max_batch, -(-max_model_len // self.block_size),
-                                       self.splits)
+                                       self.splits, fused)
             self.graphs.capture()
 
     def splits(self, num_seqs: int) -> int:

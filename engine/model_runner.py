@@ -83,7 +83,8 @@ class ModelRunner:
             from engine.cuda_runner import CudaExecutor
 
             max_len = config.max_model_len or self.max_position_embeddings or 8192
-            self.cuda = CudaExecutor(self.model, self.kv.pool, max_len, config.cuda_graph_max_batch)
+            self.cuda = CudaExecutor(self.model, self.kv.pool, max_len, config.cuda_graph_max_batch,
+                                     config.cuda_fused_decode)
 
     @torch.inference_mode()
     def execute(self, items: list[ForwardItem]) -> torch.Tensor:

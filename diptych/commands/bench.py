@@ -41,6 +41,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="batch for HF's continuous-batching generate_batch (0 skips) [%(default)s]")
     e.add_argument("--skip-hf", action="store_true", help="do not run the HF baselines")
     e.add_argument("--no-graphs", action="store_true", help="disable CUDA graphs")
+    e.add_argument("--no-fused-decode", action="store_true",
+                   help="capture the Hugging Face modules instead of the fused decode forward")
     e.add_argument("--json", default=None, help="also write the raw numbers to this JSON file")
 
     t = kinds.add_parser("transfer", help="KV handoff: GPU-to-GPU (CUDA IPC) vs ZeroMQ frames vs a plain copy")

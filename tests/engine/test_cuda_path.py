@@ -56,11 +56,14 @@ def test_decode_kernel_matches_reference(dtype, tolerance, splits, window):
     assert float((out.double() - ref).norm() / ref.norm()) < tolerance
 
 
-@pytest.mark.parametrize("graphs", [0, 16])
-def test_graphs_and_eager_match_hf(tiny_llama, make_engine, random_prompts, graphs):
-    engine = make_engine(tiny_llama, device="cuda", dtype="float32", cuda_graph_max_batch=graphs)
+@pytest.mark.parametrize("graphs,fused", [(0, True), (16, True), (16, False)])
+def test_graphs_and_eager_match_hf(tiny_llama, make_engine, random_prompts, graphs, fused):
+    engine = make_engine(tiny_llama, device="cuda", dtype="float32", cuda_graph_max_batch=graphs,
+                         cuda_fused_decode=fused)
     assert engine.runner.cuda is not None
     assert (engine.runner.cuda.graphs is not None) == bool(graphs)
+    if graphs:
+        assert (engine.runner.cuda.graphs.fused is not None) == fused
     prompts = random_prompts(PROMPT_LENGTHS, seed=5)
     assert engine.generate(prompts, GREEDY) == hf_greedy(tiny_llama, prompts, NEW_TOKENS)
     assert engine.load().free_blocks == engine.num_blocks

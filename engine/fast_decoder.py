@@ -1,0 +1,106 @@
+"""A fused decode-only forward for Llama-family models (Llama, Mistral, Qwen2) on CUDA, captured in the decode graphs.
+
+Per layer it runs ten kernels instead of the thirty-odd of the module-by-module forward: residual add + RMSNorm,
+one QKV projection (the three weights concatenated), rotary + KV store, paged decode attention, the output
+projection, residual add + RMSNorm, one gate-up projection, SiLU-and-multiply, the down projection. At small batch
+a decode step is bound by launch latency as much as by weight bandwidth, so fewer, larger kernels are what moves it
+toward the floor. The concatenated weights become the model's storage (q/k/v and gate/up parameters are re-pointed
+to slices of them), so nothing is duplicated and the Hugging Face forward, used for prefill, keeps working.
+
+Supported: model types llama, mistral, qwen2 with default rotary embedding, SiLU MLP and full attention in every
+layer; otherwise ``FastDecoder.supports`` is False and the decode graphs capture the Hugging Face forward.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from engine.fused_kernels import add_rmsnorm, rotary_store, silu_mul
+from engine.triton_kernels import decode_attention
+
+SUPPORTED_TYPES = {"llama", "mistral", "qwen2"}
+
+
+class FastDecoder:
+    """The fused forward over ``model``'s weights (fused in place at construction)."""
+
+    @staticmethod
+    def supports(model: torch.nn.Module) -> bool:
+        config = model.config
+        if config.model_type not in SUPPORTED_TYPES or getattr(config, "hidden_act", "silu") != "silu":
+            return False
+        rope = getattr(config, "rope_scaling", None) or getattr(config, "rope_parameters", None) or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
+        if rope_type != "default":
+            return False
+        if set(getattr(config, "layer_types", None) or ["full_attention"]) != {"full_attention"}:
+            return False
+        if config.model_type == "qwen2":
+            return not getattr(config, "use_sliding_window", False)
+        return getattr(config, "sliding_window", None) is None
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        config = model.config
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads or self.num_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        self.scale = self.head_dim**-0.5
+        decoder = model.model
+        self.embed = decoder.embed_tokens.weight
+        self.norm = (decoder.norm.weight, decoder.norm.variance_epsilon)
+        self.lm_head = model.lm_head.weight
+        rotary = decoder.rotary_emb
+        self.inv_freq = rotary.inv_freq.float().contiguous()
+        self.attention_scaling = float(getattr(rotary, "attention_scaling", 1.0))
+        self.layers = [self._fuse(layer) for layer in decoder.layers]
+
+    @staticmethod
+    def _fuse(layer: torch.nn.Module) -> dict:
+        attn, mlp = layer.self_attn, layer.mlp
+        qkv = _concatenate([attn.q_proj, attn.k_proj, attn.v_proj])
+        qkv_bias = _concatenate([attn.q_proj, attn.k_proj, attn.v_proj], "bias")
+        gate_up = _concatenate([mlp.gate_proj, mlp.up_proj])
+        return {
+            "input_norm": (layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon),
+            "post_norm": (layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon),
+            "qkv": qkv, "qkv_bias": qkv_bias, "o": attn.o_proj.weight, "o_bias": attn.o_proj.bias,
+            "gate_up": gate_up, "down": mlp.down_proj.weight,
+        }
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, pool: torch.Tensor, slots: torch.Tensor,
+                tables: torch.Tensor, context_lens: torch.Tensor, num_splits: int) -> torch.Tensor:
+        """One decode token per sequence: ``input_ids``/``positions``/``slots`` ``[n]``; returns float32 logits
+        ``[n, vocab]``."""
+        n = input_ids.shape[0]
+        hidden = F.embedding(input_ids, self.embed)
+        residual = None
+        for index, layer in enumerate(self.layers):
+            x, residual = add_rmsnorm(hidden, residual, *layer["input_norm"])
+            qkv = F.linear(x, layer["qkv"], layer["qkv_bias"])
+            layer_cache = pool[:, index]
+            q = rotary_store(qkv, positions, self.inv_freq, self.attention_scaling, self.num_heads,
+                             self.num_kv_heads, layer_cache, slots)
+            attn = decode_attention(q, layer_cache, tables, context_lens, self.scale, None, num_splits)
+            hidden = F.linear(attn.view(n, -1), layer["o"], layer["o_bias"])
+            x, residual = add_rmsnorm(hidden, residual, *layer["post_norm"])
+            hidden = F.linear(silu_mul(F.linear(x, layer["gate_up"])), layer["down"])
+        x, _ = add_rmsnorm(hidden, residual, *self.norm)
+        return F.linear(x, self.lm_head).float()
+
+
+def _concatenate(linears: list[torch.nn.Linear], name: str = "weight") -> torch.Tensor | None:
+    """One tensor holding the linears' ``name`` tensors stacked on dim 0; each linear's parameter becomes a view of
+    it (the old storage is freed)."""
+    tensors = [getattr(linear, name) for linear in linears]
+    if any(t is None for t in tensors):
+        if all(t is None for t in tensors):
+            return None
+        raise ValueError(f"some projections have a {name}, some do not")
+    fused = torch.cat([t.detach() for t in tensors], dim=0)
+    start = 0
+    for linear, tensor in zip(linears, tensors):
+        size = tensor.shape[0]
+        setattr(linear, name, torch.nn.Parameter(fused[start:start + size], requires_grad=False))
+        start += size
+    return fused
