@@ -8,6 +8,7 @@ intermediate 14336, vocab 32000) with random bf16 weights directly on the device
 from __future__ import annotations
 
 import json
+import os
 import platform
 import random
 import statistics
@@ -129,6 +130,7 @@ def environment(device: str) -> dict:
                                 cwd=Path(__file__).parent, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit = ""
+    commit = commit or os.environ.get("DIPTYCH_COMMIT", "")  # a tree copied without its .git
     return {"device": name, "torch": torch.__version__, "transformers": transformers.__version__,
             "commit": commit or "unknown", "date": time.strftime("%Y-%m-%d")}
 
