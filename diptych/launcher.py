@@ -42,6 +42,8 @@ class ClusterSpec:
     pool_policy: str = "static"
     pool_opts: list[str] = field(default_factory=list)
     device: str = "cpu"
+    engine: str = "hf"
+    cost_model: str | None = None
     block_size: int = 16
     num_blocks: int | None = None
     api_keys_file: str | None = None
@@ -93,7 +95,8 @@ class Cluster:
         worker_common = [
             "--coordinator-addr", coordinator, *model, "--device", s.device, "--block-size", str(s.block_size),
             "--policy", s.policy, "--log-level", s.log_level, *_opts("--policy-opt", s.policy_opts),
-            *(["--num-blocks", str(s.num_blocks)] if s.num_blocks else []), *s.extra_worker_args,
+            *(["--num-blocks", str(s.num_blocks)] if s.num_blocks else []), "--engine", s.engine,
+            *(["--cost-model", s.cost_model] if s.cost_model else []), *s.extra_worker_args,
         ]
         cmds = {"coordinator": [*py, "services.coordinator", "--address", coordinator, "--admission", s.admission,
                                 *_opts("--admission-opt", s.admission_opts), "--pool-policy", s.pool_policy,
@@ -113,6 +116,7 @@ class Cluster:
             "--sdk-addr", s.sdk_addr, "--stream-addr", s.addr(s.stream_port), "--coordinator-addr", coordinator,
             "--log-level", s.log_level, *(["--api-keys-file", s.api_keys_file] if s.api_keys_file else []),
             *(["--slo-tiers", s.slo_tiers_file] if s.slo_tiers_file else []),
+            *(["--max-model-len", str(_sim_context_len())] if s.engine == "sim" else []),
             *s.extra_frontend_args,
         ]
         return cmds
@@ -189,3 +193,10 @@ class Cluster:
 
 def _opts(flag: str, values: list[str]) -> list[str]:
     return [part for value in values for part in (flag, value)]
+
+
+def _sim_context_len() -> int:
+    """The simulated engine's context length, which the frontend must allow too."""
+    from engine.sim_engine import SIM_CONTEXT_LEN
+
+    return SIM_CONTEXT_LEN

@@ -46,6 +46,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="worker batch policy [%(default)s]")
     p.add_argument("--policy-opt", action="append", default=[], metavar="KEY=VALUE", help="batch policy knob")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N for every worker [%(default)s]")
+    p.add_argument("--engine", default="hf", choices=("hf", "sim"),
+                   help="hf runs the model; sim waits a GPU cost model's time per iteration (placeholder tokens) "
+                   "to run cluster-scale experiments on a CPU [%(default)s]")
+    p.add_argument("--cost-model", default=None, help="with --engine sim: preset or JSON file [h200-mistral-7b]")
     p.add_argument("--num-blocks", type=int, default=None, help="KV blocks per worker [from 0.25 GB]")
     p.add_argument("--api-keys-file", default=None,
                    help="JSON file mapping API keys to clients (id, fairness weight, SLO tier) [anonymous]")
@@ -66,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
             host=args.host, http_port=args.http_port, coordinator_port=args.coordinator_port,
             sdk_port=args.sdk_port, stream_port=args.stream_port, kv_base_port=args.kv_base_port,
             admission=args.admission, admission_opts=args.admission_opt, policy=args.policy,
-            policy_opts=args.policy_opt, device=args.device, num_blocks=args.num_blocks,
+            policy_opts=args.policy_opt, device=args.device, engine=args.engine, cost_model=args.cost_model, num_blocks=args.num_blocks,
             api_keys_file=args.api_keys_file, slo_tiers_file=args.slo_tiers, log_level=args.log_level,
         )
     except ValueError as exc:

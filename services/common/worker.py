@@ -49,6 +49,15 @@ def add_worker_arguments(parser: argparse.ArgumentParser, role: str) -> None:
                         help="batch composition policy [%(default)s]")
     parser.add_argument("--policy-opt", action="append", metavar="KEY=VALUE",
                         help="batch policy knob, repeatable (e.g. token_budget=256)")
+    parser.add_argument("--engine", default=env_default("engine", "hf"), choices=("hf", "sim"),
+                        help="hf: run the model; sim: wait the cost model's time per iteration and emit placeholder "
+                        "tokens (cluster-scale runs on a CPU, comparable with 'diptych simulate') [%(default)s]")
+    parser.add_argument("--cost-model", default=None,
+                        help="with --engine sim: a cost-model preset or JSON file [h200-mistral-7b]")
+    parser.add_argument("--sim-handoff-gbps", type=float, default=25.0,
+                        help="with --engine sim: modelled KV transfer bandwidth, GB/s [%(default)s]")
+    parser.add_argument("--sim-handoff-latency-ms", type=float, default=1.0,
+                        help="with --engine sim: modelled KV transfer latency, ms [%(default)s]")
     parser.add_argument("--heartbeat-interval", type=float, default=0.5, help="seconds between heartbeats")
     parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING [INFO]")
 
@@ -62,6 +71,14 @@ def build_engine(args: argparse.Namespace) -> Any:
     config = EngineConfig(model=args.model, device=args.device, dtype=args.dtype, block_size=args.block_size,
                           num_blocks=args.num_blocks, kv_memory_gb=args.kv_memory_gb, max_model_len=args.max_model_len)
     policy = BATCH_POLICIES.create(args.policy, **parse_knobs(args.policy_opt))
+    if args.engine == "sim":
+        from engine.sim_engine import SimEngine, SimHandoff
+        from sim.cost_model import resolve
+
+        if args.sim_handoff_gbps <= 0 or args.sim_handoff_latency_ms < 0:
+            raise ValueError("--sim-handoff-gbps must be positive and --sim-handoff-latency-ms >= 0")
+        handoff = SimHandoff(args.sim_handoff_gbps * 1e9, args.sim_handoff_latency_ms / 1e3)
+        return SimEngine(config, policy, cost=resolve(args.cost_model), handoff=handoff)
     return Engine(config, policy)
 
 

@@ -1,0 +1,143 @@
+"""``--engine sim``: an ``Engine`` whose iterations wait the cost model's time instead of running a model.
+
+The real services then run at cluster scale on a CPU, with the same sequences, KV block accounting, batch policy
+and stop rules as the model engine (this class reuses ``Engine`` and swaps only the executor), so a run can be
+compared with ``diptych simulate`` on the same workload. Differences from the model engine:
+
+- ``step`` sleeps ``CostModel.iteration_time`` of the planned batch (seconds) and emits ``PLACEHOLDER_TOKEN`` for
+  every sampled position: requests end by ``max_tokens`` (or the context length), never by EOS;
+- KV blocks carry no data: a handoff sends empty frames, and a handed-off request starts decoding only after the
+  modelled transfer time ``handoff_latency_s + prompt_tokens * kv_bytes_per_token / handoff_bandwidth_Bps``;
+- the KV pool holds what fits next to the weights in the modelled GPU memory (``CostModel.kv_capacity_tokens``),
+  unless ``EngineConfig.num_blocks`` says otherwise; the layout is the modelled model's.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from engine.config import EngineConfig
+from engine.kv_cache import BlockAllocator
+from engine.model_runner import ForwardItem
+from engine.engine import Engine
+from engine.sampler import SamplingRequest
+from policies.batch import BatchPolicy, SarathiBatching
+from proto.messages import KVLayout
+from sim.cost_model import CostModel
+
+PLACEHOLDER_TOKEN = 42
+SIM_CONTEXT_LEN = 32768
+SIM_VOCAB_SIZE = 256
+
+
+@dataclass
+class SimHandoff:
+    """Knobs of the modelled KV transfer: bytes per second and a fixed latency in seconds."""
+
+    bandwidth_Bps: float = 25e9
+    latency_s: float = 1e-3
+
+
+class SimKVPool:
+    """Block accounting without storage: same allocator as the model engine, empty frames on export."""
+
+    def __init__(self, layout: KVLayout, num_blocks: int) -> None:
+        self.layout = layout
+        self.block_size = layout.block_size
+        self.num_blocks = num_blocks
+        self.allocator = BlockAllocator(num_blocks)
+
+    def export_blocks(self, block_ids: list[int]) -> list[bytes]:
+        return [b""] * len(block_ids)
+
+    def import_blocks(self, block_ids: list[int], frames: list[Any]) -> None:
+        if len(frames) != len(block_ids):
+            raise ValueError(f"{len(frames)} frames for {len(block_ids)} blocks")
+
+
+class CostModelExecutor:
+    """Stands in for the model runner and the sampler: waits the iteration's modelled time, samples placeholders."""
+
+    def __init__(self, cost: CostModel) -> None:
+        self.cost = cost
+        self.vocab_size = SIM_VOCAB_SIZE
+        self.step_started = time.perf_counter()
+        """Set by ``SimEngine.step``: the modelled time counts from there, so scheduling is inside it."""
+
+    def execute(self, items: list[ForwardItem]) -> int:
+        """Wait until the iteration's modelled time has passed since it began; returns how many positions need a
+        token."""
+        prefill_tokens = num_decodes = decode_context = 0
+        pairs = 0.0
+        for item in items:
+            n = len(item.token_ids)
+            if n == 1 and item.start_position > 0:  # a decode (or a one-token chunk, costed alike)
+                num_decodes += 1
+                decode_context += item.start_position + 1
+            else:
+                prefill_tokens += n
+                pairs += CostModel.chunk_pairs(n, item.start_position)
+        seconds = self.cost.iteration_time(prefill_tokens, num_decodes, decode_context, pairs, len(items))
+        time.sleep(max(0.0, self.step_started + seconds - time.perf_counter()))
+        return sum(1 for item in items if item.needs_logits)
+
+    def sample(self, rows: int, requests: list[SamplingRequest]) -> list[int]:
+        return [PLACEHOLDER_TOKEN] * len(requests)
+
+
+class SimEngine(Engine):
+    def __init__(self, config: EngineConfig, policy: BatchPolicy | None = None, *, cost: CostModel,
+                 handoff: SimHandoff | None = None) -> None:
+        # Engine.__init__ would load a model: set up the same attributes around the cost-model executor instead.
+        self.config = config
+        self.policy = policy if policy is not None else SarathiBatching()
+        self.cost = cost
+        self.handoff = handoff or SimHandoff()
+        shape = cost.model
+        self.model_name = f"sim:{shape.name}"
+        self.layout = KVLayout(shape.num_layers, shape.num_kv_heads, shape.head_dim, config.block_size,
+                               f"sim-{shape.dtype}")
+        num_blocks = config.num_blocks or cost.kv_capacity_tokens() // config.block_size
+        self.kv = SimKVPool(self.layout, num_blocks)
+        self.runner = self.sampler = CostModelExecutor(cost)
+        self.tokenizer = None
+        self.eos_token_ids: set[int] = set()
+        self.block_size, self.num_blocks = config.block_size, num_blocks
+        self.max_model_len = config.max_model_len or SIM_CONTEXT_LEN
+        self._waiting, self._running, self._prefilled = {}, {}, {}
+        self._reservations: dict[str, list[int]] = {}
+        self._arriving: dict[str, tuple[float, tuple, dict]] = {}
+        """Handed-off requests whose modelled transfer has not finished: id -> (ready time, args, kwargs)."""
+
+    def add_prefilled(self, request_id: str, prompt_token_ids: list[int], *args: Any, **kwargs: Any) -> None:
+        if request_id not in self._reservations:
+            raise KeyError(f"no KV reservation for request {request_id}")
+        transfer_s = (self.handoff.latency_s
+                      + len(prompt_token_ids) * self.cost.kv_bytes_per_token / self.handoff.bandwidth_Bps)
+        self._arriving[request_id] = (time.time() + transfer_s, (request_id, prompt_token_ids, *args), kwargs)
+
+    def _land_arrivals(self) -> None:
+        now = time.time()
+        for request_id, (ready, args, kwargs) in list(self._arriving.items()):
+            if ready <= now:
+                del self._arriving[request_id]
+                super().add_prefilled(*args, **kwargs)
+
+    def has_work(self) -> bool:
+        self._land_arrivals()
+        return super().has_work() or bool(self._arriving)
+
+    def step(self):
+        self.runner.step_started = time.perf_counter()
+        self._land_arrivals()
+        if not (self._waiting or self._running):  # only transfers in flight: wait for the next to land
+            time.sleep(max(0.0, min(ready for ready, _, _ in self._arriving.values()) - time.time()))
+            self._land_arrivals()
+            self.runner.step_started = time.perf_counter()
+        return super().step()
+
+    def abort(self, request_id: str) -> bool:
+        self._arriving.pop(request_id, None)
+        return super().abort(request_id)
