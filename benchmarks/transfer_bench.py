@@ -144,7 +144,7 @@ def _point(engine, mut, conn, pusher, zmq_socket, tokens: int, args) -> dict:
                 checks.append(abs(conn.recv() - float(engine.kv.pool[torch.tensor(src, device=device)].double().sum())))
             start = time.perf_counter()
             pusher.copy(src, dst)
-            pusher.stream.synchronize()
+            pusher.synchronize()
             raw.append(time.perf_counter() - start)
             conn.send(("free", dst))
             conn.recv()
