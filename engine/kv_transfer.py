@@ -170,9 +170,12 @@ class KVPusher:
             return 0
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
         copies = 0
-        src_all = torch.tensor(src_blocks, dtype=torch.long).pin_memory().to(self.device, non_blocking=True)
-        dst_all = torch.tensor(dst_blocks, dtype=torch.long).pin_memory().to(self.remote_device, non_blocking=True)
         with torch.cuda.stream(self.stream):
+            # index copies on the streams that use them: the side stream here, the peer GPU's current stream there
+            src_all = torch.tensor(src_blocks, dtype=torch.long).pin_memory().to(self.device, non_blocking=True)
+            with torch.cuda.device(self.remote_device):
+                dst_all = torch.tensor(dst_blocks, dtype=torch.long).pin_memory().to(self.remote_device,
+                                                                                     non_blocking=True)
             for start in range(0, len(src_blocks), self.group):
                 src = src_all[start:start + self.group]
                 dst = dst_all[start:start + self.group]
