@@ -214,6 +214,9 @@ def format_report(result: dict) -> str:
              pct(r["gpu_added_s"], r["ttft_s"]),
              r["gpu_raw_GBps"] or "-", ms(r["zmq_s"]), pct(r["zmq_s"], r["ttft_s"]), r["zmq_GBps"] or "-",
              r["d2d_GBps"], r["p2p_GBps"] or "-"] for r in result["rows"]]
+    checks = [r["gpu_checksum_error"] for r in result["rows"] if r.get("gpu_checksum_error") is not None]
+    if checks:
+        head += f"; GPU push verified: |checksum difference| per prompt {checks}"
     return head + "\n\n" + table(
         ["prompt tokens", "KV MB", "TTFT ms (no handoff)", "GPU->GPU tail ms", "GPU->GPU added ms", "GPU->GPU added",
          "GPU->GPU GB/s",
