@@ -39,8 +39,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpus", default="4,8,16", help="cluster sizes [%(default)s]")
     p.add_argument("--workloads", default=",".join(WORKLOADS),
                    help="workloads; 'shift' is conversation then code (shift:azure-conv,azure-code) [%(default)s]")
-    p.add_argument("--run-seconds", type=float, default=60.0, help="seconds of arrivals per run [%(default)s]")
-    p.add_argument("--warmup", type=float, default=10.0,
+    p.add_argument("--run-seconds", type=float, default=120.0, help="seconds of arrivals per run [%(default)s]")
+    p.add_argument("--warmup", type=float, default=30.0,
                    help="requests arriving in the first seconds of a run are not scored [%(default)s]")
     p.add_argument("--ttft-slo", type=float, default=1.0, help="TTFT target, s [%(default)s]")
     p.add_argument("--tbt-slo", type=float, default=0.1, help="TBT target (per-request P99), s [%(default)s]")
