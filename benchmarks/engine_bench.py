@@ -121,8 +121,9 @@ def run(args) -> dict:
     engine = make_engine(mut, device, max_batch, args.kv_gb, max_len, args.prefill_budget, graphs=not args.no_graphs,
                          fused=not args.no_fused_decode)
     cuda = engine.runner.cuda
-    env["decode_forward"] = ("none (eager)" if cuda is None or cuda.graphs is None else
-                             "fused graphs" if cuda.graphs.fused is not None else "HF-module graphs")
+    env["decode_forward"] = ("reference (no CUDA path)" if cuda is None else
+                             ("fused" if cuda.fused is not None else "HF modules")
+                             + (", CUDA graphs for decode" if cuda.graphs is not None else ", no graphs"))
     env["engine_init_s"] = time.perf_counter() - started
     vocab = mut.model.config.vocab_size
     result: dict = {"environment": env, "decode": [], "prefill": []}
@@ -164,7 +165,7 @@ def format_report(result: dict) -> str:
     env = result["environment"]
     lines = [f"device {env['device']}, model {env['model']}, torch {env['torch']}, transformers {env['transformers']},"
              f" commit {env['commit']}, {env['date']}; copy {env['copy_bandwidth_Bps'] / 1e12:.2f} TB/s,"
-             f" matmul {env['matmul_flops'] / 1e12:.0f} TFLOP/s; decode forward: {env.get('decode_forward')}", ""]
+             f" matmul {env['matmul_flops'] / 1e12:.0f} TFLOP/s; forward: {env.get('decode_forward')}", ""]
     rows = []
     for p in result["decode"]:
         hf = p.get("hf_step_s")

@@ -41,8 +41,8 @@ class EngineConfig:
     cuda_graph_max_batch: int = 128
     """CUDA only: decode-only iterations of up to this many sequences replay captured CUDA graphs (0: off)."""
     cuda_fused_decode: bool = True
-    """CUDA only: the decode graphs run the fused Llama-family forward (``engine.fast_decoder``) when the model
-    supports it, else the Hugging Face modules."""
+    """CUDA only: iterations (decode graphs and packed prefill/mixed passes) run the fused Llama-family forward
+    (``engine.fast_decoder``) when the model supports it, else the Hugging Face modules."""
 
     def __post_init__(self) -> None:
         if self.model is not None and (not isinstance(self.model, str) or not self.model.strip()):

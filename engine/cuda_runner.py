@@ -18,8 +18,8 @@ from engine.triton_kernels import num_splits_for
 
 class CudaExecutor:
     """Runs packed forward passes of ``model`` over ``pool`` (``[num_blocks, layers, 2, block_size, kv_heads,
-    head_dim]``) on its CUDA device. ``graph_max_batch`` 0 disables CUDA graphs; ``fused_decode`` lets them capture
-    ``engine.fast_decoder.FastDecoder`` where the model supports it."""
+    head_dim]``) on its CUDA device. ``graph_max_batch`` 0 disables CUDA graphs; ``fused_decode`` runs
+    ``engine.fast_decoder.FastDecoder`` (in the graphs and for other iterations) where the model supports it."""
 
     def __init__(self, model: torch.nn.Module, pool: torch.Tensor, max_model_len: int, graph_max_batch: int,
                  fused_decode: bool = True) -> None:
@@ -34,8 +34,9 @@ class CudaExecutor:
         self._staged.record()
         self._tables: dict[int, tuple[list[int], np.ndarray]] = {}
         self.graphs: DecodeGraphs | None = None
+        self.fused = FastDecoder(model) if fused_decode and FastDecoder.supports(model) else None
+        fused = self.fused
         if graph_max_batch > 0:
-            fused = FastDecoder(model) if fused_decode and FastDecoder.supports(model) else None
             self.graphs = DecodeGraphs(model, pool, graph_max_batch, -(-max_model_len // self.block_size),
                                        self.splits, fused)
             self.graphs.capture()
@@ -118,6 +119,8 @@ class CudaExecutor:
         )
         if not chunks and len(decode_rows) == total:
             context.decode_rows = None  # every token is a decode, in order
+        if self.fused is not None:
+            return self.fused.forward_packed(ids, pos, context, keep_tensor)
         output = self.model(
             input_ids=ids.view(1, total), position_ids=pos.view(1, total), use_cache=False,
             logits_to_keep=keep_tensor, paged_context=context,

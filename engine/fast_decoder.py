@@ -7,6 +7,10 @@ a decode step is bound by launch latency as much as by weight bandwidth, so fewe
 toward the floor. The concatenated weights become the model's storage (q/k/v and gate/up parameters are re-pointed
 to slices of them), so nothing is duplicated and the Hugging Face forward, used for prefill, keeps working.
 
+``forward_packed`` runs any packed iteration (prefill chunks and decodes) the same way, eagerly: with a third of
+the kernel launches of the module-by-module forward, a chunk of a few hundred tokens is bound by the GPU rather than
+by the host issuing launches.
+
 Supported: model types llama, mistral, qwen2 with default rotary embedding, SiLU MLP and full attention in every
 layer; otherwise ``FastDecoder.supports`` is False and the decode graphs capture the Hugging Face forward.
 """
@@ -17,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.fused_kernels import add_rmsnorm, rotary_store, silu_mul
+from engine.paged_attention_cuda import CudaAttentionContext, paged_attention
 from engine.triton_kernels import decode_attention
 
 SUPPORTED_TYPES = {"llama", "mistral", "qwen2"}
@@ -72,6 +77,25 @@ class FastDecoder:
                 tables: torch.Tensor, context_lens: torch.Tensor, num_splits: int) -> torch.Tensor:
         """One decode token per sequence: ``input_ids``/``positions``/``slots`` ``[n]``; returns float32 logits
         ``[n, vocab]``."""
+        def attend(q: torch.Tensor, layer_cache: torch.Tensor) -> torch.Tensor:
+            return decode_attention(q, layer_cache, tables, context_lens, self.scale, None, num_splits)
+
+        hidden, residual = self._layers(input_ids, positions, pool, slots, attend)
+        x, _ = add_rmsnorm(hidden, residual, *self.norm)
+        return F.linear(x, self.lm_head).float()
+
+    def forward_packed(self, input_ids: torch.Tensor, positions: torch.Tensor, context: CudaAttentionContext,
+                       keep: torch.Tensor) -> torch.Tensor:
+        """Any packed iteration (prefill chunks and decodes, as ``CudaAttentionContext`` describes them); returns
+        float32 logits ``[len(keep), vocab]`` for the packed rows ``keep``."""
+        def attend(q: torch.Tensor, layer_cache: torch.Tensor) -> torch.Tensor:
+            return paged_attention(q, layer_cache, context, self.scale)
+
+        hidden, residual = self._layers(input_ids, positions, context.pool, context.slots, attend)
+        x, _ = add_rmsnorm(hidden.index_select(0, keep), residual.index_select(0, keep), *self.norm)
+        return F.linear(x, self.lm_head).float()
+
+    def _layers(self, input_ids, positions, pool, slots, attend) -> tuple[torch.Tensor, torch.Tensor]:
         n = input_ids.shape[0]
         hidden = F.embedding(input_ids, self.embed)
         residual = None
@@ -81,12 +105,10 @@ class FastDecoder:
             layer_cache = pool[:, index]
             q = rotary_store(qkv, positions, self.inv_freq, self.attention_scaling, self.num_heads,
                              self.num_kv_heads, layer_cache, slots)
-            attn = decode_attention(q, layer_cache, tables, context_lens, self.scale, None, num_splits)
-            hidden = F.linear(attn.view(n, -1), layer["o"], layer["o_bias"])
+            hidden = F.linear(attend(q, layer_cache).reshape(n, -1), layer["o"], layer["o_bias"])
             x, residual = add_rmsnorm(hidden, residual, *layer["post_norm"])
             hidden = F.linear(silu_mul(F.linear(x, layer["gate_up"])), layer["down"])
-        x, _ = add_rmsnorm(hidden, residual, *self.norm)
-        return F.linear(x, self.lm_head).float()
+        return hidden, residual
 
 
 def _concatenate(linears: list[torch.nn.Linear], name: str = "weight") -> torch.Tensor | None:

@@ -94,20 +94,40 @@ def cuda_attention_forward(
     return output.unsqueeze(0)
 
 
+def paged_attention(queries: torch.Tensor, layer_cache: torch.Tensor, ctx: CudaAttentionContext, scale: float
+                    ) -> torch.Tensor:
+    """Attention of packed ``queries`` ``[T, heads, D]`` whose K/V are already in ``layer_cache`` (full attention):
+    decode rows by the Triton kernel, chunks by SDPA over their gathered blocks. Returns ``[T, heads, D]``."""
+    from engine.triton_kernels import decode_attention
+
+    if ctx.decode_rows is None and not ctx.chunks:
+        return decode_attention(queries, layer_cache, ctx.decode_tables, ctx.decode_context_lens, scale, None,
+                                ctx.num_splits)
+    output = torch.empty_like(queries)
+    if ctx.decode_rows is not None and ctx.decode_rows.numel():
+        out = decode_attention(queries.index_select(0, ctx.decode_rows), layer_cache, ctx.decode_tables,
+                               ctx.decode_context_lens, scale, None, ctx.num_splits)
+        output.index_copy_(0, ctx.decode_rows, out)
+    for chunk in ctx.chunks:
+        output[chunk.start:chunk.end] = _attend_chunk(queries[chunk.start:chunk.end], None, None, layer_cache, chunk,
+                                                      scale, None)
+    return output
+
+
 def _attend_chunk(
     queries: torch.Tensor,
-    fresh_keys: torch.Tensor,
-    fresh_values: torch.Tensor,
+    fresh_keys: torch.Tensor | None,
+    fresh_values: torch.Tensor | None,
     layer_cache: torch.Tensor,
     chunk: ChunkSpan,
     scale: float,
     sliding_window: int | None,
 ) -> torch.Tensor:
     """``queries`` ``[q, heads, D]``; ``fresh_keys``/``fresh_values`` ``[q, kv_heads, D]`` are this chunk's own
-    K/V. Returns ``[q, heads, D]``."""
+    K/V (None: read them from the pool too). Returns ``[q, heads, D]``."""
     num_queries = queries.shape[0]
     context_len = chunk.context_len
-    if context_len == num_queries:
+    if context_len == num_queries and fresh_keys is not None:
         keys, values = fresh_keys, fresh_values
     else:
         blocks = layer_cache.index_select(0, chunk.table)  # [n, 2, block_size, kv_heads, D]
