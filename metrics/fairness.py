@@ -5,14 +5,14 @@ evenly over its first-token-to-finish interval (the paper's measure); an unfinis
 up to the end of the run at the rate its tokens came (``num_tokens`` of ``output_len``).
 
 - ``service_curves``: accumulated service per client at grid times.
-- ``service_difference``: at each grid time, max minus min accumulated service per unit of client weight among the
-  clients *backlogged* then (with a request that has arrived and not yet been admitted). With equal weights this is
-  the plain service difference; with weights it is what weighted VTC equalises.
+- ``service_difference``: for each pair of clients, the difference of the service (per unit of client weight) they
+  received while both were *backlogged* (each with a request that has arrived and not yet been admitted),
+  accumulated over time; the largest pair at each time. VTC bounds it; FCFS lets it grow.
 - ``window_service``: service per client per window (tokens/s).
 - ``table2_metric``: per window, ``sum_i min(s_max - s_i, max(0, demand_i - s_i))`` with ``s_i`` the service of
   client i in the window, ``s_max`` the largest, and ``demand_i`` the cost of the client's requests that arrived
-  by the window's end minus the service it had received by the window's start (what it could have used); max and
-  average over windows (the paper's Table 2 style).
+  by the window's end minus the service it had received by the window's start (what it could have used), all per
+  unit of client weight; max and average over windows (the paper's Table 2 style).
 """
 
 from __future__ import annotations
@@ -81,17 +81,23 @@ def client_weights(result: RunResult) -> dict[str, float]:
 
 def service_difference(result: RunResult, step_s: float = 1.0, w_p: float = 1.0, w_q: float = 2.0
                        ) -> tuple[np.ndarray, np.ndarray]:
-    """(grid, difference): max minus min accumulated service / weight among backlogged clients (NaN with fewer
-    than two)."""
+    """(grid, difference): for every pair of clients, the service each received (per unit of its weight) while
+    *both* were backlogged, accumulated over the run; the largest absolute pair difference at each grid time (NaN
+    until some pair has been backlogged together). This is the quantity VTC bounds: two clients that both wait get
+    equal service, whatever happened while one of them did not."""
     grid, curves = service_curves(result, step_s, w_p, w_q)
     backlog = backlogged(result, grid)
     clients = sorted(curves)
     weights = client_weights(result)
-    matrix = np.array([curves[c] / weights[c] for c in clients])
-    mask = np.array([backlog[c] for c in clients])
-    hi = np.where(mask, matrix, -np.inf).max(axis=0)
-    lo = np.where(mask, matrix, np.inf).min(axis=0)
-    diff = np.where(mask.sum(axis=0) >= 2, hi - lo, np.nan)
+    steps = {c: np.diff(curves[c], prepend=curves[c][:1]) / weights[c] for c in clients}
+    diff = np.full(len(grid), np.nan)
+    for a in range(len(clients)):
+        for b in range(a + 1, len(clients)):
+            joint = backlog[clients[a]] & backlog[clients[b]]
+            seen = np.cumsum(joint) > 0
+            gap = np.abs(np.cumsum(np.where(joint, steps[clients[a]] - steps[clients[b]], 0.0)))
+            gap = np.where(seen, gap, np.nan)
+            diff = np.fmax(diff, gap)
     return grid, diff
 
 
@@ -112,7 +118,9 @@ def table2_metric(result: RunResult, window_s: float = 60.0, w_p: float = 1.0, w
     if len(edges) < 2:
         return float("nan"), float("nan")
     clients, received = _received(result, edges, w_p, w_q)
-    cost = request_costs(result, w_p, w_q).astype(float)
+    weights = client_weights(result)
+    received = received / np.array([weights[c] for c in clients])[:, None]
+    cost = request_costs(result, w_p, w_q).astype(float) / result.weight
     arrival = result.times["arrival"]
     owner = np.array(result.client_ids)
     masks = [owner == client for client in clients]
