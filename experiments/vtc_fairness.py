@@ -113,7 +113,7 @@ def _plot(plt: Any, out_dir: Path, scenario: str, runs: list[dict[str, Any]]) ->
         left.plot(r["grid"], r["diff"], label=r["policy"].upper())
     left.set_yscale("symlog", linthresh=1000)
     left.set_xlabel("time (s)")
-    left.set_ylabel("service difference while both backlogged\n(weighted tokens per unit weight)")
+    left.set_ylabel("service difference since both backlogged\n(weighted tokens per unit weight)")
     left.set_title(f"{scenario}: service difference")
     left.legend()
     styles = {"fcfs": "--", "vtc": "-"}
@@ -147,8 +147,9 @@ def _report(scenarios: list[str], policies: list[str], by: dict, args: argparse.
         + (" --quick" if args.quick else "") + "` (one A10G-class colocated worker, "
         f"{kv:,} tokens of KV, Sarathi 512-token batches, VTC costs w_p = 1, w_q = 2).",
         "",
-        "Service difference: for each pair of clients, the weighted service (per unit of client weight) received "
-        "while both had a queued request, accumulated over time; max and time-average of the largest pair. Table-2 metric: per 60 s window, sum over clients of min(gap to the best-served client, "
+        "Service difference: for each pair of clients and each stretch of time in which both had a queued request, "
+        "the difference of the weighted service (per unit of client weight) they received since the stretch began; "
+        "max and time-average of the largest pair. Table-2 metric: per 60 s window, sum over clients of min(gap to the best-served client, "
         "unmet demand); max and average over windows. Service: weighted tokens/s per client (client1 / client2 / "
         "...). TTFT: mean per client, seconds.",
         "",

@@ -5,9 +5,10 @@ evenly over its first-token-to-finish interval (the paper's measure); an unfinis
 up to the end of the run at the rate its tokens came (``num_tokens`` of ``output_len``).
 
 - ``service_curves``: accumulated service per client at grid times.
-- ``service_difference``: for each pair of clients, the difference of the service (per unit of client weight) they
-  received while both were *backlogged* (each with a request that has arrived and not yet been admitted),
-  accumulated over time; the largest pair at each time. VTC bounds it; FCFS lets it grow.
+- ``service_difference``: for each pair of clients and each stretch of time in which both are continuously
+  *backlogged* (each with a request that has arrived and not yet been admitted), the difference of the service (per
+  unit of client weight) they received since the stretch began; the largest pair at each time. VTC bounds it;
+  FCFS lets it grow.
 - ``window_service``: service per client per window (tokens/s).
 - ``table2_metric``: per window, ``sum_i min(s_max - s_i, max(0, demand_i - s_i))`` with ``s_i`` the service of
   client i in the window, ``s_max`` the largest, and ``demand_i`` the cost of the client's requests that arrived
@@ -81,23 +82,28 @@ def client_weights(result: RunResult) -> dict[str, float]:
 
 def service_difference(result: RunResult, step_s: float = 1.0, w_p: float = 1.0, w_q: float = 2.0
                        ) -> tuple[np.ndarray, np.ndarray]:
-    """(grid, difference): for every pair of clients, the service each received (per unit of its weight) while
-    *both* were backlogged, accumulated over the run; the largest absolute pair difference at each grid time (NaN
-    until some pair has been backlogged together). This is the quantity VTC bounds: two clients that both wait get
-    equal service, whatever happened while one of them did not."""
+    """(grid, difference): for every pair of clients and every stretch of time in which both are continuously
+    backlogged, the difference of the service (per unit of client weight) they received since the stretch began;
+    at each grid time the largest such pair difference (NaN when no two clients are backlogged together). This is
+    the quantity VTC bounds (two clients that both keep waiting get equal service); FCFS lets it grow."""
     grid, curves = service_curves(result, step_s, w_p, w_q)
     backlog = backlogged(result, grid)
     clients = sorted(curves)
     weights = client_weights(result)
     steps = {c: np.diff(curves[c], prepend=curves[c][:1]) / weights[c] for c in clients}
     diff = np.full(len(grid), np.nan)
+    index = np.arange(len(grid))
     for a in range(len(clients)):
         for b in range(a + 1, len(clients)):
             joint = backlog[clients[a]] & backlog[clients[b]]
-            seen = np.cumsum(joint) > 0
-            gap = np.abs(np.cumsum(np.where(joint, steps[clients[a]] - steps[clients[b]], 0.0)))
-            gap = np.where(seen, gap, np.nan)
-            diff = np.fmax(diff, gap)
+            if not joint.any():
+                continue
+            delta = np.where(joint, steps[clients[a]] - steps[clients[b]], 0.0)
+            total = np.cumsum(delta)
+            starts = joint & ~np.concatenate([[False], joint[:-1]])
+            start = np.maximum.accumulate(np.where(starts, index, 0))
+            since = total - total[start]  # the service of the stretch's first step happened before it began
+            diff = np.fmax(diff, np.where(joint, np.abs(since), np.nan))
     return grid, diff
 
 

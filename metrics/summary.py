@@ -10,9 +10,9 @@ Definitions (times in seconds):
 - goodput = requests that met their SLOs (``RunResult.meets_slo``) / span; ``slo_attainment`` their fraction of all
   requests.
 - per client: service = (w_p * prompt + w_q * output of finished requests) / span, mean TTFT.
-- ``service_diff_max`` / ``service_diff_avg``: max and time-average of the service difference accumulated while
-  clients were backlogged together (per unit of client weight; ``metrics.fairness.service_difference``), only with
-  two or more clients.
+- ``service_diff_max`` / ``service_diff_avg``: max and time-average of the service difference of clients over the
+  stretches in which they wait together (per unit of client weight; ``metrics.fairness.service_difference``), only
+  with two or more clients.
 - KV transfer: bytes/s handed off and the mean share of TTFT spent in the handoff.
 
 Latency statistics cover finished requests (TTFT: every request that got a first token).
