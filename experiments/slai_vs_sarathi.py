@@ -10,7 +10,8 @@ order is the coordinator's: ``spf`` admission with the services' placement rules
 at most 4096 prompt tokens queued on the worker), so the queue forms in the coordinator, in SPF order.
 
 Variants: ``sarathi-fcfs`` (Sarathi-Serve), ``sarathi-spf``, ``slai`` (dynamic offset Theta 5 / 10 at 96% KV),
-``slai-fixed`` (Theta 10 always), ``slai-strict-first`` (strict tier first, then shortest prompt).
+``slai-fixed`` (Theta 10 always), ``slai-strict-first`` (strict tier first, then shortest prompt), ``slai-aging``
+(a request waiting over 10 s goes first: Diptych's starvation guard, off in the paper).
 
 Capacity: the highest load with median TTFT < 0.5 s and each tier's P99 TBT within its target (SLAI's criterion),
 by binary search. Published: SLAI cuts median TTFT by 53% and raises capacity by 26% over Sarathi-Serve.
@@ -34,6 +35,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], str]] = {  # batch policy, knobs,
     "slai": ("slai", {}, "fcfs"),
     "slai-fixed": ("slai", {"fixed_offset": True}, "fcfs"),
     "slai-strict-first": ("slai", {"strict_tier_first": True}, "fcfs"),
+    "slai-aging": ("slai", {"aging_s": 10.0}, "fcfs"),
 }
 COMMON = {"token_budget": 512, "max_running": 128, "max_decodes": 128}
 
