@@ -36,7 +36,7 @@ SIM_VOCAB_SIZE = 256
 class SimHandoff:
     """Knobs of the modelled KV transfer: bytes per second and a fixed latency in seconds."""
 
-    bandwidth_Bps: float = 25e9
+    bandwidth_Bps: float = 50e9
     latency_s: float = 1e-3
 
 

@@ -1,4 +1,5 @@
-"""``diptych bench engine`` and ``diptych bench transfer``: speed against HF transformers and the hardware floor."""
+"""``diptych bench engine`` and ``diptych bench transfer``: speed against HF transformers and the hardware floor;
+``diptych bench serve``: load against a running Diptych (``benchmarks/serve_cli.py``)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ def _ints(text: str) -> list[int]:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="benchmark the engine and the KV handoff",
+    p = sub.add_parser("bench", help="benchmark the engine, the KV handoff, or a running server under load",
                        description="Benchmarks printing Markdown tables: ours vs HF transformers vs the floor.")
     kinds = p.add_subparsers(dest="bench", required=True, metavar="BENCH")
 
@@ -44,6 +45,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--no-fused-decode", action="store_true",
                    help="capture the Hugging Face modules instead of the fused decode forward")
     e.add_argument("--json", default=None, help="also write the raw numbers to this JSON file")
+
+    from benchmarks.serve_cli import add_serve_parser
+
+    add_serve_parser(kinds)
 
     t = kinds.add_parser("transfer", help="KV handoff: GPU-to-GPU (CUDA IPC) vs ZeroMQ frames vs a plain copy")
     t.set_defaults(run=run_transfer)

@@ -54,7 +54,7 @@ def add_worker_arguments(parser: argparse.ArgumentParser, role: str) -> None:
                         "tokens (cluster-scale runs on a CPU, comparable with 'diptych simulate') [%(default)s]")
     parser.add_argument("--cost-model", default=None,
                         help="with --engine sim: a cost-model preset or JSON file [h200-mistral-7b]")
-    parser.add_argument("--sim-handoff-gbps", type=float, default=25.0,
+    parser.add_argument("--sim-handoff-gbps", type=float, default=50.0,
                         help="with --engine sim: modelled KV transfer bandwidth, GB/s [%(default)s]")
     parser.add_argument("--sim-handoff-latency-ms", type=float, default=1.0,
                         help="with --engine sim: modelled KV transfer latency, ms [%(default)s]")

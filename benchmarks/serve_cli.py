@@ -1,0 +1,59 @@
+"""The ``diptych bench serve`` command line: workload options, the target, the output file and the summary."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+from workloads.catalog import add_workload_arguments, build_workload, workload_from_args
+
+
+def add_serve_parser(kinds: argparse._SubParsersAction) -> None:
+    s = kinds.add_parser(
+        "serve", help="open-loop load against a running Diptych (SDK or HTTP): timelines and a summary table",
+        description="Send a workload to a running Diptych at its arrival times (open loop), keep every request's "
+                    "timeline, write them to one JSON file and print the summary (TTFT, TBT per tier, scheduling "
+                    "delay, goodput, throughput, per-client service, service differences).")
+    s.set_defaults(run=run_serve)
+    s.add_argument("--endpoint", default="tcp://127.0.0.1:5601",
+                   help="SDK address (tcp://...) or HTTP base URL (http://...) of the frontend [%(default)s]")
+    s.add_argument("--model", default=None, help="model name for HTTP requests [the server's first model]")
+    s.add_argument("--client-keys", default=None,
+                   help='JSON file {"<workload client id>": "<API key>"} so the server sees the workload clients')
+    s.add_argument("--output", default="bench-serve.json", help="timelines file to write [%(default)s]")
+    s.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for one reply [%(default)s]")
+    add_workload_arguments(s, qps=1.0, num_requests=200)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from benchmarks.serve_load import FAILURES, LoadTarget, load_client_keys, run_load
+    from metrics.results import RunResult
+    from metrics.summary import format_summary, summarize
+    from metrics.timeline import save_timelines
+
+    try:
+        config = workload_from_args(args)
+        specs = build_workload(config)
+        target = LoadTarget(args.endpoint, load_client_keys(args.client_keys), args.model, args.timeout)
+    except (ValueError, OSError) as exc:
+        print(f"diptych bench serve: {exc}", file=sys.stderr)
+        return 2
+    if not args.endpoint.startswith(("tcp://", "ipc://", "http://", "https://")):
+        print(f"diptych bench serve: --endpoint must be tcp://, ipc:// or http(s)://, got {args.endpoint!r}",
+              file=sys.stderr)
+        return 2
+    try:
+        timelines = asyncio.run(run_load(specs, target, seed=config.seed))
+    except ValueError as exc:
+        print(f"diptych bench serve: {exc}", file=sys.stderr)
+        return 2
+    if FAILURES:
+        print(f"{sum(FAILURES.values())} requests failed or were refused:", file=sys.stderr)
+        for reason, count in FAILURES.most_common(5):
+            print(f"  {count} x {reason}", file=sys.stderr)
+    meta = {"workload": config.name, "qps": config.qps, "endpoint": args.endpoint, "requests": len(specs)}
+    save_timelines(timelines, args.output, meta=meta)
+    print(format_summary(summarize(RunResult.from_timelines(timelines, meta=meta))))
+    print(f"timelines written to {args.output}")
+    return 0
