@@ -6,7 +6,7 @@ import threading
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -49,9 +49,14 @@ def test_tokenizer_round_trips_examples(text):
     assert BYTE_TOKENIZER.decode(ids, skip_special_tokens=True) == text
 
 
+SPECIAL_TOKENS = ("<s>", "</s>", "<pad>")
+
+
 @settings(max_examples=150, deadline=None)
 @given(st.text())
 def test_tokenizer_round_trips_any_text(text):
+    """Any text without a special token's spelling (which, as in every HF tokenizer, becomes that token)."""
+    assume(not any(special in text for special in SPECIAL_TOKENS))
     assert BYTE_TOKENIZER.decode(BYTE_TOKENIZER(text).input_ids, skip_special_tokens=True) == text
 
 
