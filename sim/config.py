@@ -39,9 +39,9 @@ class ClusterConfig:
       ``pool_tick_s``; ``rad`` moves workers between the prefill and decode pools, draining them first).
     - ``max_prefill_backlog_tokens``: prompt tokens queued per prefill (or colocated) worker before requests wait in
       the coordinator (the services' default 4096; None: unbounded, so the worker's batch policy sees every request).
-    - ``colocated_reserve``: the coordinator reserves a request's whole KV on a colocated worker at placement, as it
-      does on a decode worker (fairness policies then order admission); False leaves KV admission to the worker's
-      batch policy (SLAI's shortest-prompt-first among all arrived requests).
+    - ``colocated_reserve``: the coordinator reserves a request's whole KV on a colocated worker at placement, as the
+      services do (fairness policies then order admission); False [simulator only] leaves KV admission to the
+      worker's batch policy (with no backlog limit, SLAI's shortest-prompt-first among all arrived requests).
     - Handoff: ``handoff_latency_s + bytes / handoff_bandwidth_Bps``, bytes = whole prompt blocks x KV bytes/token.
     - ``exact``: call the batch policy before every iteration (else stationary decode-only stretches are
       fast-forwarded, see ``sim.simulator``); ``record_tokens`` keeps every token time (memory-hungry on long runs).

@@ -19,12 +19,16 @@ What is simulated, and which service it mirrors:
 - **KV handoff**: when a prefill ends, its blocks are freed, the first token is out, and the KV reaches the decode
   worker after ``handoff_latency_s + bytes / handoff_bandwidth_Bps`` (bytes = whole prompt blocks x KV bytes per
   token); the sequence joins the decode worker's next iteration.
-- **Pools** (``policies.pool``): every ``pool_tick_s`` the pool policy gets ``PoolStats``; a move drains the chosen
-  worker (no new placements; it finishes or hands off what it holds) and then switches its role and batch policy.
-  The worker with the least work in the donor pool is chosen [simulator choice; the services do not move workers yet].
-- **Colocated workers** (prefill and decode in one engine) [simulator choice until the services have them]: placed
-  like prefill workers (least queued prompt tokens, backlog limit); with ``colocated_reserve`` the coordinator also
-  reserves the request's whole KV on the worker, as on a decode worker.
+- **Pools** (``policies.pool``, ``services/coordinator/pools.py``): every ``pool_tick_s`` the pool policy gets
+  ``PoolStats`` built as the services build them (queued prompt tokens of the coordinator plus the prefill pool's
+  backlog, decode KV reserved / total, running decodes, prompt tokens arrived over the last 30 s; no TBT slack),
+  except that prefill throughput is the cost model's estimate rather than a measurement. A move drains the donor
+  worker with the least outstanding work (no new placements; it finishes or hands off what it holds), then switches
+  its role and batch policy. Every worker may move (the services move only ``flex`` workers).
+- **Colocated workers** (prefill and decode in one engine): placed as the services place them (least queued prompt
+  tokens within the backlog limit, whole KV reserved at placement, backlog released with the first token). With
+  ``colocated_reserve=False`` [simulator only] nothing is reserved at placement and the worker's batch policy admits
+  by KV itself, so with no backlog limit it sees every arrived request (SLAI's setting).
 
 Messages between processes take no time. Speed: a decode worker whose last plan ran every running sequence as a
 decode, with nothing waiting and nothing changed since, is assumed to plan the same again (true of every registered
@@ -56,7 +60,7 @@ from workloads.spec import RequestSpec
 
 EV_WORKER, EV_HANDOFF, EV_POOL = 0, 1, 2
 NAN = float("nan")
-RATE_WINDOW_S = 10.0
+RATE_WINDOW_S = 30.0  # prompt arrival rate window (services/coordinator/pools.py)
 
 
 class Simulator:
@@ -291,8 +295,7 @@ class Simulator:
                 continue
             if not (worker.backlog_tokens == 0 or limit is None or worker.backlog_tokens + prompt <= limit):
                 continue
-            if best is None or (worker.backlog_tokens, best.reserved_blocks) < (best.backlog_tokens,
-                                                                                worker.reserved_blocks):
+            if best is None or worker.backlog_tokens < best.backlog_tokens:
                 best = worker
         return best
 
@@ -481,18 +484,12 @@ class Simulator:
         budget = getattr(prefill[0].policy if prefill else None, "token_budget", 2048)
         per_worker = self.cost.prefill_throughput_tps(budget, int(self.prompt_mean))
         total = sum(w.total_blocks for w in decode)
-        slack = None
-        for w in decode:
-            targets = [s.slo for s in w.running if s.slo != math.inf]
-            if targets and w.last_duration > 0:
-                value = 1.0 - w.last_duration / min(targets)
-                slack = value if slack is None else min(slack, value)
-        return PoolStats(
+        return PoolStats(  # as services/coordinator/pools.py builds them (no TBT slack there either)
             prefill_workers=len(prefill), decode_workers=len(decode),
-            queued_prompt_tokens=self.queued_prompt + sum(w.prefill_tokens_queued for w in prefill),
+            queued_prompt_tokens=self.queued_prompt + sum(w.backlog_tokens for w in prefill),
             prefill_throughput_tps=per_worker * len(prefill),
-            decode_kv_utilization=sum(w.reserved_blocks for w in decode) / total if total else 0.0,
-            running_decodes=sum(len(w.running) for w in decode), tbt_slack=slack, prompt_arrival_tps=arrival_tps,
+            decode_kv_utilization=sum(w.reserved_blocks for w in decode) / total if total else 1.0,
+            running_decodes=sum(len(w.running) for w in decode), prompt_arrival_tps=arrival_tps,
         )
 
     def _pool_tick(self, now: float, arrivals_left: bool) -> None:
@@ -527,7 +524,6 @@ class Simulator:
         worker.set_policy(self._new_policy(role))
         worker.reserved_blocks = worker.backlog_tokens = worker.backlog_blocks = 0
         worker.free_blocks = worker.total_blocks
-        worker.prefill_tokens_queued = 0
         worker.plan_all_decodes = False
         self._refresh_pools()
         self.pool_history.append((now, self._count(PREFILL), self._count(DECODE)))

@@ -81,14 +81,12 @@ class Worker:
         self.stretch_clients: dict[str, int] = {}
         self.stretch_seqs: list[SimSeq] = []  # the sequences a stretch runs (later arrivals join after it)
         self.last_duration = 0.0
-        self.prefill_tokens_queued = 0  # prompt tokens not yet computed (waiting + partial prefills)
 
     # ------------------------------------------------------------------ sequences in
 
     def add_waiting(self, seq: SimSeq) -> None:
         self.waiting.append(seq)
         self.by_id[seq.request_id] = seq
-        self.prefill_tokens_queued += seq.prompt_len
         self.dirty = True
 
     def add_running(self, seq: SimSeq) -> None:
@@ -259,7 +257,6 @@ class Worker:
         for request_id, tokens in plan.prefill_chunks:
             seq = by_id[request_id]
             seq.num_computed += tokens
-            self.prefill_tokens_queued -= tokens
             if seq.num_computed >= seq.prompt_len:
                 sim.first_token(self, seq, t)
                 if reports is not None and self.role == COLOCATED:
