@@ -46,24 +46,23 @@ import math
 from collections import deque
 from typing import Any
 
-import numpy as np
 
 from metrics.histogram import LogHistogram
 from metrics.results import STATUS_CODES, RunResult
 from policies.admission import ADMISSION_POLICIES, AdmissionPolicy, PendingRequest
 from policies.batch import BATCH_POLICIES, BatchPolicy
-from policies.pool import DECODE as POOL_DECODE
-from policies.pool import POOL_POLICIES, PoolStats
+from policies.pool import POOL_POLICIES
 from sim.config import ClusterConfig, PolicySpec
+from sim.pool_moves import EV_POOL, PoolMoves
+from sim.result_assembly import NAN, ResultAssembly
+from sim.token_accounting import TokenAccounting
 from sim.worker import COLOCATED, DECODE, PREFILL, SimSeq, Worker
 from workloads.spec import RequestSpec
 
-EV_WORKER, EV_HANDOFF, EV_POOL = 0, 1, 2
-NAN = float("nan")
-RATE_WINDOW_S = 30.0  # prompt arrival rate window (services/coordinator/pools.py)
+EV_WORKER, EV_HANDOFF = 0, 1
 
 
-class Simulator:
+class Simulator(PoolMoves, ResultAssembly, TokenAccounting):
     def __init__(self, config: ClusterConfig, specs: list[RequestSpec], until: float | None = None,
                  progress: bool = False) -> None:
         config.validate()
@@ -364,65 +363,6 @@ class Simulator:
             if self.tracks_tokens:
                 self.admission.on_output_tokens(seq.client, 1)
 
-    def token(self, seq: SimSeq, t: float) -> None:
-        """One decode token of ``seq`` at ``t`` (``Worker._finish_plan`` inlines this)."""
-        i = seq.idx
-        gap = t - seq.last_token_time
-        self.pending_gaps[seq.tier_idx].append(gap)
-        if gap > self.max_tbt[i]:
-            self.max_tbt[i] = gap
-        if gap > seq.slo:
-            self.violations[i] += 1
-        self.num_gaps[i] += 1
-        seq.num_output += 1
-        seq.last_token_time = t
-        if self.token_times is not None:
-            self.token_times[i].append(t)
-
-    def pending_count(self) -> int:
-        return sum(len(g) for g in self.pending_gaps)
-
-    def flush_gaps(self) -> None:
-        """Bin the token gaps collected since the last flush (binning in bulk is much cheaper than one by one)."""
-        for tier, gaps in enumerate(self.pending_gaps):
-            if gaps:
-                self.hists[tier].add_array(np.array(gaps))
-                gaps.clear()
-
-    def stretch_tokens(self, running: list[SimSeq], k: int, a: float, b: float, t0: float, first_end: float,
-                       last_end: float) -> None:
-        """Apply ``k`` pure-decode iterations of ``running`` from ``t0`` (the i-th taking ``a + b*i``)."""
-        hists, max_tbt, violations, num_gaps = self.hists, self.max_tbt, self.violations, self.num_gaps
-        pending = self.pending_gaps
-        last_gap = a + b * (k - 1)
-        over: dict[float, int] = {}
-        tier_counts: dict[int, int] = {}
-        times = None
-        if self.token_times is not None:
-            times = [t0 + (j + 1) * a + b * j * (j + 1) / 2 for j in range(k)]
-        for seq in running:
-            i = seq.idx
-            gap0 = first_end - seq.last_token_time
-            pending[seq.tier_idx].append(gap0)
-            worst = gap0 if (k == 1 or gap0 > last_gap) else last_gap
-            if worst > max_tbt[i]:
-                max_tbt[i] = worst
-            slo = seq.slo
-            if slo != math.inf:
-                count = over.get(slo)
-                if count is None:
-                    count = over[slo] = _count_over(a, b, k, slo)
-                violations[i] += count + (1 if gap0 > slo else 0)
-            num_gaps[i] += k
-            seq.num_output += k
-            seq.last_token_time = last_end
-            tier_counts[seq.tier_idx] = tier_counts.get(seq.tier_idx, 0) + 1
-            if times is not None:
-                self.token_times[i].extend(times)
-        if k >= 2:
-            for tier, count in tier_counts.items():
-                hists[tier].add_linear(a, b, 1, k, count)
-
     def prefilled(self, worker: Worker, seq: SimSeq, t: float) -> None:
         """A prefill worker exported ``seq``'s KV at ``t``: it travels to the decode worker that reserved room."""
         i = seq.idx
@@ -468,120 +408,6 @@ class Simulator:
                 worker.reserved_blocks -= need
             worker.num_requests -= 1
         self._admit(t)
-
-    # ------------------------------------------------------------------ pools
-
-    def _count(self, role: str) -> int:
-        return sum(1 for w in self.workers if w.role == role)
-
-    def _pool_stats(self, now: float) -> PoolStats:
-        prefill = [w for w in self.workers if w.role == PREFILL]
-        decode = [w for w in self.workers if w.role == DECODE]
-        while self.recent_prompts and self.recent_prompts[0][0] < now - RATE_WINDOW_S:
-            self.recent_prompts.popleft()
-        window = min(RATE_WINDOW_S, now) if now > 0 else RATE_WINDOW_S
-        arrival_tps = sum(p for _, p in self.recent_prompts) / window
-        budget = getattr(prefill[0].policy if prefill else None, "token_budget", 2048)
-        per_worker = self.cost.prefill_throughput_tps(budget, int(self.prompt_mean))
-        total = sum(w.total_blocks for w in decode)
-        return PoolStats(  # as services/coordinator/pools.py builds them (no TBT slack there either)
-            prefill_workers=len(prefill), decode_workers=len(decode),
-            queued_prompt_tokens=self.queued_prompt + sum(w.backlog_tokens for w in prefill),
-            prefill_throughput_tps=per_worker * len(prefill),
-            decode_kv_utilization=sum(w.reserved_blocks for w in decode) / total if total else 1.0,
-            running_decodes=sum(len(w.running) for w in decode), prompt_arrival_tps=arrival_tps,
-        )
-
-    def _pool_tick(self, now: float, arrivals_left: bool) -> None:
-        stats = self._pool_stats(now)
-        decision = self.pool_policy.decide(stats, now)
-        if decision is not None:
-            donors = [w for w in self.workers if w.role == decision.from_pool and w.draining_to is None]
-            if len(donors) >= 2:
-                if decision.from_pool == POOL_DECODE:
-                    worker = min(donors, key=lambda w: (w.reserved_blocks, w.index))
-                else:
-                    worker = min(donors, key=lambda w: (w.backlog_tokens, w.index))
-                worker.draining_to = decision.to_pool
-                self._refresh_pools()
-                self.pool_moves.append({"time": now, "worker": worker.worker_id, "from": decision.from_pool,
-                                        "to": decision.to_pool, "reason": decision.reason})
-                self._maybe_switch(worker, now)
-        busy = any(w.busy or w.num_requests for w in self.workers) or len(self.admission)
-        if arrivals_left or busy:
-            self._push(now + self.config.pool_tick_s, EV_POOL, 0, 0)
-
-    def _maybe_switch(self, worker: Worker, now: float) -> None:
-        if worker.draining_to is not None and worker.is_empty():
-            self.switch_role(worker, now)
-
-    def switch_role(self, worker: Worker, now: float) -> None:
-        role = worker.draining_to
-        assert role is not None
-        worker.role = role
-        worker.worker_id = f"{role}-{worker.index}"
-        worker.draining_to = None
-        worker.set_policy(self._new_policy(role))
-        worker.reserved_blocks = worker.backlog_tokens = worker.backlog_blocks = 0
-        worker.free_blocks = worker.total_blocks
-        worker.plan_all_decodes = False
-        self._refresh_pools()
-        self.pool_history.append((now, self._count(PREFILL), self._count(DECODE)))
-        self._admit(now)
-
-    # ------------------------------------------------------------------ results
-
-    def _result(self, end: float) -> RunResult:
-        self.flush_gaps()
-        n = len(self.specs)
-        specs = self.specs
-        for i in range(n):
-            if self.status[i] == STATUS_CODES["unfinished"]:
-                seq = self.req_seq[i]
-                if seq is not None:
-                    extra = 0
-                    worker = self.workers[self.req_decode[i]] if self.req_decode[i] >= 0 else None
-                    if worker is not None and worker.busy and worker.stretch and seq in worker.stretch_seqs:
-                        extra = worker.completed_iterations(end)
-                    self.num_tokens[i] = seq.num_output + extra
-        times = {"arrival": np.array([s.arrival_time for s in specs], float)}
-        times.update({phase: np.array(values, float) for phase, values in self.times.items()})
-        names = {w.index: w.worker_id for w in self.workers}
-        return RunResult(
-            request_ids=[s.request_id for s in specs], client_ids=[s.client_id for s in specs],
-            tiers=[s.tier for s in specs],
-            prompt_len=np.array([s.prompt_len for s in specs], np.int64),
-            output_len=np.array([s.output_len for s in specs], np.int64),
-            weight=np.array([s.weight for s in specs], float),
-            tbt_slo=np.array([NAN if s.tbt_slo_s is None else s.tbt_slo_s for s in specs], float),
-            ttft_slo=np.array([NAN if s.ttft_slo_s is None else s.ttft_slo_s for s in specs], float),
-            times=times, status=np.array(self.status, np.int8), num_tokens=np.array(self.num_tokens, np.int64),
-            num_gaps=np.array(self.num_gaps, np.int64), max_tbt=np.array(self.max_tbt, float),
-            tbt_violations=np.array(self.violations, np.int64),
-            tbt_hist={name: self.hists[k] for k, name in enumerate(self.tier_names)}, end_time=end,
-            token_times=[np.array(t) for t in self.token_times] if self.token_times is not None else None,
-            prefill_worker=[names.get(k) if k >= 0 else None for k in self.req_prefill],
-            decode_worker=[names.get(k) if k >= 0 and not self.colocated_pool else None for k in self.req_decode],
-            kv_bytes_per_token=self.cost.kv_bytes_per_token,
-            meta={"cluster": self.config.describe(), "events": self.events, "pool_history": self.pool_history,
-                  "pool_moves": self.pool_moves},
-        )
-
-
-def _count_over(a: float, b: float, k: int, slo: float) -> int:
-    """How many of the gaps ``a + b*j``, j = 1 .. k-1, exceed ``slo`` (they grow with j)."""
-    if k < 2:
-        return 0
-    if a + b * (k - 1) <= slo:
-        return 0
-    if a + b > slo:
-        return k - 1
-    first = int((slo - a) / b) + 1  # smallest j with a + b*j > slo
-    while first > 1 and a + b * (first - 1) > slo:
-        first -= 1
-    while a + b * first <= slo:
-        first += 1
-    return max(0, k - first)
 
 
 def simulate(config: ClusterConfig, specs: list[RequestSpec], until: float | None = None,

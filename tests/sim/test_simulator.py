@@ -10,7 +10,8 @@ import pytest
 
 from metrics.results import STATUS_CODES
 from sim.config import ClusterConfig, PolicySpec
-from sim.simulator import Simulator, _count_over, simulate
+from sim.simulator import Simulator, simulate
+from sim.token_accounting import _count_over
 from tests.sim.helpers import DEFAULT, colocated, disaggregated, replace, request, specs
 
 BATCH = ["sarathi", "slai", "rad", "prefill-first"]
