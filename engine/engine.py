@@ -8,11 +8,17 @@ blocks are taken) -> finished (blocks freed), or, with ``prefill_only``, prefill
 Invariants: a request id lives in at most one of waiting / running / prefilled / reserved; every allocated block
 belongs to exactly one of them; blocks are taken once per request (``blocks_to_reserve``), so a running request
 never needs another block and the engine never preempts.
+
+Threads: call the engine from one thread, except ``reserve``, which may run on another thread while ``step``
+executes (a decode worker reserves room for incoming KV without waiting for the iteration in flight). Both take
+``blocks_lock`` around what touches the allocator and the request tables, and ``step`` releases it for the forward
+pass.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 import time
 import uuid
 
@@ -27,7 +33,8 @@ from proto.messages import SLO, SamplingParams, WorkerLoad
 
 
 class Engine:
-    """Model, KV pool, sequences and batch policy of one worker. Not thread-safe: call it from one thread."""
+    """Model, KV pool, sequences and batch policy of one worker. Single-threaded but for ``reserve`` (module
+    docstring)."""
 
     def __init__(self, config: EngineConfig, policy: BatchPolicy | None = None, *, model=None) -> None:
         """``model``: an already built Hugging Face model (loaded with ``attn_implementation="diptych_paged"``) to
@@ -48,6 +55,7 @@ class Engine:
         self._running: dict[str, Sequence] = {}
         self._prefilled: dict[str, Sequence] = {}
         self._reservations: dict[str, list[int]] = {}
+        self.blocks_lock = threading.RLock()
 
     # ------------------------------------------------------------------ requests in
 
@@ -85,16 +93,18 @@ class Engine:
     def reserve(self, request_id: str, num_blocks: int) -> bool:
         """Hold ``num_blocks`` blocks for a request whose KV will arrive by ``add_prefilled``. False (holding
         nothing) when fewer are free. Repeating an identical reservation is a no-op returning True; a non-positive
-        count or an id otherwise in use raises ``ValueError``."""
+        count or an id otherwise in use raises ``ValueError``. Safe to call while ``step`` runs on another
+        thread."""
         if num_blocks <= 0:
             raise ValueError(f"reserve needs a positive number of blocks, got {num_blocks}")
-        if len(self._reservations.get(request_id, ())) == num_blocks:
+        with self.blocks_lock:
+            if len(self._reservations.get(request_id, ())) == num_blocks:
+                return True
+            self._check_new_id(request_id)
+            if num_blocks > self.kv.allocator.num_free:
+                return False
+            self._reservations[request_id] = self.kv.allocator.allocate(num_blocks)
             return True
-        self._check_new_id(request_id)
-        if num_blocks > self.kv.allocator.num_free:
-            return False
-        self._reservations[request_id] = self.kv.allocator.allocate(num_blocks)
-        return True
 
     def add_prefilled(
         self,
@@ -205,29 +215,10 @@ class Engine:
         conditions and free finished requests. Returns an empty output when the plan is empty."""
         started = time.perf_counter()
         start_time = time.time()
-        plan = self.policy.schedule(
-            [sequence.to_state(self.block_size) for sequence in self._waiting.values()],
-            [sequence.to_state(self.block_size) for sequence in self._running.values()],
-            KVState(free_blocks=self.kv.allocator.num_free, total_blocks=self.num_blocks, block_size=self.block_size),
-            time.time(),
-        )
-        self._check_plan(plan)
+        with self.blocks_lock:
+            plan, scheduled, admitted = self._plan_iteration()
         if plan.is_empty():
             return StepOutput()
-        scheduled: list[tuple[Sequence, ForwardItem]] = []
-        admitted: list[str] = []
-        for request_id, num_tokens in plan.prefill_chunks:
-            if request_id not in self._running:
-                admitted.append(request_id)
-            sequence = self._running[request_id] if request_id in self._running else self._admit(request_id)
-            chunk, start = sequence.next_chunk(num_tokens)
-            last = start + num_tokens == sequence.prompt_len
-            scheduled.append((sequence, ForwardItem(chunk, start, sequence.block_table, needs_logits=last)))
-        for request_id in plan.decodes:
-            sequence = self._running[request_id]
-            token, position = sequence.decode_input()
-            scheduled.append((sequence, ForwardItem(token, position, sequence.block_table, needs_logits=True)))
-
         logits = self.runner.execute([item for _, item in scheduled])
         sampling_sequences = []
         for sequence, item in scheduled:
@@ -242,11 +233,37 @@ class Engine:
             num_prefill_tokens=sum(n for _, n in plan.prefill_chunks), num_decodes=len(plan.decodes),
             admitted=admitted, start_time=start_time,
         )
-        for sequence, token_id in zip(sampling_sequences, token_ids):
-            self._record_token(sequence, token_id, ended, output)
+        with self.blocks_lock:
+            for sequence, token_id in zip(sampling_sequences, token_ids):
+                self._record_token(sequence, token_id, ended, output)
         output.duration_s = time.perf_counter() - started
         self.policy.on_iteration_end(output.duration_s, time.time())
         return output
+
+    def _plan_iteration(self) -> tuple[BatchPlan, list[tuple[Sequence, ForwardItem]], list[str]]:
+        """Ask the policy for a plan, check it and admit its new requests (blocks taken); returns the plan, the
+        forward items in batch order and the admitted ids."""
+        plan = self.policy.schedule(
+            [sequence.to_state(self.block_size) for sequence in self._waiting.values()],
+            [sequence.to_state(self.block_size) for sequence in self._running.values()],
+            KVState(free_blocks=self.kv.allocator.num_free, total_blocks=self.num_blocks, block_size=self.block_size),
+            time.time(),
+        )
+        self._check_plan(plan)
+        scheduled: list[tuple[Sequence, ForwardItem]] = []
+        admitted: list[str] = []
+        for request_id, num_tokens in plan.prefill_chunks:
+            if request_id not in self._running:
+                admitted.append(request_id)
+            sequence = self._running[request_id] if request_id in self._running else self._admit(request_id)
+            chunk, start = sequence.next_chunk(num_tokens)
+            last = start + num_tokens == sequence.prompt_len
+            scheduled.append((sequence, ForwardItem(chunk, start, sequence.block_table, needs_logits=last)))
+        for request_id in plan.decodes:
+            sequence = self._running[request_id]
+            token, position = sequence.decode_input()
+            scheduled.append((sequence, ForwardItem(token, position, sequence.block_table, needs_logits=True)))
+        return plan, scheduled, admitted
 
     def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[list[int]]:
         """Offline convenience: run ``prompts`` to completion with the same ``sampling``; returns their output

@@ -6,14 +6,16 @@ compared with ``diptych simulate`` on the same workload. Differences from the mo
 
 - ``step`` sleeps ``CostModel.iteration_time`` of the planned batch (seconds) and emits ``PLACEHOLDER_TOKEN`` for
   every sampled position: requests end by ``max_tokens`` (or the context length), never by EOS;
-- KV blocks carry no data: a handoff sends empty frames, and a handed-off request starts decoding only after the
-  modelled transfer time ``handoff_latency_s + prompt_tokens * kv_bytes_per_token / handoff_bandwidth_Bps``;
+- KV blocks carry no data: a handoff sends empty frames, and a handed-off request joins the first iteration that
+  starts after the modelled transfer, ``handoff_latency_s + prompt_tokens * kv_bytes_per_token /
+  handoff_bandwidth_Bps`` seconds from the end of its prefill (its first token's time), as in the simulator;
 - the KV pool holds what fits next to the weights in the modelled GPU memory (``CostModel.kv_capacity_tokens``),
   unless ``EngineConfig.num_blocks`` says otherwise; the layout is the modelled model's.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -108,6 +110,7 @@ class SimEngine(Engine):
         self.max_model_len = config.max_model_len or SIM_CONTEXT_LEN
         self._waiting, self._running, self._prefilled = {}, {}, {}
         self._reservations: dict[str, list[int]] = {}
+        self.blocks_lock = threading.RLock()
         self._arriving: dict[str, tuple[float, tuple, dict]] = {}
         """Handed-off requests whose modelled transfer has not finished: id -> (ready time, args, kwargs)."""
 
@@ -116,14 +119,16 @@ class SimEngine(Engine):
             raise KeyError(f"no KV reservation for request {request_id}")
         transfer_s = (self.handoff.latency_s
                       + len(prompt_token_ids) * self.cost.kv_bytes_per_token / self.handoff.bandwidth_Bps)
-        self._arriving[request_id] = (time.time() + transfer_s, (request_id, prompt_token_ids, *args), kwargs)
+        started = kwargs.get("first_token_time") or time.time()
+        self._arriving[request_id] = (started + transfer_s, (request_id, prompt_token_ids, *args), kwargs)
 
     def _land_arrivals(self) -> None:
         now = time.time()
-        for request_id, (ready, args, kwargs) in list(self._arriving.items()):
-            if ready <= now:
-                del self._arriving[request_id]
-                super().add_prefilled(*args, **kwargs)
+        with self.blocks_lock:
+            for request_id, (ready, args, kwargs) in list(self._arriving.items()):
+                if ready <= now:
+                    del self._arriving[request_id]
+                    super().add_prefilled(*args, **kwargs)
 
     def has_work(self) -> bool:
         self._land_arrivals()

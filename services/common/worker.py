@@ -1,8 +1,9 @@
 """What prefill and decode workers share: registration, the engine loop with its heartbeats, token streaming.
 
-Concurrency model: one asyncio loop per worker process. ``Engine.step()`` runs on that loop (it blocks it for one
-iteration), and between iterations the loop drains every pending control and KV message. Heartbeats are sent from
-the engine loop itself, so a worker whose engine is stuck goes silent and is evicted by the coordinator.
+Concurrency model: one asyncio loop per worker process receives control and KV messages at any time;
+``Engine.step()`` runs on the engine thread (``EngineThread``), and engine calls made while an iteration is in
+flight (``engine_call``) are applied right after it. Heartbeats are sent from the engine loop itself, so a worker
+whose engine is stuck goes silent and is evicted by the coordinator.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from proto.messages import (
     CancelRequest, Heartbeat, RegisterAck, RegisterWorker, RequestDone, TokenBatch, TokenOutput, WorkerLoad,
 )
 from services.common.cli import env_default
+from services.common.engine_thread import EngineThread
 from services.common.sockets import make_socket, recv_message, send_message
 
 log = logging.getLogger("diptych.worker")
@@ -93,6 +95,7 @@ class Worker:
         self.worker_id: str = args.worker_id
         self.heartbeat_interval_s: float = args.heartbeat_interval
         self.engine = engine
+        self.engine_thread = EngineThread(engine, self.worker_id)
         self.ctx = zmq.asyncio.Context()
         self.control = make_socket(self.ctx, zmq.DEALER, connect=args.coordinator_addr, identity=self.worker_id)
         self._push_sockets: dict[str, zmq.asyncio.Socket] = {}
@@ -140,6 +143,7 @@ class Worker:
             if not task.cancelled() and task.exception() is not None:
                 log.error("worker %s stopped on an error: %r", self.worker_id, task.exception())
         await self._abort_all("worker shutting down")
+        self.engine_thread.close()
         for sock in [self.control, *self._push_sockets.values()]:
             sock.close()
         self.ctx.term()
@@ -147,7 +151,7 @@ class Worker:
 
     async def _register(self) -> None:
         msg = RegisterWorker(self.worker_id, self.role, self.engine.model_name, self.engine.layout, self.kv_addr(),
-                             self.load(), self.engine.max_model_len)
+                             await self.engine_call(self.load), self.engine.max_model_len)
         await send_message(self.control, msg)
         log.info("worker %s (%s) registering with %s blocks", self.worker_id, self.role, msg.load.total_blocks)
 
@@ -159,7 +163,7 @@ class Worker:
             elif isinstance(msg, RegisterAck):
                 await self._on_register_ack(msg)
             elif isinstance(msg, CancelRequest):
-                if self.abort(msg.request_id):
+                if await self.abort(msg.request_id):
                     log.info("req=%s aborted (%s)", msg.request_id, msg.reason)
                     await self.send_control(RequestDone(msg.request_id, self.worker_id, "abort"))
             else:
@@ -177,14 +181,25 @@ class Worker:
         else:
             raise RuntimeError(f"coordinator refused worker {self.worker_id}: {msg.error}")
 
-    def abort(self, request_id: str) -> bool:
-        """Drop the request and free its blocks; True if this worker held it. Subclasses drop their own state."""
-        return self.engine.abort(request_id)
+    async def abort(self, request_id: str) -> bool:
+        """Drop the request and free its blocks; True if the engine held it (False: it already ended, and the
+        iteration that ended it has reported it). Role classes then drop their own state in ``forget``."""
+        held = await self.engine_call(self.engine.abort, request_id)
+        if held:
+            self.forget(request_id)
+        return held
+
+    def forget(self, request_id: str) -> None:
+        """Drop what a role keeps about an aborted request (each role class, then ``super()``)."""
 
     async def _abort_all(self, reason: str) -> None:
-        for rid in self.engine.request_ids():
-            self.abort(rid)
-            log.info("req=%s aborted (%s)", rid, reason)
+        for rid in await self.engine_call(self.engine.request_ids):
+            if await self.abort(rid):
+                log.info("req=%s aborted (%s)", rid, reason)
+
+    async def engine_call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """Call an engine method from the loop: at once between iterations, else right after the current one."""
+        return await self.engine_thread.call(fn, *args, **kwargs)
 
     async def _engine_loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -193,9 +208,9 @@ class Worker:
                 self._last_heartbeat = now
                 await self.send_control(Heartbeat(self.worker_id, self.load(), now))
             if self.engine.has_work():
-                output = self.engine.step()
-                await self.after_step(output)
-                await asyncio.sleep(0)  # let the control and KV loops drain what arrived during the step
+                async with self.engine_thread.iteration() as step:
+                    output = await step()
+                    await self.after_step(output)
             else:
                 self._wake.clear()
                 try:

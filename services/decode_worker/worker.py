@@ -56,10 +56,10 @@ class DecodeWorker(Worker):
         if not isinstance(msg, ReserveKV):
             await super().handle_control(msg)
             return
-        ok = self.engine.reserve(msg.request_id, msg.num_blocks)
+        ok = self.engine.reserve(msg.request_id, msg.num_blocks)  # safe during an iteration (Engine.reserve)
         if not ok:
             log.warning("req=%s reservation of %d blocks refused (%d free)", msg.request_id, msg.num_blocks,
-                        self.engine.load().free_blocks)
+                        self.engine.kv.allocator.num_free)
         await self.send_control(KVReserved(msg.request_id, self.worker_id, ok, "" if ok else "not enough free blocks"))
 
     def adopt(self, request: Request, events: dict[str, float]) -> None:
@@ -86,20 +86,20 @@ class DecodeWorker(Worker):
         rid = request.request_id
         if msg.layout != self.engine.layout:
             log.error("req=%s KV layout %s does not match ours %s", rid, msg.layout, self.engine.layout)
-            if self.engine.abort(rid):
+            if await self.engine_call(self.engine.abort, rid):
                 await self.send_control(RequestDone(rid, self.worker_id, "error"))
             return
         started = time.time()
         try:
-            self.engine.add_prefilled(rid, request.prompt_token_ids, msg.first_token_id, request.sampling,
-                                      msg.blocks, msg.num_tokens, arrival_time=request.arrival_time,
-                                      slo=request.slo, first_token_time=msg.first_token_time)
+            await self.engine_call(self.engine.add_prefilled, rid, request.prompt_token_ids, msg.first_token_id,
+                                   request.sampling, msg.blocks, msg.num_tokens, arrival_time=request.arrival_time,
+                                   slo=request.slo, first_token_time=msg.first_token_time)
         except KeyError:
             log.info("req=%s KV dropped: no reservation (cancelled meanwhile)", rid)
             return
         except ValueError as exc:
             log.error("req=%s KV rejected: %s", rid, exc)
-            self.engine.abort(rid)
+            await self.engine_call(self.engine.abort, rid)
             await self.send_control(RequestDone(rid, self.worker_id, "error"))
             return
         landed = time.time()
@@ -129,6 +129,6 @@ class DecodeWorker(Worker):
             if self._decoding.pop(rid, None) is not None:
                 await self.send_control(RequestDone(rid, self.worker_id, finish_reasons.get(rid, "stop")))
 
-    def abort(self, request_id: str) -> bool:
+    def forget(self, request_id: str) -> None:
         self._decoding.pop(request_id, None)
-        return super().abort(request_id)
+        super().forget(request_id)

@@ -50,8 +50,9 @@ class PrefillWorker(Worker):
             await self.send_control(RequestDone(request.request_id, self.worker_id, "error"))
             return
         try:
-            self.engine.add_request(request.request_id, request.prompt_token_ids, request.sampling,
-                                    arrival_time=request.arrival_time, slo=request.slo, prefill_only=not full)
+            await self.engine_call(self.engine.add_request, request.request_id, request.prompt_token_ids,
+                                   request.sampling, arrival_time=request.arrival_time, slo=request.slo,
+                                   prefill_only=not full)
         except (ValueError, KeyError) as exc:
             log.warning("req=%s refused: %s", request.request_id, exc)
             await self.send_control(RequestDone(request.request_id, self.worker_id, "error"))
@@ -105,6 +106,6 @@ class PrefillWorker(Worker):
         await self.push(job.decode_kv_addr, msg)
         log.debug("req=%s KV pushed to %s (%d blocks)", rid, job.decode_kv_addr, len(frames))
 
-    def abort(self, request_id: str) -> bool:
+    def forget(self, request_id: str) -> None:
         self._jobs.pop(request_id, None)
-        return super().abort(request_id)
+        super().forget(request_id)
