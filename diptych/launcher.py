@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -189,6 +190,38 @@ class Cluster:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def free_port_block(count: int, host: str = "127.0.0.1") -> int:
+    """A base port such that ``base .. base+count-1`` on ``host`` were all free a moment ago."""
+    for _ in range(200):
+        with socket.socket() as probe:
+            probe.bind((host, 0))
+            base = probe.getsockname()[1]
+        if base + count >= 65535:
+            continue
+        held: list[socket.socket] = []
+        try:
+            for port in range(base, base + count):
+                sock = socket.socket()
+                held.append(sock)
+                sock.bind((host, port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in held:
+                sock.close()
+    raise RuntimeError("no block of free ports")
+
+
+def with_free_ports(spec: ClusterSpec) -> ClusterSpec:
+    """``spec`` with its HTTP, coordinator, SDK, stream and KV ports moved to a block of free ports."""
+    from dataclasses import replace
+
+    base = free_port_block(5 + spec.num_workers, spec.host)
+    return replace(spec, http_port=base, coordinator_port=base + 1, sdk_port=base + 2, stream_port=base + 3,
+                   kv_base_port=base + 4)
 
 
 def _opts(flag: str, values: list[str]) -> list[str]:

@@ -2,37 +2,12 @@
 
 from __future__ import annotations
 
-import socket
 import time
-from contextlib import closing
 
 import httpx
 import pytest
 
-from diptych.launcher import Cluster, ClusterSpec
-
-
-def free_port_block(count: int) -> int:
-    """A base port such that ``base .. base+count-1`` were all free a moment ago."""
-    for _ in range(200):
-        with closing(socket.socket()) as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + count >= 65535:
-            continue
-        socks = []
-        try:
-            for port in range(base, base + count):
-                s = socket.socket()
-                s.bind(("127.0.0.1", port))
-                socks.append(s)
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no block of free ports")
+from diptych.launcher import Cluster, ClusterSpec, free_port_block
 
 
 def cluster_spec(model_path: str, **overrides) -> ClusterSpec:
