@@ -8,10 +8,11 @@ Poisson load at which at least 90% of requests meet their SLOs (DistServe's good
 its TTFT is within ``--ttft-slo`` and at most 1% of its token gaps exceed ``--tbt-slo``.
 
 Workers (H200 cost model by default): prefill workers run Sarathi chunks of 2048 tokens; decode workers Sarathi with
-up to 256 decodes per iteration; colocated workers Sarathi with a 512-token budget and up to 256 sequences; the
+up to 1024 decodes per iteration; colocated workers Sarathi with a 512-token budget and up to 256 sequences; the
 coordinator's placement rules are the services' (4096-token prefill backlog per worker, decode KV reserved at
-placement). RAD [Diptych]: ``decode_batch_target`` 256, ``min_dwell_s`` ``--rad-dwell`` (5 s, so that a run of a few
-minutes can converge), a pool decision every second; a moved worker drains first.
+placement, at most 1024 requests per decode worker). RAD [Diptych]: ``decode_batch_target`` 512, ``min_dwell_s``
+``--rad-dwell`` (5 s, so that a run of a few minutes can converge), other knobs at their defaults, a pool decision
+every second; moved workers drain first.
 
 A second part runs the shifting workload at one load on ``--shift-gpus`` GPUs (``--shift-qps``; default 90% of the
 smaller of the two phases' best static goodputs, a load that a split following the phases can serve) and plots
@@ -31,7 +32,7 @@ from experiments.common import md_table, parallel_map, pyplot, save_figure, writ
 NAME = "pd-split"
 HELP = "every static prefill:decode split, colocated and RAD on 4/8/16 GPUs: goodput under SLOs per workload"
 WORKLOADS = ("sharegpt4", "azure-conv", "azure-code", "shift")
-RAD_DOWN_THRESHOLD = 0.4
+DECODE_BATCH = 1024  # decodes per iteration of a decode worker, and requests the coordinator places on one
 SHIFT = "shift"  # shorthand for the workload shift:azure-conv,azure-code
 
 
@@ -62,19 +63,20 @@ def cluster(name: str, gpus: int, cost_model: str, rad_dwell: float):
     from sim.cost_model import resolve
 
     cost = resolve(cost_model)
-    decode = PolicySpec("sarathi", {"token_budget": 512, "max_decodes": 1024, "max_running": 1024})
+    decode = PolicySpec("sarathi", {"token_budget": 512, "max_decodes": DECODE_BATCH, "max_running": DECODE_BATCH})
     if name == "colocated":
         return ClusterConfig(prefill_workers=0, decode_workers=0, colocated_workers=gpus, cost_model=cost,
                              colocated_policy=PolicySpec("sarathi", {"token_budget": 512, "max_decodes": 256,
                                                                      "max_running": 256}))
     if name == "rad":
         prefill = gpus // 2
-        pool = PolicySpec("rad", {"min_dwell_s": rad_dwell, "decode_batch_target": 512,
-                                  "down_threshold": RAD_DOWN_THRESHOLD})
+        pool = PolicySpec("rad", {"min_dwell_s": rad_dwell, "decode_batch_target": 512})
         return ClusterConfig(prefill_workers=prefill, decode_workers=gpus - prefill, cost_model=cost,
-                             decode_policy=decode, pool_policy=pool, pool_tick_s=1.0)
+                             decode_policy=decode, pool_policy=pool, pool_tick_s=1.0,
+                             max_decode_sequences=DECODE_BATCH)
     p, d = (int(x) for x in name.split(":"))
-    return ClusterConfig(prefill_workers=p, decode_workers=d, cost_model=cost, decode_policy=decode)
+    return ClusterConfig(prefill_workers=p, decode_workers=d, cost_model=cost, decode_policy=decode,
+                         max_decode_sequences=DECODE_BATCH)
 
 
 def workload(name: str, qps: float, requests: int, ttft: float, tbt: float, seed: int = 0):

@@ -1,34 +1,47 @@
 """Pool allocation: how many workers serve prefill and how many decode, decided tick by tick by the coordinator.
 
 The coordinator calls ``policy.decide(stats, now)`` periodically with the cluster's ``PoolStats``; the answer is a
-``PoolDecision`` (move one worker from one pool to the other, with a reason for the logs) or None. The coordinator
-carries a decision out safely (the worker finishes or hands off its in-flight work first); the policy only decides.
+``PoolDecision`` (move ``workers`` workers from one pool to the other, with a reason for the logs) or None. The
+coordinator carries a decision out safely (each worker finishes or hands off its in-flight work first); the policy
+only decides.
 
 ``static``: never moves a worker (the fixed split given at start).
 
-``rad`` [Diptych], the dynamic-allocation half of RAD as Diptych reads it. Two pressures, each 1.0 at its target:
+``rad`` [Diptych], the dynamic-allocation half of RAD as Diptych reads it. Two pressures, each 1.0 at its target and
+each the largest of its terms (a term whose input is unknown, None, is left out):
 
-- prefill pressure ``P = max(backlog_s / backlog_target_s, prompt_arrival_tps / prefill_throughput_tps /
-  prefill_util_target)``, with ``backlog_s = queued_prompt_tokens / prefill_throughput_tps`` (seconds to drain the
-  prompt backlog at the pool's rate; infinite when tokens wait and the rate is 0; 0 when nothing waits). The
-  second term, the pool's utilisation, is left out when the arrival rate is unknown; it keeps a pool that is busy
-  but has no queue yet from being judged idle;
-- decode pressure ``D = max(kv_utilization / kv_target, running_decodes / (decode_workers * decode_batch_target),
-  (1 - tbt_slack) / (1 - min_tbt_slack))``: KV memory, batch fill against the tile-efficient batch size, and TBT
-  headroom (``tbt_slack`` = the fraction of the TBT target left unused, 1 - recent P99 TBT / target; the term is
-  left out when unknown).
+- prefill pressure ``P``:
+  ``backlog = queued_prompt_tokens / prefill_throughput_tps / backlog_target_s`` (seconds to drain the prompts that
+  wait for prefill at the pool's rate; infinite when tokens wait and the rate is 0, 0 when nothing waits) and
+  ``utilisation = prompt_arrival_tps / prefill_throughput_tps / prefill_util_target`` (keeps a pool that is busy but
+  has no queue yet from being judged idle);
+- decode pressure ``D``:
+  ``kv = (decode_kv_utilization + kv_waiting) / kv_target`` (KV reserved, plus the KV of requests waiting in the
+  coordinator because no decode worker can reserve theirs: a decode bottleneck, not a prefill backlog),
+  ``batch = running_decodes / (decode_workers * decode_batch_target)`` (batch fill against the tile-efficient size),
+  ``utilisation = decode_tokens_per_s / decode_capacity_tps / decode_util_target`` (decode compute: a decode pool
+  near its token rate limit has step times, and so batches and KV use, that grow without bound, long before its KV
+  looks full; the simulator fills both, the services' coordinator leaves them unknown for now, as decode workers do
+  not report a capacity) and ``tbt = (1 - tbt_slack) / (1 - min_tbt_slack)`` (TBT headroom).
 
-Rule, each tick:
+Every term is a load spread over the pool's workers, so a pool of ``n'`` workers instead of ``n`` is projected at
+``pressure * n / n'`` (for the TBT term this is an approximation). Rule, each tick:
 
-1. No move within ``min_dwell_s`` seconds of the previous move (dwell).
-2. The bottleneck is the pool with the larger pressure; it must be at least ``up_threshold``.
-3. The other pool donates one worker only if it has at least two (a pool is never emptied) and its pressure
-   projected onto one worker fewer, ``pressure * n / (n - 1)`` (the same load over fewer workers), is at most
-   ``down_threshold``.
-4. Then move one worker from the donor to the bottleneck; the reason string gives both pressures and their parts.
+1. No decision within ``min_dwell_s`` seconds of the previous move, nor while a moved worker still drains
+   (``draining_workers > 0``: the pressures do not show the move yet).
+2. No move while the larger pressure ``max(P, D)`` is below ``min_pressure`` (the cluster is comfortable).
+3. Every split reachable by moving 1 .. ``max_workers_per_move`` workers (None: any number) from one pool to the
+   other, leaving each pool at least one worker, is projected; the one with the lowest ``max(P', D')`` is chosen
+   (the fewest workers moved on a tie).
+4. The move is made only if it lowers the larger pressure by the relative margin ``min_gain``:
+   ``max(P', D') <= (1 - min_gain) * max(P, D)``.
 
-Hysteresis: ``down_threshold < up_threshold``, so right after a move the donor's projected pressure is below the level
-that would pull the worker back; with the dwell time this keeps the split from oscillating.
+Workers always go to the pool with the larger pressure (taking workers from it cannot lower the larger pressure); the
+decision's reason names it the bottleneck and gives both pressures, their parts and the projection.
+
+Hysteresis: the chosen split minimises the larger projected pressure, so moving back would raise it; only a change
+in load (beyond the ``min_gain`` margin) moves a worker back. An overshoot is undone the same way: when the pool that
+gave workers becomes the bottleneck, returning them lowers the larger pressure.
 """
 
 from __future__ import annotations
@@ -45,25 +58,36 @@ DECODE = "decode"
 
 @dataclass
 class PoolStats:
-    """The cluster at one tick. Workers counted per pool (a draining worker still counts in its old pool)."""
+    """The cluster at one tick. Workers counted per pool (a draining worker still counts in its old pool). Tokens
+    are tokens, rates tokens per second, KV quantities fractions of the decode pool's KV blocks."""
 
     prefill_workers: int
     decode_workers: int
-    queued_prompt_tokens: int  # prompt tokens not yet prefilled (coordinator queue plus prefill worker queues)
+    queued_prompt_tokens: int
+    """Prompt tokens waiting for prefill: prefill worker queues, plus the coordinator's queue unless its head waits
+    for decode KV (then it counts in ``kv_waiting`` instead)."""
     prefill_throughput_tps: float  # prefill tokens/s the whole prefill pool sustains when busy (estimate)
-    decode_kv_utilization: float  # used / total KV blocks across the decode pool, 0..1
+    decode_kv_utilization: float  # reserved / total KV blocks across the decode pool, 0..1
     running_decodes: int  # sequences decoding across the decode pool
     tbt_slack: float | None = None  # smallest fraction of the TBT target left unused over decode workers
     prompt_arrival_tps: float | None = None  # prompt tokens/s arriving (recent average), None if unknown
+    kv_waiting: float = 0.0
+    """KV blocks of the prompts waiting in the coordinator's queue while its head waits for decode KV, as a fraction
+    of the decode pool's blocks (a lower bound: their outputs will need more); 0 when the queue waits for prefill."""
+    decode_tokens_per_s: float | None = None  # output tokens/s the decode pool produced (recent average)
+    decode_capacity_tps: float | None = None  # decode tokens/s the pool sustains at a full batch (estimate)
+    draining_workers: int = 0  # workers moving between pools that have not finished draining
 
 
 @dataclass
 class PoolDecision:
-    """Move one worker from ``from_pool`` to ``to_pool`` (``"prefill"`` or ``"decode"``); ``reason`` for the logs."""
+    """Move ``workers`` workers from ``from_pool`` to ``to_pool`` (``"prefill"`` or ``"decode"``); ``reason`` for
+    the logs."""
 
     from_pool: str
     to_pool: str
     reason: str
+    workers: int = 1
 
 
 class PoolPolicy(ABC):
@@ -89,79 +113,103 @@ class StaticPools(PoolPolicy):
 
 @POOL_POLICIES.register("rad")
 class RADPools(PoolPolicy):
-    """Knobs: ``backlog_target_s`` (1.0), ``prefill_util_target`` (0.9), ``kv_target`` (0.9),
-    ``decode_batch_target`` (decodes per worker at full tile efficiency, 128), ``min_tbt_slack`` (0.2),
-    ``up_threshold`` (1.0), ``down_threshold`` (0.7), ``min_dwell_s`` (30.0). All [Diptych] choices: the paper's
-    switching rule was not available."""
+    """Knobs: ``backlog_target_s`` (seconds, 1.0), ``prefill_util_target`` (0.9), ``kv_target`` (0.9),
+    ``decode_batch_target`` (decodes per worker at full tile efficiency, 128), ``decode_util_target`` (0.8),
+    ``min_tbt_slack`` (0.2), ``min_pressure`` (0.5), ``min_gain`` (0.1), ``max_workers_per_move`` (None: any),
+    ``min_dwell_s`` (seconds, 30.0). All [Diptych] choices: the paper's switching rule was not available."""
 
-    summary = "move flex workers toward the bottleneck pool (prefill backlog vs decode pressure), with hysteresis"
+    summary = "move flex workers so as to lower the larger of the prefill and decode pressures, with a margin"
 
     def __init__(self, backlog_target_s: float = 1.0, prefill_util_target: float = 0.9, kv_target: float = 0.9,
-                 decode_batch_target: int = 128, min_tbt_slack: float = 0.2, up_threshold: float = 1.0, down_threshold: float = 0.7,
+                 decode_batch_target: int = 128, decode_util_target: float = 0.8, min_tbt_slack: float = 0.2,
+                 min_pressure: float = 0.5, min_gain: float = 0.1, max_workers_per_move: int | None = None,
                  min_dwell_s: float = 30.0) -> None:
         if backlog_target_s <= 0 or decode_batch_target <= 0:
             raise ValueError("backlog_target_s and decode_batch_target must be positive")
-        if not 0 < kv_target <= 1 or not 0 < prefill_util_target <= 1:
-            raise ValueError("kv_target and prefill_util_target must be in (0, 1]")
+        for name, value in (("kv_target", kv_target), ("prefill_util_target", prefill_util_target),
+                            ("decode_util_target", decode_util_target)):
+            if not 0 < value <= 1:
+                raise ValueError(f"{name} must be in (0, 1], got {value}")
         if not 0 <= min_tbt_slack < 1:
             raise ValueError("min_tbt_slack must be in [0, 1)")
-        if not 0 < down_threshold < up_threshold:
-            raise ValueError("thresholds must satisfy 0 < down_threshold < up_threshold (hysteresis)")
+        if min_pressure < 0 or not 0 < min_gain < 1:
+            raise ValueError("min_pressure must be >= 0 and min_gain in (0, 1)")
+        if max_workers_per_move is not None and max_workers_per_move < 1:
+            raise ValueError("max_workers_per_move must be >= 1 or None")
         if min_dwell_s < 0:
             raise ValueError("min_dwell_s must be >= 0")
         self.backlog_target_s = backlog_target_s
         self.prefill_util_target = prefill_util_target
         self.kv_target = kv_target
         self.decode_batch_target = decode_batch_target
+        self.decode_util_target = decode_util_target
         self.min_tbt_slack = min_tbt_slack
-        self.up_threshold = up_threshold
-        self.down_threshold = down_threshold
+        self.min_pressure = min_pressure
+        self.min_gain = min_gain
+        self.max_workers_per_move = max_workers_per_move
         self.min_dwell_s = min_dwell_s
         self.last_move_time: float | None = None
 
     def prefill_pressure(self, stats: PoolStats) -> tuple[float, str]:
         backlog_s = _ratio(stats.queued_prompt_tokens, stats.prefill_throughput_tps)
-        pressure = backlog_s / self.backlog_target_s
+        parts = {"backlog": backlog_s / self.backlog_target_s}
         detail = (f"backlog {stats.queued_prompt_tokens} tokens at {stats.prefill_throughput_tps:.0f} tok/s "
                   f"= {backlog_s:.2f} s")
         if stats.prompt_arrival_tps is not None:
             utilization = _ratio(stats.prompt_arrival_tps, stats.prefill_throughput_tps)
-            pressure = max(pressure, utilization / self.prefill_util_target)
+            parts["util"] = utilization / self.prefill_util_target
             detail += f", arrivals {stats.prompt_arrival_tps:.0f} tok/s = {utilization:.0%} busy"
-        return pressure, detail
+        return max(parts.values()), detail
 
     def decode_pressure(self, stats: PoolStats) -> tuple[float, str]:
         parts = {
-            "kv": stats.decode_kv_utilization / self.kv_target,
+            "kv": (stats.decode_kv_utilization + stats.kv_waiting) / self.kv_target,
             "batch": stats.running_decodes / (max(stats.decode_workers, 1) * self.decode_batch_target),
         }
+        detail = f"KV {stats.decode_kv_utilization:.0%}"
+        if stats.kv_waiting:
+            detail += f" + {stats.kv_waiting:.0%} waiting"
+        detail += f", {stats.running_decodes} decodes"
+        if stats.decode_tokens_per_s is not None and stats.decode_capacity_tps is not None:
+            utilization = _ratio(stats.decode_tokens_per_s, stats.decode_capacity_tps)
+            parts["util"] = utilization / self.decode_util_target
+            detail += f", {stats.decode_tokens_per_s:.0f} tok/s = {utilization:.0%} busy"
         if stats.tbt_slack is not None:
             parts["tbt"] = (1 - stats.tbt_slack) / (1 - self.min_tbt_slack)
-        detail = (f"KV {stats.decode_kv_utilization:.0%}, {stats.running_decodes} decodes, "
-                  + ", ".join(f"{name} {value:.2f}" for name, value in parts.items()))
-        return max(parts.values()), detail
+        return max(parts.values()), detail + ", " + ", ".join(f"{name} {value:.2f}" for name, value in parts.items())
 
     def decide(self, stats: PoolStats, now: float) -> PoolDecision | None:
         if self.last_move_time is not None and now - self.last_move_time < self.min_dwell_s:
             return None
+        if stats.draining_workers > 0:
+            return None
         prefill, prefill_detail = self.prefill_pressure(stats)
         decode, decode_detail = self.decode_pressure(stats)
-        if prefill >= decode:
-            to_pool, from_pool, pressure, donor_pressure = PREFILL, DECODE, prefill, decode
-            donors = stats.decode_workers
-        else:
-            to_pool, from_pool, pressure, donor_pressure = DECODE, PREFILL, decode, prefill
-            donors = stats.prefill_workers
-        if pressure < self.up_threshold or donors < 2:
+        current = max(prefill, decode)
+        if current < self.min_pressure:
             return None
-        projected = donor_pressure * donors / (donors - 1)
-        if projected > self.down_threshold:
+        n_p, n_d = stats.prefill_workers, stats.decode_workers
+        limit = self.max_workers_per_move or n_p + n_d
+        best_shift, best = 0, current
+        for shift in sorted(range(-min(n_p - 1, limit), min(n_d - 1, limit) + 1), key=abs):
+            if shift:  # shift > 0 moves decode workers to prefill
+                projected = max(_scaled(prefill, n_p, n_p + shift), _scaled(decode, n_d, n_d - shift))
+                if projected < best:
+                    best_shift, best = shift, projected
+        if best_shift == 0 or best > (1 - self.min_gain) * current:
             return None
         self.last_move_time = now
-        reason = (f"{to_pool} is the bottleneck: prefill pressure {prefill:.2f} ({prefill_detail}); "
-                  f"decode pressure {decode:.2f} ({decode_detail}); {from_pool} pool of {donors} "
-                  f"projected at {projected:.2f} <= {self.down_threshold} with one worker fewer")
-        return PoolDecision(from_pool, to_pool, reason)
+        to_pool, from_pool = (PREFILL, DECODE) if best_shift > 0 else (DECODE, PREFILL)
+        workers = abs(best_shift)
+        reason = (f"{to_pool} is the bottleneck: prefill pressure {prefill:.2f} ({prefill_detail}); decode pressure "
+                  f"{decode:.2f} ({decode_detail}); {n_p}:{n_d} -> {n_p + best_shift}:{n_d - best_shift} projects "
+                  f"the larger pressure from {current:.2f} to {best:.2f}")
+        return PoolDecision(from_pool, to_pool, reason, workers)
+
+
+def _scaled(pressure: float, workers: int, new_workers: int) -> float:
+    """``pressure`` of a load on ``workers`` workers, spread over ``new_workers`` instead."""
+    return pressure * workers / new_workers
 
 
 def _ratio(amount: float, rate: float) -> float:

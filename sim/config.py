@@ -39,6 +39,9 @@ class ClusterConfig:
       ``pool_tick_s``; ``rad`` moves workers between the prefill and decode pools, draining them first).
     - ``max_prefill_backlog_tokens``: prompt tokens queued per prefill (or colocated) worker before requests wait in
       the coordinator (the services' default 4096; None: unbounded, so the worker's batch policy sees every request).
+    - ``max_decode_sequences``: requests placed on one decode worker at a time (the coordinator's
+      ``--max-decode-sequences``, default 1024); set it to the decode batch policy's decodes per iteration so that
+      no placed sequence waits for a batch slot.
     - ``colocated_reserve``: the coordinator reserves a request's whole KV on a colocated worker at placement, as the
       services do (fairness policies then order admission); False [simulator only] leaves KV admission to the
       worker's batch policy (with no backlog limit, SLAI's shortest-prompt-first among all arrived requests).
@@ -63,6 +66,7 @@ class ClusterConfig:
     handoff_latency_s: float = 0.001
     handoff_bandwidth_Bps: float = 50e9
     max_prefill_backlog_tokens: int | None = 4096
+    max_decode_sequences: int = 1024
     colocated_reserve: bool = True
     exact: bool = False
     record_tokens: bool = False
@@ -83,6 +87,8 @@ class ClusterConfig:
             raise ValueError("pool_tick_s and handoff bandwidth must be > 0, handoff latency >= 0")
         if self.max_prefill_backlog_tokens is not None and self.max_prefill_backlog_tokens < 1:
             raise ValueError("max_prefill_backlog_tokens must be >= 1 or None")
+        if self.max_decode_sequences < 1:
+            raise ValueError("max_decode_sequences must be >= 1")
         for spec, registry in ((self.admission, ADMISSION_POLICIES), (self.prefill_policy, BATCH_POLICIES),
                                (self.decode_policy, BATCH_POLICIES), (self.colocated_policy, BATCH_POLICIES),
                                (self.pool_policy, POOL_POLICIES)):
@@ -117,6 +123,7 @@ class ClusterConfig:
             "pool": str(self.pool_policy),
             "handoff": f"{self.handoff_latency_s * 1e3:g} ms + bytes / {self.handoff_bandwidth_Bps / 1e9:g} GB/s",
             "max_prefill_backlog_tokens": self.max_prefill_backlog_tokens,
+            "max_decode_sequences": self.max_decode_sequences,
             "colocated_reserve": self.colocated_reserve, "exact": self.exact,
         }
 

@@ -8,10 +8,11 @@ What is simulated, and which service it mirrors:
   placed (the policy's order is never bypassed), ``pop(now)``, dispatch. Placement (``Placer``): the prefill worker
   with the least queued prompt tokens among those whose queue stays within ``max_prefill_backlog_tokens`` (an idle
   one always takes a request) and whose KV pool holds its queued prompts; the decode worker with the most unreserved
-  blocks that can reserve ``ceil((prompt + max_tokens) / block_size)`` blocks up front. Requests larger than any
-  worker's pool are refused at arrival. Output tokens are charged to the admission policy as workers report them
-  (the first token when the prefill ends, then every decode token); before each admission decision the counters
-  are brought up to the current time.
+  blocks that can reserve ``ceil((prompt + max_tokens) / block_size)`` blocks up front and holds fewer than
+  ``max_decode_sequences`` requests (so none waits beyond its batch policy's decodes per iteration). Requests
+  larger than any worker's pool are refused at arrival. Output tokens are charged to the admission policy as workers
+  report them (the first token when the prefill ends, then every decode token); before each admission decision the
+  counters are brought up to the current time.
 - **Workers** (``engine/engine.py``, ``sim.worker``): the batch policy composes each iteration from ``waiting`` and
   ``running`` ``SequenceState``s and the KV state; the iteration takes the cost model's time; the first token is
   sampled when the last prompt chunk ends; each decode yields one token per iteration. Work that reaches a busy
@@ -21,10 +22,12 @@ What is simulated, and which service it mirrors:
   token); the sequence joins the decode worker's next iteration.
 - **Pools** (``policies.pool``, ``services/coordinator/pools.py``): every ``pool_tick_s`` the pool policy gets
   ``PoolStats`` built as the services build them (queued prompt tokens of the coordinator plus the prefill pool's
-  backlog, decode KV reserved / total, running decodes, prompt tokens arrived over the last 30 s; no TBT slack),
-  except that prefill throughput is the cost model's estimate rather than a measurement. A move drains the donor
-  worker with the least outstanding work (no new placements; it finishes or hands off what it holds), then switches
-  its role and batch policy. Every worker may move (the services move only ``flex`` workers).
+  backlog, or, while the queue's head waits for decode KV, the queue's prompt blocks as KV waiting; decode KV reserved
+  / total, running decodes, prompt tokens arrived over the last 30 s; no TBT slack), except that prefill throughput
+  is the cost model's estimate rather than a measurement and the decode token rate and capacity are filled too
+  (``sim.pool_moves``). A move drains the donor workers with the least outstanding work (no new placements; each
+  finishes or hands off what it holds), then switches their role and batch policy. Every worker may move (the
+  services move only ``flex`` workers).
 - **Colocated workers** (prefill and decode in one engine): placed as the services place them (least queued prompt
   tokens within the backlog limit, whole KV reserved at placement, backlog released with the first token). With
   ``colocated_reserve=False`` [simulator only] nothing is reserved at placement and the worker's batch policy admits
@@ -115,6 +118,8 @@ class Simulator(PoolMoves, ResultAssembly, TokenAccounting):
         self.pool_history: list[tuple[float, int, int]] = []
         self.pool_moves: list[dict[str, Any]] = []
         self.recent_prompts: deque[tuple[float, int]] = deque()
+        self.decode_samples = deque()
+        self.waiting_for_kv = False  # the admission queue's head waits for decode KV (not for a prefill worker)
         self.prompt_mean = 2048.0
         self.arrived = 0
         self.events = 0
@@ -260,19 +265,27 @@ class Simulator(PoolMoves, ResultAssembly, TokenAccounting):
                 self.queued_prompt -= head.prompt_tokens
                 self._dispatch_colocated(i, target, need, now)
             else:
+                decode = self._pick_decode(need)
+                self.waiting_for_kv = decode is None
                 prefill = self._pick_prefill(head.prompt_tokens)
-                if prefill is None:
-                    return
-                decode = None
-                for worker in self.decode_pool:
-                    free = worker.total_blocks - worker.reserved_blocks
-                    if need <= free and (decode is None or free > decode.total_blocks - decode.reserved_blocks):
-                        decode = worker
-                if decode is None:
+                if decode is None or prefill is None:
                     return
                 policy.pop(now)
                 self.queued_prompt -= head.prompt_tokens
                 self._dispatch(i, prefill, decode, need, now)
+        self.waiting_for_kv = False
+
+    def _pick_decode(self, need: int) -> Worker | None:
+        """The decode worker with the most unreserved blocks among those that can reserve ``need`` blocks and hold
+        fewer than ``max_decode_sequences`` requests."""
+        cap = self.config.max_decode_sequences
+        best = None
+        for worker in self.decode_pool:
+            free = worker.total_blocks - worker.reserved_blocks
+            if (need <= free and worker.num_requests < cap
+                    and (best is None or free > best.total_blocks - best.reserved_blocks)):
+                best = worker
+        return best
 
     def _pick_prefill(self, prompt: int) -> Worker | None:
         limit = self.config.max_prefill_backlog_tokens

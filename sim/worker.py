@@ -81,6 +81,10 @@ class Worker:
         self.stretch_clients: dict[str, int] = {}
         self.stretch_seqs: list[SimSeq] = []  # the sequences a stretch runs (later arrivals join after it)
         self.last_duration = 0.0
+        # decode tokens produced while in the decode pool, and the sum of their context lengths (pool statistics)
+        self.decode_tokens = 0
+        self.decode_context_tokens = 0
+        self.plan_context = 0  # context tokens of the decodes of the iteration (or the stretch's first) in flight
 
     # ------------------------------------------------------------------ sequences in
 
@@ -150,6 +154,7 @@ class Worker:
             seq = by_id[request_id]
             context += seq.prompt_len + seq.num_output
         decodes = len(plan.decodes)
+        self.plan_context = context
         self.plan_all_decodes = not plan.prefill_chunks and decodes == len(running)
         duration = self.sim.cost.iteration_time(prefill_tokens, decodes, context, pairs,
                                                 decodes + len(plan.prefill_chunks))
@@ -165,6 +170,7 @@ class Worker:
         for seq in running:
             context += seq.prompt_len + seq.num_output
         a, b = self.sim.cost.decode_step_coeffs(n, context)
+        self.plan_context = context
         self.stretch = True
         self.stretch_a, self.stretch_b = a, b
         self.iterations = remaining
@@ -201,6 +207,13 @@ class Worker:
         while j < self.iterations and (j + 1) * a + b * (j + 1) * j / 2 <= elapsed + 1e-12:
             j += 1
         return j
+
+    def decode_work(self, iterations: int) -> tuple[int, int]:
+        """``(decode_tokens, decode_context_tokens)`` once ``iterations`` iterations of the stretch in flight are
+        counted too (each decode's context grows by one token per iteration)."""
+        n = len(self.stretch_seqs)
+        return (self.decode_tokens + iterations * n,
+                self.decode_context_tokens + iterations * self.plan_context + n * iterations * (iterations - 1) // 2)
 
     def interrupt(self, t: float) -> None:
         """Something changed at ``t`` while this worker runs: a stretch is cut at the end of the iteration in
@@ -283,6 +296,9 @@ class Worker:
                 reports[seq.client] = reports.get(seq.client, 0) + 1
             if seq.num_output >= seq.target:
                 done.append(seq)
+        if self.role == DECODE:
+            self.decode_tokens += len(plan.decodes)
+            self.decode_context_tokens += self.plan_context
         if sim.pending_count() > 1_000_000:
             sim.flush_gaps()
         if reports:
@@ -315,6 +331,8 @@ class Worker:
                 on_tokens(client, count * (k - self.reported))
         first_end = t0 + a
         members = self.stretch_seqs
+        if self.role == DECODE:
+            self.decode_tokens, self.decode_context_tokens = self.decode_work(k)
         sim.stretch_tokens(members, k, a, b, t0, first_end, t)
         done = [seq for seq in members if seq.num_output >= seq.target]
         for seq in done:

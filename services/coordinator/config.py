@@ -24,6 +24,9 @@ class CoordinatorConfig:
     handoff_timeout_s: float = 30.0
     watchdog_interval_s: float = 0.5
     max_prefill_backlog_tokens: int = 4096
+    max_decode_sequences: int = 1024
+    """Requests placed on one decode worker at a time: its batch policy's decodes per iteration (``max_decodes``), so
+    that none waits for a slot in the batch. 1024 is what ``diptych experiment pd-split`` gives its decode workers."""
     pool_policy: str = "static"
     pool_knobs: dict[str, Any] = field(default_factory=dict)
     pool_interval_s: float = 1.0
@@ -42,6 +45,8 @@ class CoordinatorConfig:
                 raise ValueError(f"{name} must be positive")
         if self.max_prefill_backlog_tokens <= 0:
             raise ValueError("max_prefill_backlog_tokens must be positive")
+        if self.max_decode_sequences <= 0:
+            raise ValueError("max_decode_sequences must be positive")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -64,12 +69,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="pool policy knob, repeatable (e.g. min_dwell_s=10)")
     parser.add_argument("--max-prefill-backlog", type=int, default=d.max_prefill_backlog_tokens,
                         help="prompt tokens queued per prefill worker; the rest wait in admission [%(default)s]")
+    parser.add_argument("--max-decode-sequences", type=int, default=d.max_decode_sequences,
+                        help="requests placed on one decode worker at a time; set it to the decode workers' "
+                        "max_decodes (decodes per iteration) so that no placed request waits for a batch slot; the "
+                        "rest wait in admission [%(default)s]")
 
 
 def from_args(args: argparse.Namespace) -> CoordinatorConfig:
     return CoordinatorConfig(
         address=args.address, admission_policy=args.admission, admission_knobs=parse_knobs(args.admission_opt),
         heartbeat_timeout_s=args.heartbeat_timeout, handoff_timeout_s=args.handoff_timeout,
-        max_prefill_backlog_tokens=args.max_prefill_backlog, pool_policy=args.pool_policy,
+        max_prefill_backlog_tokens=args.max_prefill_backlog, max_decode_sequences=args.max_decode_sequences,
+        pool_policy=args.pool_policy,
         pool_knobs=parse_knobs(args.pool_opt),
     )

@@ -6,6 +6,12 @@ worker stops taking new work for its old pool at once (``draining_to``), finishe
 with the policy's reason when it starts and when it completes, and kept for the admin status.
 
 Only workers registered with role ``flex`` move; fixed-role workers give a static split.
+
+The statistics (``PoolStats``) are built as the simulator builds them (``sim/pool_moves.py``): prompt tokens waiting
+for prefill are the prefill workers' backlogs plus the admission queue's prompts, unless the queue's head waits for
+decode KV (``Placer.waiting_for``); then the queue's prompt blocks count as decode KV waiting (``kv_waiting``)
+instead. The decode token rate and capacity are left unknown (None): decode workers do not report a decode capacity,
+so the policy's decode utilisation term is left out here.
 """
 
 from __future__ import annotations
@@ -35,22 +41,24 @@ class PoolManager:
     def on_arrival(self, prompt_tokens: int, now: float) -> None:
         self._arrivals.append((now, prompt_tokens))
 
-    def tick(self, now: float, queued_prompt_tokens: int) -> None:
-        """Complete finished drains; at most every ``interval_s``, ask the policy and start a move."""
+    def tick(self, now: float, queued_prompt_tokens: int, waiting_for_kv: bool) -> None:
+        """Complete finished drains; at most every ``interval_s``, ask the policy and start a move.
+        ``queued_prompt_tokens``: prompt tokens in the admission queue; ``waiting_for_kv``: its head waits for decode
+        KV."""
         self._complete_drains(now)
         if now - self._last_tick < self.interval_s:
             return
         self._last_tick = now
         if not any(w.role == "flex" and not w.draining_to for w in self.registry.workers.values()):
             return
-        stats = self.stats(now, queued_prompt_tokens)
+        stats = self.stats(now, queued_prompt_tokens, waiting_for_kv)
         if stats is None:
             return
         decision = self.policy.decide(stats, now)
         if decision is not None:
             self._start_move(decision, now)
 
-    def stats(self, now: float, queued_prompt_tokens: int) -> PoolStats | None:
+    def stats(self, now: float, queued_prompt_tokens: int, waiting_for_kv: bool) -> PoolStats | None:
         """The cluster as the pool policy sees it, or None before any prefill throughput was measured."""
         prefill = self.registry.in_pool("prefill")
         decode = self.registry.in_pool("decode")
@@ -61,6 +69,10 @@ class PoolManager:
         while self._arrivals and now - self._arrivals[0][0] > ARRIVAL_WINDOW_S:
             self._arrivals.popleft()
         total_blocks = sum(w.total_blocks for w in decode)
+        kv_waiting = 0.0
+        if waiting_for_kv:  # the admission queue waits for decode KV, not for prefill
+            kv_waiting = decode[0].blocks_for(queued_prompt_tokens) / total_blocks if total_blocks else 0.0
+            queued_prompt_tokens = 0
         return PoolStats(
             prefill_workers=len(prefill), decode_workers=len(decode),
             queued_prompt_tokens=queued_prompt_tokens + sum(w.backlog_tokens for w in prefill),
@@ -68,20 +80,25 @@ class PoolManager:
             decode_kv_utilization=sum(w.reserved_blocks for w in decode) / total_blocks if total_blocks else 1.0,
             running_decodes=sum(w.load.num_running for w in decode),
             prompt_arrival_tps=sum(tokens for _, tokens in self._arrivals) / ARRIVAL_WINDOW_S,
+            kv_waiting=kv_waiting, draining_workers=sum(1 for w in self.registry.workers.values() if w.draining_to),
         )
 
     def _start_move(self, decision: PoolDecision, now: float) -> None:
-        candidates = [w for w in self.registry.accepting(decision.from_pool) if w.role == "flex"]
-        if not candidates:
-            log.info("pool policy wants a worker moved %s -> %s, but no flex worker is in the %s pool (%s)",
-                     decision.from_pool, decision.to_pool, decision.from_pool, decision.reason)
+        """Drain the ``decision.workers`` flex workers of the donor pool with the least outstanding work (the donor
+        pool keeps at least one worker taking work)."""
+        accepting = self.registry.accepting(decision.from_pool)
+        candidates = sorted((w for w in accepting if w.role == "flex"), key=_outstanding)
+        count = min(decision.workers, len(candidates), len(accepting) - 1)
+        if count < 1:
+            log.info("pool policy wants %d worker(s) moved %s -> %s, but no flex worker can leave the %s pool (%s)",
+                     decision.workers, decision.from_pool, decision.to_pool, decision.from_pool, decision.reason)
             return
-        worker = min(candidates, key=_outstanding)
-        worker.draining_to = decision.to_pool
-        self.moves.append({"time": now, "worker": worker.worker_id, "from": decision.from_pool,
-                           "to": decision.to_pool, "reason": decision.reason, "completed": None})
-        log.info("moving worker %s from %s to %s (draining first): %s", worker.worker_id, decision.from_pool,
-                 decision.to_pool, decision.reason)
+        for worker in candidates[:count]:
+            worker.draining_to = decision.to_pool
+            self.moves.append({"time": now, "worker": worker.worker_id, "from": decision.from_pool,
+                               "to": decision.to_pool, "reason": decision.reason, "completed": None})
+            log.info("moving worker %s from %s to %s (draining first): %s", worker.worker_id, decision.from_pool,
+                     decision.to_pool, decision.reason)
 
     def _complete_drains(self, now: float) -> None:
         for worker in self.registry.workers.values():

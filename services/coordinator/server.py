@@ -40,7 +40,7 @@ class Coordinator:
         self.config = config
         self.policy = ADMISSION_POLICIES.create(config.admission_policy, **config.admission_knobs)
         self.workers = WorkerRegistry(config.heartbeat_timeout_s)
-        self.placer = Placer(self.workers, config.max_prefill_backlog_tokens)
+        self.placer = Placer(self.workers, config.max_prefill_backlog_tokens, config.max_decode_sequences)
         self.pools = PoolManager(self.workers, config.pool_policy, config.pool_knobs, config.pool_interval_s)
         self.requests = RequestTable()
         self.ledger = ServiceLedger()
@@ -91,7 +91,7 @@ class Coordinator:
                 await self._evict(worker, f"no heartbeat for {now - worker.last_heartbeat:.1f} s")
             for record in self.requests.overdue_handoffs(now):
                 await self._fail(record, 503, "KV handoff timed out")
-            self.pools.tick(now, self.requests.queued_prompt_tokens())
+            self.pools.tick(now, self.requests.queued_prompt_tokens(), self.placer.waiting_for == "decode")
             await self._admit()
 
     # ------------------------------------------------------------------ sending
@@ -154,7 +154,7 @@ class Coordinator:
             if placement is None:
                 return
             self.policy.pop(time.time())
-            Placer.commit(placement)
+            self.placer.commit(placement)
             self.ledger.on_dispatch(record.request.client_id, head.prompt_tokens)
             record.admitted_time = time.time()
             record.prefill_worker, record.decode_worker = placement.prefill.worker_id, placement.decode.worker_id
@@ -276,6 +276,7 @@ class Coordinator:
     async def _evict(self, worker: WorkerInfo, reason: str) -> None:
         log.warning("evicting worker %s: %s", worker.worker_id, reason)
         self.workers.remove(worker.worker_id)
+        self.placer.forget(worker.worker_id)
         for record in self.requests.held_by(worker.worker_id):
             if record.prefill_worker == worker.worker_id:
                 record.prefill_holds = False
@@ -299,6 +300,7 @@ class Coordinator:
             record.decode_accounted = False
             if worker is not None:
                 worker.reserved_blocks -= record.decode_blocks
+                self.placer.release_decode(worker.worker_id)
 
     async def _on_status_query(self, identity: bytes, msg: StatusQuery) -> None:
         workers = {
