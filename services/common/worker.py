@@ -103,6 +103,7 @@ class Worker:
         self._last_heartbeat = 0.0
         self._registered = False
         self._prefill_tps = 0.0
+        self._shipping: asyncio.Task | None = None
 
     # ------------------------------------------------------------------ subclass hooks
 
@@ -185,6 +186,8 @@ class Worker:
         """Drop the request and free its blocks; True if the engine held it (False: it already ended, and the
         iteration that ended it has reported it). Role classes then drop their own state in ``forget``."""
         held = await self.engine_call(self.engine.abort, request_id)
+        if self._shipping is not None:  # its last tokens are reported before the caller reports the abort
+            await asyncio.wait([self._shipping])
         if held:
             self.forget(request_id)
         return held
@@ -202,21 +205,43 @@ class Worker:
         return await self.engine_thread.call(fn, *args, **kwargs)
 
     async def _engine_loop(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            now = time.time()
-            if now - self._last_heartbeat >= self.heartbeat_interval_s:
-                self._last_heartbeat = now
-                await self.send_control(Heartbeat(self.worker_id, self.load(), now))
-            if self.engine.has_work():
-                async with self.engine_thread.iteration() as step:
-                    output = await step()
-                    await self.after_step(output)
-            else:
-                self._wake.clear()
-                try:
-                    await asyncio.wait_for(self._wake.wait(), timeout=self.heartbeat_interval_s)
-                except asyncio.TimeoutError:
-                    pass
+        """Iterations back to back. An output whose handling needs the engine (``output_needs_engine``) is handled
+        before the next iteration starts; any other is shipped while the next iteration runs (outputs are shipped
+        in order, one at a time), so the host work of streaming tokens overlaps the next forward pass."""
+        try:
+            while not stop.is_set():
+                now = time.time()
+                if now - self._last_heartbeat >= self.heartbeat_interval_s:
+                    self._last_heartbeat = now
+                    await self.send_control(Heartbeat(self.worker_id, self.load(), now))
+                if self.engine.has_work():
+                    async with self.engine_thread.iteration() as step:
+                        output = await step()
+                        if self.output_needs_engine(output):
+                            await self._shipped()
+                            await self.after_step(output)
+                            output = None
+                    if output is not None:
+                        await self._shipped()
+                        self._shipping = asyncio.create_task(self.after_step(output))
+                else:
+                    await self._shipped()
+                    self._wake.clear()
+                    try:
+                        await asyncio.wait_for(self._wake.wait(), timeout=self.heartbeat_interval_s)
+                    except asyncio.TimeoutError:
+                        pass
+        finally:
+            await self._shipped()
+
+    def output_needs_engine(self, output: Any) -> bool:
+        """Whether handling ``output`` (``after_step``) calls the engine; role classes that do say so."""
+        return False
+
+    async def _shipped(self) -> None:
+        """Wait until the previous output is shipped (its errors propagate)."""
+        if self._shipping is not None:
+            await self._shipping
 
     # ------------------------------------------------------------------ sending
 

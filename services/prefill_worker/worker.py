@@ -64,6 +64,9 @@ class PrefillWorker(Worker):
     """Workers that also have the decode role (``FlexWorker``) take colocated requests: ``adopt`` hands them to
     the decode role at their first token."""
 
+    def output_needs_engine(self, output: Any) -> bool:
+        return bool(output.prefilled) or super().output_needs_engine(output)  # exports and releases their KV
+
     async def after_step(self, output: Any) -> None:
         for rid in output.admitted:
             if rid in self._jobs:
