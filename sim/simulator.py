@@ -375,6 +375,8 @@ class Simulator(PoolMoves, ResultAssembly, TokenAccounting):
             worker.num_requests -= 1
             if self.tracks_tokens:
                 self.admission.on_output_tokens(seq.client, 1)
+        else:  # the prompt left a colocated worker's backlog: the coordinator retries admission (its TokenReport)
+            self._admit(t)
 
     def prefilled(self, worker: Worker, seq: SimSeq, t: float) -> None:
         """A prefill worker exported ``seq``'s KV at ``t``: it travels to the decode worker that reserved room."""

@@ -10,7 +10,7 @@ from experiments import experiments
 
 
 def test_every_experiment_is_registered_with_help(capsys):
-    assert set(experiments()) == {"vtc-fairness", "slai-vs-sarathi", "pd-split"}
+    assert set(experiments()) == {"vtc-fairness", "slai-vs-sarathi", "pd-split", "sim-agreement"}
     for name in experiments():
         with pytest.raises(SystemExit) as exit_info:
             main(["experiment", name, "--help"])
@@ -55,3 +55,24 @@ def test_pd_split_tiny(tmp_path):
 def test_bad_options(argv, message, tmp_path, capsys):
     assert main(["experiment", *argv, "--out-dir", str(tmp_path), "--no-progress"]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_sim_agreement_rejects_bad_input(tmp_path, capsys):
+    assert main(["experiment", "sim-agreement", "--out-dir", str(tmp_path), "--settings", "nope"]) == 2
+    assert "unknown setting 'nope'" in capsys.readouterr().err
+    assert main(["experiment", "sim-agreement", "--out-dir", str(tmp_path), "--tolerance", "2"]) == 2
+    assert main(["experiment", "sim-agreement", "--out-dir", str(tmp_path), "--loads", "1,x"]) == 2
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_sim_agreement_tiny(tmp_path):
+    """Real processes with --engine sim against the simulator on a few requests: the report is written with both
+    sides' numbers (agreement itself is measured on an idle machine, docs/experiments/sim-agreement.md)."""
+    code = main(["experiment", "sim-agreement", "--out-dir", str(tmp_path), "--settings", "pd-split/2p2d",
+                 "--loads", "10", "--scale-requests", "0.05", "--no-progress"])
+    assert code == 0
+    report = (tmp_path / "sim-agreement.md").read_text()
+    rows = [line for line in report.splitlines() if line.startswith("| pd-split/2p2d")]
+    assert len(rows) == 2  # in the criterion table and in the context table
+    assert "runs agree within 10%" in report
