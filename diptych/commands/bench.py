@@ -1,5 +1,6 @@
 """``diptych bench engine`` and ``diptych bench transfer``: speed against HF transformers and the hardware floor;
-``diptych bench serve``: load against a running Diptych (``benchmarks/serve_cli.py``)."""
+``diptych bench serve``: load against a running Diptych (``benchmarks/serve_cli.py``); ``diptych bench replay``: the
+slai-vs-sarathi setting on the real engine beside the simulator (``benchmarks/replay.py``)."""
 
 from __future__ import annotations
 
@@ -46,9 +47,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="capture the Hugging Face modules instead of the fused decode forward")
     e.add_argument("--json", default=None, help="also write the raw numbers to this JSON file")
 
+    from benchmarks.replay import add_replay_parser
     from benchmarks.serve_cli import add_serve_parser
 
     add_serve_parser(kinds)
+    add_replay_parser(kinds)
 
     t = kinds.add_parser("transfer", help="KV handoff: GPU-to-GPU (CUDA IPC) vs ZeroMQ frames vs a plain copy")
     t.set_defaults(run=run_transfer)
