@@ -10,7 +10,11 @@ compared with ``diptych simulate`` on the same workload. Differences from the mo
   starts after the modelled transfer, ``handoff_latency_s + prompt_tokens * kv_bytes_per_token /
   handoff_bandwidth_Bps`` seconds from the end of its prefill (its first token's time), as in the simulator;
 - the KV pool holds what fits next to the weights in the modelled GPU memory (``CostModel.kv_capacity_tokens``),
-  unless ``EngineConfig.num_blocks`` says otherwise; the layout is the modelled model's.
+  unless ``EngineConfig.num_blocks`` says otherwise; the layout is the modelled model's;
+- back-to-back iterations follow each other every modelled iteration time: the host work around an iteration
+  (recording tokens after the wait, and the worker's gap until the next iteration) is measured (a moving average)
+  and taken off the next wait, as a GPU's forward pass would overlap it. When host work alone exceeds the modelled
+  time, iterations take longer: the host is then the bottleneck, as it would be on a GPU.
 """
 
 from __future__ import annotations
@@ -67,6 +71,10 @@ class CostModelExecutor:
         self.vocab_size = SIM_VOCAB_SIZE
         self.step_started = time.perf_counter()
         """Set by ``SimEngine.step``: the modelled time counts from there, so scheduling is inside it."""
+        self.host_overhead_s = 0.0
+        """Moving average of the host seconds an iteration spends outside ``step_started .. wait end`` (set by
+        ``SimEngine.step``); taken off the wait."""
+        self.wait_ended = self.step_started
 
     def execute(self, items: list[ForwardItem]) -> int:
         """Wait until the iteration's modelled time has passed since it began; returns how many positions need a
@@ -82,7 +90,8 @@ class CostModelExecutor:
                 prefill_tokens += n
                 pairs += CostModel.chunk_pairs(n, item.start_position)
         seconds = self.cost.iteration_time(prefill_tokens, num_decodes, decode_context, pairs, len(items))
-        time.sleep(max(0.0, self.step_started + seconds - time.perf_counter()))
+        time.sleep(max(0.0, self.step_started + seconds - self.host_overhead_s - time.perf_counter()))
+        self.wait_ended = time.perf_counter()
         return sum(1 for item in items if item.needs_logits)
 
     def sample(self, rows: int, requests: list[SamplingRequest]) -> list[int]:
@@ -113,6 +122,8 @@ class SimEngine(Engine):
         self.blocks_lock = threading.RLock()
         self._arriving: dict[str, tuple[float, tuple, dict]] = {}
         """Handed-off requests whose modelled transfer has not finished: id -> (ready time, args, kwargs)."""
+        self._last_step_end: float | None = None
+        """When the previous iteration returned, if work was left for a back-to-back one (perf_counter seconds)."""
 
     def add_prefilled(self, request_id: str, prompt_token_ids: list[int], *args: Any, **kwargs: Any) -> None:
         if request_id not in self._reservations:
@@ -135,13 +146,23 @@ class SimEngine(Engine):
         return super().has_work() or bool(self._arriving)
 
     def step(self):
-        self.runner.step_started = time.perf_counter()
+        runner = self.runner
+        runner.step_started = time.perf_counter()
+        gap = 0.0 if self._last_step_end is None else runner.step_started - self._last_step_end
         self._land_arrivals()
         if not (self._waiting or self._running):  # only transfers in flight: wait for the next to land
             time.sleep(max(0.0, min(ready for ready, _, _ in self._arriving.values()) - time.time()))
             self._land_arrivals()
-            self.runner.step_started = time.perf_counter()
-        return super().step()
+            runner.step_started = time.perf_counter()
+            gap = 0.0
+        output = super().step()
+        ended = time.perf_counter()
+        if output.duration_s > 0:  # host work after the wait, plus the gap since a previous back-to-back iteration
+            overhead = (ended - runner.wait_ended) + gap
+            runner.host_overhead_s = 0.9 * runner.host_overhead_s + 0.1 * min(overhead, output.duration_s)
+        # the next iteration follows back to back only if work is left now (else the gap is idle time)
+        self._last_step_end = ended if output.duration_s > 0 and (self._waiting or self._running) else None
+        return output
 
     def abort(self, request_id: str) -> bool:
         self._arriving.pop(request_id, None)
