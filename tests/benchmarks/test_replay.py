@@ -34,3 +34,13 @@ def test_replay_rejects_bad_input(capsys):
     assert "unknown variants ['nope']" in capsys.readouterr().err
     assert main(["bench", "replay", "--loads", "0"]) == 2
     assert main(["bench", "replay", "--cost-model", "no-such-model"]) == 2
+
+
+def test_warmup_requests_span_the_workload_and_arrive_together():
+    from benchmarks.replay import warmup_specs
+
+    specs = [RequestSpec(f"r{i}", arrival_time=i, prompt_len=10 * (i + 1), output_len=100) for i in range(40)]
+    warmup = warmup_specs(specs, count=5)
+    assert len(warmup) == 5 and all(s.arrival_time == 0 and s.max_tokens == 16 for s in warmup)
+    assert warmup[0].prompt_len == 10 and warmup[-1].prompt_len >= 300
+    assert all(s.request_id.startswith("warmup-") for s in warmup)
