@@ -13,6 +13,10 @@ Settings (each at two loads by default):
   ``h200-mistral-7b``, prefill chunks of 2048 tokens, up to 1024 decodes per iteration), ShareGPT4 lengths with
   its SLOs (TTFT 1 s, TBT 0.1 s), Poisson arrivals, KV handed off over a modelled 50 GB/s + 1 ms link.
 
+The control path (frontend -> coordinator -> KV reservation round trip -> worker) is measured first on the idle
+cluster: a few requests, one at a time, each timed from its arrival to the start of its prefill; the simulator gets
+the median as ``dispatch_latency_s``. Queueing behind busy processes under load is not modelled: the runs check it.
+
 Times on the services' side are the workers' own token times (returned in each request's timeline), so the load
 generator's and the frontend's delays do not count in TBT; TTFT runs from the frontend's arrival time. Run it on an
 otherwise idle machine: the services run in real time, and a loaded CPU delays their iterations.
@@ -92,9 +96,9 @@ def kv_blocks(setting: Setting, block_size: int = 16) -> int:
     return resolve(setting.cost_model).kv_capacity_tokens() // block_size
 
 
-def simulator_config(setting: Setting):
+def simulator_config(setting: Setting, dispatch_latency_s: float = 0.0):
     """The simulator set up as the services run: KV reserved at placement, 4096 prompt tokens of worker backlog,
-    one batch policy for every role, the services' handoff model."""
+    one batch policy for every role, the services' handoff model, the measured control path."""
     from sim.config import ClusterConfig, PolicySpec
     from sim.cost_model import resolve
 
@@ -103,11 +107,21 @@ def simulator_config(setting: Setting):
                          colocated_workers=setting.colocated_workers, cost_model=resolve(setting.cost_model),
                          kv_blocks=kv_blocks(setting), prefill_policy=policy, decode_policy=policy,
                          colocated_policy=policy, colocated_reserve=True, max_prefill_backlog_tokens=4096,
-                         handoff_latency_s=1e-3, handoff_bandwidth_Bps=50e9)
+                         handoff_latency_s=1e-3, handoff_bandwidth_Bps=50e9, dispatch_latency_s=dispatch_latency_s)
+
+
+def calibration_specs(specs: list, count: int = 8, gap_s: float = 0.4) -> list:
+    """``count`` of the workload's prompts, one every ``gap_s`` seconds with 2 output tokens: each meets an idle
+    cluster, so its arrival-to-prefill-start time is the control path alone."""
+    from dataclasses import replace
+
+    return [replace(s, request_id=f"calibrate-{i}", arrival_time=i * gap_s, output_len=2, max_tokens=2)
+            for i, s in enumerate(specs[:count])]
 
 
 def run_services(setting: Setting, specs: list, seed: int, log_dir: str, progress: bool):
-    """The workload against a real cluster of ``--engine sim`` workers; returns its ``RunResult``."""
+    """The workload against a real cluster of ``--engine sim`` workers, after the control-path calibration;
+    returns its ``RunResult`` and the measured control path (seconds)."""
     from benchmarks.serve_load import FAILURES, LoadTarget, run_load
     from diptych.launcher import Cluster, ClusterSpec, with_free_ports
     from metrics.results import RunResult
@@ -120,11 +134,16 @@ def run_services(setting: Setting, specs: list, seed: int, log_dir: str, progres
     FAILURES.clear()
     with Cluster(spec, log_dir=log_dir) as cluster:
         cluster.wait_ready()
-        timelines = asyncio.run(run_load(specs, LoadTarget(spec.sdk_addr, {}), seed=seed, progress=progress))
+        target = LoadTarget(spec.sdk_addr, {})
+        calibration = asyncio.run(run_load(calibration_specs(specs), target, seed=seed, progress=False))
+        timelines = asyncio.run(run_load(specs, target, seed=seed, progress=progress))
     if FAILURES:
         raise RuntimeError(f"{sum(FAILURES.values())} requests failed on the services (logs in {log_dir}): "
                            f"{FAILURES.most_common(3)}")
-    return RunResult.from_timelines(timelines)
+    control_path = [t.prefill_start - t.arrival for t in calibration if t.prefill_start is not None]
+    if not control_path:
+        raise RuntimeError(f"no calibration request reached a worker (logs in {log_dir})")
+    return RunResult.from_timelines(timelines), float(np.median(control_path))
 
 
 def compare(services: dict, simulator: dict, tolerance: float) -> dict[str, Any]:
@@ -165,10 +184,11 @@ def run(args: argparse.Namespace, out_dir: Path) -> list[Path]:
             if not args.no_progress:
                 print(f"{name} at {qps:g} req/s, {requests} requests: services, then the simulator")
             log_dir = str(Path(log_root) / f"{name.replace('/', '-')}-{qps:g}")
-            services = run_services(setting, specs, args.seed, log_dir, not args.no_progress)
-            simulated = simulate(simulator_config(setting), specs)
+            services, control_path_s = run_services(setting, specs, args.seed, log_dir, not args.no_progress)
+            simulated = simulate(simulator_config(setting, control_path_s), specs)
             s_sum, m_sum = (summarize(r, fairness_metrics=False) for r in (services, simulated))
             row = compare(s_sum, m_sum, args.tolerance)
+            row["control_path_s"] = control_path_s
             rows.append((name, qps, requests, row))
             cdfs.append((f"{name} @ {qps:g}", _ttfts(services), _ttfts(simulated)))
     files = []
@@ -211,9 +231,10 @@ def _report(args: argparse.Namespace, rows: list, log_root: str) -> str:
         [[name, qps, n, *triple(r["ttft_p50"]), *triple(r["tbt_p99"], 1e3, "ms"), "yes" if r["agrees"] else "no"]
          for name, qps, n, r in rows])
     context = md_table(
-        ["setting", "load (req/s)", "TTFT p99 services", "simulator", "ratio", "TBT p50 services", "simulator",
-         "ratio"],
-        [[name, qps, *triple(r["ttft_p99"]), *triple(r["tbt_p50"], 1e3, "ms")] for name, qps, _, r in rows])
+        ["setting", "load (req/s)", "control path (measured, ms)", "TTFT p99 services", "simulator", "ratio",
+         "TBT p50 services", "simulator", "ratio"],
+        [[name, qps, f"{r['control_path_s'] * 1e3:.2f}", *triple(r["ttft_p99"]), *triple(r["tbt_p50"], 1e3, "ms")]
+         for name, qps, _, r in rows])
     agreed = sum(1 for *_, r in rows if r["agrees"])
     command = (f"diptych experiment {NAME} --settings {args.settings} --scale-requests {args.scale_requests:g} "
                f"--seed {args.seed}" + (f" --loads {args.loads}" if args.loads else "")
@@ -222,7 +243,8 @@ def _report(args: argparse.Namespace, rows: list, log_root: str) -> str:
         f"# {NAME}", "",
         f"Generated by `{command}`. Each run sends the same workload to a real cluster of `--engine sim` workers "
         "(separate processes over ZeroMQ; iterations take the cost model's time) and to `diptych simulate`; see "
-        "`experiments/sim_agreement.py` for the settings.", "",
+        "`experiments/sim_agreement.py` for the settings. The simulator's control path (`dispatch_latency_s`) is "
+        "measured on the idle cluster before each run (column below).", "",
         f"**{agreed} of {len(rows)} runs agree within {args.tolerance:.0%}** on both median TTFT and P99 TBT.", "",
         table, "", "Tails and medians beside them (not part of the criterion):", "", context, "",
         f"![TTFT distributions]({NAME}.png)", "",

@@ -46,6 +46,9 @@ class ClusterConfig:
       services do (fairness policies then order admission); False [simulator only] leaves KV admission to the
       worker's batch policy (with no backlog limit, SLAI's shortest-prompt-first among all arrived requests).
     - Handoff: ``handoff_latency_s + bytes / handoff_bandwidth_Bps``, bytes = whole prompt blocks x KV bytes/token.
+    - ``dispatch_latency_s``: the control path, from a request's admission to its arrival in its prefill (or
+      colocated) worker's queue (the services' frontend -> coordinator -> reservation round trip -> worker
+      messages; ``diptych experiment sim-agreement`` measures it on idle services). 0: instant.
     - ``exact``: call the batch policy before every iteration (else stationary decode-only stretches are
       fast-forwarded, see ``sim.simulator``); ``record_tokens`` keeps every token time (memory-hungry on long runs).
     """
@@ -65,6 +68,7 @@ class ClusterConfig:
     pool_tick_s: float = 1.0
     handoff_latency_s: float = 0.001
     handoff_bandwidth_Bps: float = 50e9
+    dispatch_latency_s: float = 0.0
     max_prefill_backlog_tokens: int | None = 4096
     max_decode_sequences: int = 1024
     colocated_reserve: bool = True
@@ -83,6 +87,8 @@ class ClusterConfig:
             raise ValueError("block_size must be >= 1")
         if self.kv_blocks is not None and self.kv_blocks < 1:
             raise ValueError("kv_blocks must be >= 1")
+        if self.dispatch_latency_s < 0:
+            raise ValueError("dispatch_latency_s must be >= 0")
         if self.pool_tick_s <= 0 or self.handoff_latency_s < 0 or self.handoff_bandwidth_Bps <= 0:
             raise ValueError("pool_tick_s and handoff bandwidth must be > 0, handoff latency >= 0")
         if self.max_prefill_backlog_tokens is not None and self.max_prefill_backlog_tokens < 1:
@@ -122,6 +128,7 @@ class ClusterConfig:
                       else {"prefill": str(self.prefill_policy), "decode": str(self.decode_policy)}),
             "pool": str(self.pool_policy),
             "handoff": f"{self.handoff_latency_s * 1e3:g} ms + bytes / {self.handoff_bandwidth_Bps / 1e9:g} GB/s",
+            "dispatch_latency_ms": self.dispatch_latency_s * 1e3,
             "max_prefill_backlog_tokens": self.max_prefill_backlog_tokens,
             "max_decode_sequences": self.max_decode_sequences,
             "colocated_reserve": self.colocated_reserve, "exact": self.exact,

@@ -63,6 +63,7 @@ from sim.worker import COLOCATED, DECODE, PREFILL, SimSeq, Worker
 from workloads.spec import RequestSpec
 
 EV_WORKER, EV_HANDOFF = 0, 1
+EV_DISPATCH = 3  # a dispatched request reaches its worker's queue (after EV_POOL = 2 on ties)
 
 
 class Simulator(PoolMoves, ResultAssembly, TokenAccounting):
@@ -189,6 +190,8 @@ class Simulator(PoolMoves, ResultAssembly, TokenAccounting):
                         worker.finish()
                 elif kind == EV_HANDOFF:
                     self._land(a, workers[b], t)
+                elif kind == EV_DISPATCH:
+                    self._enqueue(workers[b], self.req_seq[a], t)
                 else:
                     self._pool_tick(t, ptr < n)
             elif next_arrival < math.inf:
@@ -331,8 +334,7 @@ class Simulator(PoolMoves, ResultAssembly, TokenAccounting):
         self.req_prefill[i], self.req_decode[i], self.req_blocks[i] = prefill.index, decode.index, need
         seq = self._new_seq(i, blocks)
         self.req_seq[i] = seq
-        prefill.add_waiting(seq)
-        self._kick(prefill, now)
+        self._send_to(prefill, i, now)
 
     def _dispatch_colocated(self, i: int, worker: Worker, need: int, now: float) -> None:
         self.times["admitted"][i] = now
@@ -344,6 +346,16 @@ class Simulator(PoolMoves, ResultAssembly, TokenAccounting):
         self.req_blocks[i] = need
         seq = self._new_seq(i, need)
         self.req_seq[i] = seq
+        self._send_to(worker, i, now)
+
+    def _send_to(self, worker: Worker, i: int, now: float) -> None:
+        """Request ``i`` reaches ``worker``'s queue after the control path's ``dispatch_latency_s``."""
+        if self.config.dispatch_latency_s > 0:
+            self._push(now + self.config.dispatch_latency_s, EV_DISPATCH, i, worker.index)
+        else:
+            self._enqueue(worker, self.req_seq[i], now)
+
+    def _enqueue(self, worker: Worker, seq: SimSeq, now: float) -> None:
         worker.add_waiting(seq)
         self._kick(worker, now)
 

@@ -34,6 +34,17 @@ def test_one_request_timeline_follows_the_cost_model():
     assert r.num_gaps[0] == 3 and r.max_tbt[0] == pytest.approx(tokens[1] - tokens[0])
 
 
+@pytest.mark.parametrize("cluster", [disaggregated(1, 1), colocated(1)], ids=["disaggregated", "colocated"])
+def test_dispatch_latency_delays_the_prefill_by_the_control_path(cluster):
+    r0 = simulate(cluster, [request("a", 1.0, 1000, 4)])
+    r1 = simulate(replace(cluster, dispatch_latency_s=0.004), [request("a", 1.0, 1000, 4)])
+    assert r1.times["admitted"][0] == 1.0  # the coordinator decides at once
+    assert r1.times["prefill_start"][0] == pytest.approx(1.004)
+    assert r1.times["finish"][0] == pytest.approx(r0.times["finish"][0] + 0.004)
+    with pytest.raises(ValueError, match="dispatch_latency_s"):
+        replace(cluster, dispatch_latency_s=-1.0).validate()
+
+
 def test_single_token_request_finishes_at_prefill_and_frees_the_reservation():
     sim = Simulator(disaggregated(1, 1), [request("a", 0.0, 100, 1)])
     r = sim.run()
