@@ -47,6 +47,9 @@ def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
                    help="KV handoff bandwidth, GB/s [%(default)s]")
     g.add_argument("--dispatch-latency", type=float, default=d.dispatch_latency_s * 1e3,
                    help="control path from admission to the worker's queue, ms [%(default)s]")
+    g.add_argument("--max-decode-sequences", type=int, default=d.max_decode_sequences,
+                   help="requests placed on one decode worker at a time (coordinator's --max-decode-sequences) "
+                   "[%(default)s]")
     g.add_argument("--max-prefill-backlog", default=str(d.max_prefill_backlog_tokens),
                    help="prompt tokens queued per prefill/colocated worker, or 'none' for unbounded [%(default)s]")
     g.add_argument("--no-colocated-reserve", action="store_true",
@@ -97,7 +100,7 @@ def cluster_from_args(args: argparse.Namespace) -> ClusterConfig:
         colocated_policy=_spec(args.colocated_policy, args.colocated_opt, d.colocated_policy),
         pool_policy=_spec(args.pool_policy, args.pool_opt, d.pool_policy), pool_tick_s=args.pool_tick,
         handoff_latency_s=args.handoff_latency / 1e3, handoff_bandwidth_Bps=args.handoff_bandwidth * 1e9,
-        dispatch_latency_s=args.dispatch_latency / 1e3,
+        dispatch_latency_s=args.dispatch_latency / 1e3, max_decode_sequences=args.max_decode_sequences,
         max_prefill_backlog_tokens=backlog, colocated_reserve=not args.no_colocated_reserve, exact=args.exact,
     )
     config.validate()
