@@ -41,11 +41,12 @@ def add_replay_parser(kinds: argparse._SubParsersAction) -> None:
 def run_replay(args: argparse.Namespace) -> int:
     import sys
 
+    from experiments.common import parse_numbers
     from experiments.slai_vs_sarathi import VARIANTS as ALL_VARIANTS
     from sim.cost_model import resolve
 
     try:
-        loads = [float(x) for x in args.loads.split(",") if x.strip()]
+        loads = parse_numbers(args.loads, "--loads")
         variants = [v.strip() for v in args.variants.split(",") if v.strip()]
         unknown = [v for v in variants if v not in ALL_VARIANTS]
         if unknown or not variants:
@@ -53,8 +54,8 @@ def run_replay(args: argparse.Namespace) -> int:
         coordinated = [v for v in variants if ALL_VARIANTS[v][2] != "fcfs"]
         if coordinated:
             raise ValueError(f"{', '.join(coordinated)} order admission in the coordinator; replay runs one engine")
-        if not loads or min(loads) <= 0 or args.requests < 10 or args.kv_gb <= 0:
-            raise ValueError("--loads must be positive, --requests >= 10, --kv-gb > 0")
+        if args.requests < 10 or args.kv_gb <= 0:
+            raise ValueError("--requests must be >= 10 and --kv-gb > 0")
         cost = resolve(args.cost_model)
     except ValueError as exc:
         print(f"diptych bench replay: {exc}", file=sys.stderr)

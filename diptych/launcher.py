@@ -17,7 +17,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 
 @dataclass
@@ -217,8 +217,6 @@ def free_port_block(count: int, host: str = "127.0.0.1") -> int:
 
 def with_free_ports(spec: ClusterSpec) -> ClusterSpec:
     """``spec`` with its HTTP, coordinator, SDK, stream and KV ports moved to a block of free ports."""
-    from dataclasses import replace
-
     base = free_port_block(5 + spec.num_workers, spec.host)
     return replace(spec, http_port=base, coordinator_port=base + 1, sdk_port=base + 2, stream_port=base + 3,
                    kv_base_port=base + 4)

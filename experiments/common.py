@@ -44,6 +44,27 @@ def _indexed(job: tuple[Callable[[Any], Any], int, Any]) -> tuple[int, Any]:
     return index, fn(item)
 
 
+def parse_names(text: str, choices: Iterable[str], what: str) -> list[str]:
+    """Comma-separated names from an option, each one of ``choices``; ``ValueError`` names the first unknown one."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    known = list(choices)
+    for name in names:
+        if name not in known:
+            raise ValueError(f"unknown {what} {name!r}; choose from {', '.join(known)}")
+    return names
+
+
+def parse_numbers(text: str, flag: str, kind: type = float) -> list:
+    """Comma-separated positive numbers from option ``flag`` (``kind``: float or int); ``ValueError`` otherwise."""
+    try:
+        values = [kind(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"{flag} must be comma-separated numbers, got {text!r}") from None
+    if not values or min(values) <= 0:
+        raise ValueError(f"{flag} must be positive")
+    return values
+
+
 def fmt(value: Any, digits: int = 3) -> str:
     if value is None:
         return "-"

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from experiments.common import md_table, parallel_map, pyplot, save_figure, write_markdown
+from experiments.common import md_table, parallel_map, parse_numbers, pyplot, save_figure, write_markdown
 
 NAME = "pd-split"
 HELP = "every static prefill:decode split, colocated and RAD on 4/8/16 GPUs: goodput under SLOs per workload"
@@ -160,12 +160,9 @@ def _fixed(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace, out_dir: Path) -> list[Path]:
-    try:
-        gpu_counts = [int(x) for x in args.gpus.split(",") if x.strip()]
-    except ValueError:
-        raise ValueError(f"--gpus must be comma-separated integers, got {args.gpus!r}") from None
+    gpu_counts = parse_numbers(args.gpus, "--gpus", int)
     names = [w.strip() for w in args.workloads.split(",") if w.strip()]
-    if not gpu_counts or min(gpu_counts) < 2:
+    if min(gpu_counts) < 2:
         raise ValueError("--gpus needs cluster sizes of at least 2")
     if args.ttft_slo <= 0 or args.tbt_slo <= 0 or args.run_seconds <= 0 or args.warmup < 0:
         raise ValueError("SLOs and --run-seconds must be > 0, --warmup >= 0")

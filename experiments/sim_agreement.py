@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from experiments.common import md_table, pyplot, save_figure, write_markdown
+from experiments.common import md_table, parse_names, parse_numbers, pyplot, save_figure, write_markdown
 
 NAME = "sim-agreement"
 HELP = "real services with --engine sim vs the simulator on the same workload: median TTFT and P99 TBT"
@@ -158,20 +158,10 @@ def run(args: argparse.Namespace, out_dir: Path) -> list[Path]:
     from metrics.summary import summarize
     from sim.simulator import simulate
 
-    names = [s.strip() for s in args.settings.split(",") if s.strip()]
-    for name in names:
-        if name not in SETTINGS:
-            raise ValueError(f"unknown setting {name!r}; choose from {', '.join(SETTINGS)}")
+    names = parse_names(args.settings, SETTINGS, "setting")
     if args.scale_requests <= 0 or not 0 < args.tolerance < 1:
         raise ValueError("--scale-requests must be positive and --tolerance in (0, 1)")
-    loads_override = None
-    if args.loads:
-        try:
-            loads_override = [float(x) for x in args.loads.split(",") if x.strip()]
-        except ValueError:
-            raise ValueError(f"--loads must be comma-separated numbers, got {args.loads!r}") from None
-        if not loads_override or min(loads_override) <= 0:
-            raise ValueError("--loads must be positive")
+    loads_override = parse_numbers(args.loads, "--loads") if args.loads else None
     log_root = args.keep_logs or tempfile.mkdtemp(prefix="diptych-sim-agreement-")
     rows, cdfs = [], []
     for name in names:

@@ -25,7 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from experiments.common import fmt, md_table, parallel_map, pyplot, save_figure, write_markdown
+from experiments.common import (fmt, md_table, parallel_map, parse_names, parse_numbers, pyplot, save_figure,
+                                write_markdown)
 
 NAME = "slai-vs-sarathi"
 HELP = "SLAI vs Sarathi-Serve on one GPU: median TTFT at fixed loads and capacity (SLAI criterion)"
@@ -101,16 +102,8 @@ def _mean(summaries: list[dict], key: str, tier: str | None = None) -> float:
 
 
 def run(args: argparse.Namespace, out_dir: Path) -> list[Path]:
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    for v in variants:
-        if v not in VARIANTS:
-            raise ValueError(f"unknown variant {v!r}; choose from {', '.join(VARIANTS)}")
-    try:
-        loads = [float(x) for x in args.loads.split(",") if x.strip()]
-    except ValueError:
-        raise ValueError(f"--loads must be comma-separated numbers, got {args.loads!r}") from None
-    if not loads or min(loads) <= 0:
-        raise ValueError("--loads must be positive")
+    variants = parse_names(args.variants, VARIANTS, "variant")
+    loads = parse_numbers(args.loads, "--loads")
     requests, seeds = args.requests, args.seeds
     if args.quick:
         requests, loads = min(requests, 150), loads[::2]

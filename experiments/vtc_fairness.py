@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from experiments.common import md_table, parallel_map, pyplot, save_figure, write_markdown
+from experiments.common import md_table, parallel_map, parse_names, pyplot, save_figure, write_markdown
 
 NAME = "vtc-fairness"
 HELP = "VTC scenarios under FCFS, LCF, VTC and RPM: service differences over time, Table-2 metrics"
@@ -77,14 +77,8 @@ def _job(job: dict[str, Any]) -> dict[str, Any]:
 def run(args: argparse.Namespace, out_dir: Path) -> list[Path]:
     from workloads.vtc import SCENARIOS
 
-    scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
-    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
-    for s in scenarios:
-        if s not in SCENARIOS:
-            raise ValueError(f"unknown scenario {s!r}; choose from {', '.join(SCENARIOS)}")
-    for p in policies:
-        if p not in POLICIES:
-            raise ValueError(f"unknown policy {p!r}; choose from {', '.join(POLICIES)}")
+    scenarios = parse_names(args.scenarios, SCENARIOS, "scenario")
+    policies = parse_names(args.policies, POLICIES, "policy")
     duration = args.duration
     if args.quick:
         if args.scenarios == ",".join(SCENARIOS):
