@@ -19,9 +19,14 @@ from tests.integration.conftest import cluster_spec, start_cluster
 
 pytestmark = pytest.mark.integration
 
-PROMPT, OUTPUT = 48, 24
-BLOCKS = 40  # each request reserves ceil((48 + 24) / 16) = 5 blocks: 8 run at a time, the rest queue
-WARMUP_S, WINDOW_S = 2.0, 6.0
+PROMPT, OUTPUT = 48, 64
+BLOCKS = 40  # each request reserves ceil((48 + 64) / 16) = 7 blocks: 5 run at a time, the rest queue
+HEAVY, LIGHT = 24, 8
+"""Requests each client keeps outstanding: 3:1 offered load. VTC divides service among backlogged clients, so the
+light client keeps more requests outstanding than the 5 decode slots and always has some queued (with 24-token
+outputs and 8 slots its queue emptied between a reply and its next request on an idle machine, and the
+work-conserving scheduler served the heavy client meanwhile)."""
+WARMUP_S, WINDOW_S = 2.0, 8.0
 
 
 async def offered_load(address: str, api_key: str, concurrency: int, deadline: float) -> None:
@@ -55,8 +60,8 @@ def run_scenario(tiny_llama, tmp_path, admission: str, weights: tuple[float, flo
     try:
         async def scenario():
             deadline = time.time() + WARMUP_S + WINDOW_S + 2
-            load = asyncio.gather(offered_load(spec.sdk_addr, "key-a", 24, deadline),
-                                  offered_load(spec.sdk_addr, "key-b", 8, deadline))
+            load = asyncio.gather(offered_load(spec.sdk_addr, "key-a", HEAVY, deadline),
+                                  offered_load(spec.sdk_addr, "key-b", LIGHT, deadline))
             await asyncio.sleep(WARMUP_S)
             start = served(spec.http_url)
             await asyncio.sleep(WINDOW_S)
