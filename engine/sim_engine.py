@@ -14,11 +14,14 @@ compared with ``diptych simulate`` on the same workload. Differences from the mo
 - back-to-back iterations follow each other every modelled iteration time: the host work around an iteration
   (recording tokens after the wait, and the worker's gap until the next iteration) is measured (a moving average)
   and taken off the next wait, as a GPU's forward pass would overlap it. When host work alone exceeds the modelled
-  time, iterations take longer: the host is then the bottleneck, as it would be on a GPU.
+  time, iterations take longer: the host is then the bottleneck, as it would be on a GPU. How far back-to-back
+  iterations run over their modelled time is logged every ``LagMonitor.interval_s`` (a CPU that cannot keep up
+  shows there first).
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from dataclasses import dataclass
@@ -32,6 +35,8 @@ from engine.sampler import SamplingRequest
 from policies.batch import BatchPolicy, SarathiBatching
 from proto.messages import KVLayout
 from sim.cost_model import CostModel
+
+log = logging.getLogger(__name__)
 
 PLACEHOLDER_TOKEN = 42
 SIM_CONTEXT_LEN = 32768
@@ -75,6 +80,8 @@ class CostModelExecutor:
         """Moving average of the host seconds an iteration spends outside ``step_started .. wait end`` (set by
         ``SimEngine.step``); taken off the wait."""
         self.wait_ended = self.step_started
+        self.modelled_s = 0.0
+        """The last iteration's modelled seconds."""
 
     def execute(self, items: list[ForwardItem]) -> int:
         """Wait until the iteration's modelled time has passed since it began; returns how many positions need a
@@ -90,12 +97,34 @@ class CostModelExecutor:
                 prefill_tokens += n
                 pairs += CostModel.chunk_pairs(n, item.start_position)
         seconds = self.cost.iteration_time(prefill_tokens, num_decodes, decode_context, pairs, len(items))
+        self.modelled_s = seconds
         time.sleep(max(0.0, self.step_started + seconds - self.host_overhead_s - time.perf_counter()))
         self.wait_ended = time.perf_counter()
         return sum(1 for item in items if item.needs_logits)
 
     def sample(self, rows: int, requests: list[SamplingRequest]) -> list[int]:
         return [PLACEHOLDER_TOKEN] * len(requests)
+
+
+class LagMonitor:
+    """How much longer than modelled back-to-back iterations take, from one iteration's end (its tokens' time) to
+    the next's: logged every ``interval_s`` seconds as median, P99 and maximum in milliseconds, then reset."""
+
+    def __init__(self, interval_s: float = 30.0) -> None:
+        self.interval_s = interval_s
+        self._lags: list[float] = []
+        self._since = time.perf_counter()
+
+    def record(self, actual_s: float, modelled_s: float) -> None:
+        self._lags.append(actual_s - modelled_s)
+        now = time.perf_counter()
+        if now - self._since >= self.interval_s:
+            lags = sorted(self._lags)
+            n = len(lags)
+            log.info("sim iterations over the cost model (%d back to back, last %.0f s): median %.2f ms, "
+                     "P99 %.2f ms, max %.2f ms", n, now - self._since, 1e3 * lags[n // 2],
+                     1e3 * lags[min(n - 1, int(0.99 * n))], 1e3 * lags[-1])
+            self._lags, self._since = [], now
 
 
 class SimEngine(Engine):
@@ -124,6 +153,8 @@ class SimEngine(Engine):
         """Handed-off requests whose modelled transfer has not finished: id -> (ready time, args, kwargs)."""
         self._last_step_end: float | None = None
         """When the previous iteration returned, if work was left for a back-to-back one (perf_counter seconds)."""
+        self._last_wait_end = 0.0
+        self.lag = LagMonitor()
 
     def add_prefilled(self, request_id: str, prompt_token_ids: list[int], *args: Any, **kwargs: Any) -> None:
         if request_id not in self._reservations:
@@ -155,8 +186,12 @@ class SimEngine(Engine):
             self._land_arrivals()
             runner.step_started = time.perf_counter()
             gap = 0.0
+        back_to_back = self._last_step_end is not None and gap > 0
         output = super().step()
         ended = time.perf_counter()
+        if output.duration_s > 0 and back_to_back:
+            self.lag.record(runner.wait_ended - self._last_wait_end, runner.modelled_s)
+        self._last_wait_end = runner.wait_ended
         if output.duration_s > 0:  # host work after the wait, plus the gap since a previous back-to-back iteration
             overhead = (ended - runner.wait_ended) + gap
             runner.host_overhead_s = 0.9 * runner.host_overhead_s + 0.1 * min(overhead, output.duration_s)
