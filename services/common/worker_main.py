@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Callable
 
 from services.common.lifecycle import run_service, setup_logging
 from services.common.worker import Worker, add_worker_arguments, build_engine
+
+GIL_SWITCH_INTERVAL_S = 0.0005
+"""How long the event loop thread may hold the GIL while the engine thread waits for it (Python's default is 5 ms,
+as long as a whole decode iteration on a fast GPU): shipping one iteration's tokens must not delay the next."""
 
 
 def worker_main(role: str, description: str, worker_cls: type[Worker] | Callable[[argparse.Namespace], type],
@@ -17,6 +22,7 @@ def worker_main(role: str, description: str, worker_cls: type[Worker] | Callable
     if extra_arguments is not None:
         extra_arguments(parser)
     args = parser.parse_args(argv)
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     setup_logging(args.worker_id, args.log_level)
     try:
         engine = build_engine(args)
