@@ -74,5 +74,6 @@ def test_sim_agreement_tiny(tmp_path):
     assert code == 0
     report = (tmp_path / "sim-agreement.md").read_text()
     rows = [line for line in report.splitlines() if line.startswith("| pd-split/2p2d")]
-    assert len(rows) == 2  # in the criterion table and in the context table
+    assert len(rows) == 3  # in the criterion table, the context table and the token-gap split
+    assert " ms |" in rows[2] and "nan" not in rows[2]
     assert "runs agree within 10%" in report
