@@ -19,6 +19,7 @@ Invariants:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 import typing
 from typing import Any, Callable, TypeVar
@@ -72,14 +73,15 @@ def encode(msg: Any) -> list[Any]:
         raise TypeError(f"{cls.__name__} is not a registered message")
     body: dict[str, Any] = {}
     frames: list[Any] = []
-    for f in dataclasses.fields(msg):
-        value = getattr(msg, f.name)
-        if f.metadata.get("payload"):
-            body[f.name] = len(value)
+    for name, is_payload in _fields(cls):
+        value = getattr(msg, name)
+        if is_payload:
+            body[name] = len(value)
             frames.extend(value)
         else:
-            body[f.name] = _to_wire(value)
-    header = msgpack.packb({"v": PROTOCOL_VERSION, "t": _TAGS[cls], "b": body}, use_bin_type=True)
+            body[name] = value
+    header = msgpack.packb({"v": PROTOCOL_VERSION, "t": _TAGS[cls], "b": body}, use_bin_type=True,
+                           default=_dataclass_to_map)
     return [header, *frames]
 
 
@@ -103,7 +105,6 @@ def decode(frames: list[Any]) -> Any:
         raise ProtocolError("body must be a map")
     payload = list(frames[1:])
     kwargs: dict[str, Any] = {}
-    hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if f.name not in body:
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
@@ -115,68 +116,142 @@ def decode(frames: list[Any]) -> Any:
                 raise ProtocolError(f"{header['t']}: payload count {count!r} does not match frames")
             kwargs[f.name], payload = payload[:count], payload[count:]
         else:
-            kwargs[f.name] = _from_wire(body[f.name], hints[f.name], f"{header['t']}.{f.name}")
+            kwargs[f.name] = _converter(_hints(cls)[f.name])(body[f.name], f"{header['t']}.{f.name}")
     if payload:
         raise ProtocolError(f"{header['t']}: {len(payload)} unexpected extra frames")
     return cls(**kwargs)
 
 
-def _to_wire(value: Any) -> Any:
+# Hot path: every token batch, request and handoff goes through these. Per-class field lists and per-type-hint
+# converters are built once (``functools.cache``); msgpack's C packer walks lists and maps itself and calls back only
+# for nested dataclasses.
+
+
+@functools.cache
+def _fields(cls: type) -> tuple[tuple[str, bool], ...]:
+    return tuple((f.name, bool(f.metadata.get("payload"))) for f in dataclasses.fields(cls))
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _dataclass_to_map(value: Any) -> Any:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _to_wire(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, (list, tuple)):
-        return [_to_wire(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _to_wire(v) for k, v in value.items()}
+        return {name: getattr(value, name) for name, _ in _fields(type(value))}
+    raise TypeError(f"cannot encode {type(value).__name__}")
+
+
+Converter = Callable[[Any, str], Any]
+"""``convert(value, where)``: ``value`` checked against a type hint (nested dataclasses rebuilt); ``where`` names the
+field in error messages."""
+
+
+@functools.cache
+def _converter(hint: Any) -> Converter:
+    """The converter for one type hint (built once per hint)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return lambda value, where: value
+    if origin in (typing.Union, types.UnionType):
+        return _union(args)
+    if origin is list:
+        return _list(args[0] if args else Any)
+    if origin is dict:
+        return _dict(*(args if args else (Any, Any)))
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+        return _dataclass(hint)
+    if hint is float:
+        return _float
+    if hint is int:
+        return _int
+    if hint in (str, bool, bytes):
+        return _exact(hint)
+    return lambda value, where: value
+
+
+def _union(args: tuple) -> Converter:
+    nullable = type(None) in args
+    options = [_converter(arg) for arg in args if arg is not type(None)]
+
+    def convert(value: Any, where: str) -> Any:
+        if value is None and nullable:
+            return None
+        for option in options:
+            try:
+                return option(value, where)
+            except ProtocolError:
+                pass
+        raise ProtocolError(f"{where}: {value!r} matches none of {args}")
+
+    return convert
+
+
+def _list(item_hint: Any) -> Converter:
+    if item_hint is int:  # token ids, block ids: one pass, no call per element
+        def convert_ints(value: Any, where: str) -> Any:
+            if not isinstance(value, list):
+                raise ProtocolError(f"{where}: expected a list, got {type(value).__name__}")
+            for v in value:
+                if type(v) is not int:
+                    return [_int(v, where) for v in value]  # raises with the offending value
+            return value
+
+        return convert_ints
+    item = _converter(item_hint)
+    check_items = item_hint is not Any
+
+    def convert(value: Any, where: str) -> Any:
+        if not isinstance(value, list):
+            raise ProtocolError(f"{where}: expected a list, got {type(value).__name__}")
+        return [item(v, where) for v in value] if check_items else value
+
+    return convert
+
+
+def _dict(key_hint: Any, value_hint: Any) -> Converter:
+    key, item = _converter(key_hint), _converter(value_hint)
+
+    def convert(value: Any, where: str) -> Any:
+        if not isinstance(value, dict):
+            raise ProtocolError(f"{where}: expected a map, got {type(value).__name__}")
+        return {key(k, where): item(v, where) for k, v in value.items()}
+
+    return convert
+
+
+def _dataclass(cls: type) -> Converter:
+    hints = _hints(cls)
+    fields = {name: (_converter(hints[name]), "." + name) for name, _ in _fields(cls)}
+
+    def convert(value: Any, where: str) -> Any:
+        if not isinstance(value, dict):
+            raise ProtocolError(f"{where}: expected a {cls.__name__} map")
+        try:
+            return cls(**{k: fields[k][0](v, where + fields[k][1]) for k, v in value.items() if k in fields})
+        except TypeError as exc:
+            raise ProtocolError(f"{where}: {exc}") from None
+
+    return convert
+
+
+def _float(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ProtocolError(f"{where}: expected a number, got {type(value).__name__}")
+    return float(value)
+
+
+def _int(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ProtocolError(f"{where}: expected an integer, got {type(value).__name__}")
     return value
 
 
-def _from_wire(value: Any, hint: Any, where: str) -> Any:
-    """Check ``value`` against the field's type hint and rebuild nested dataclasses."""
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if hint is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _from_wire(value, arg, where)
-            except ProtocolError as exc:
-                errors.append(str(exc))
-        raise ProtocolError(f"{where}: {value!r} matches none of {args}")
-    if origin is list:
-        if not isinstance(value, list):
-            raise ProtocolError(f"{where}: expected a list, got {type(value).__name__}")
-        return [_from_wire(v, args[0], where) for v in value] if args else value
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ProtocolError(f"{where}: expected a map, got {type(value).__name__}")
-        kt, vt = args if args else (Any, Any)
-        return {_from_wire(k, kt, where): _from_wire(v, vt, where) for k, v in value.items()}
-    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
-        if not isinstance(value, dict):
-            raise ProtocolError(f"{where}: expected a {hint.__name__} map")
-        sub_hints = typing.get_type_hints(hint)
-        known = {f.name for f in dataclasses.fields(hint)}
-        try:
-            return hint(**{k: _from_wire(v, sub_hints[k], f"{where}.{k}") for k, v in value.items() if k in known})
-        except TypeError as exc:
-            raise ProtocolError(f"{where}: {exc}") from None
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ProtocolError(f"{where}: expected a number, got {type(value).__name__}")
-        return float(value)
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ProtocolError(f"{where}: expected an integer, got {type(value).__name__}")
-        return value
-    if hint in (str, bool, bytes):
+def _exact(hint: type) -> Converter:
+    def convert(value: Any, where: str) -> Any:
         if not isinstance(value, hint):
             raise ProtocolError(f"{where}: expected {hint.__name__}, got {type(value).__name__}")
         return value
-    return value
+
+    return convert
