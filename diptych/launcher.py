@@ -43,6 +43,8 @@ class ClusterSpec:
     pool_policy: str = "static"
     pool_opts: list[str] = field(default_factory=list)
     device: str = "cpu"
+    """One device for every worker, or a comma-separated list given to the workers in turn, in launch order
+    (prefill, decode, colocated, flex): ``cuda:0,cuda:1`` puts one prefill and one decode worker on two GPUs."""
     engine: str = "hf"
     cost_model: str | None = None
     block_size: int = 16
@@ -94,7 +96,7 @@ class Cluster:
         coordinator = s.addr(s.coordinator_port)
         model = ["--model", s.model] if s.model else []
         worker_common = [
-            "--coordinator-addr", coordinator, *model, "--device", s.device, "--block-size", str(s.block_size),
+            "--coordinator-addr", coordinator, *model, "--block-size", str(s.block_size),
             "--policy", s.policy, "--log-level", s.log_level, *_opts("--policy-opt", s.policy_opts),
             *(["--num-blocks", str(s.num_blocks)] if s.num_blocks else []), "--engine", s.engine,
             *(["--cost-model", s.cost_model] if s.cost_model else []), *s.extra_worker_args,
@@ -103,14 +105,21 @@ class Cluster:
                                 *_opts("--admission-opt", s.admission_opts), "--pool-policy", s.pool_policy,
                                 *_opts("--pool-opt", s.pool_opts), "--log-level", s.log_level,
                                 *s.extra_coordinator_args]}
+        devices = [d.strip() for d in s.device.split(",")]
+
+        def device() -> list[str]:
+            index = sum(1 for name in cmds if name != "coordinator")
+            return ["--device", devices[index % len(devices)]]
+
         for i in range(s.prefill_workers):
-            cmds[f"prefill-{i}"] = [*py, "services.prefill_worker", "--worker-id", f"prefill-{i}", *worker_common]
+            cmds[f"prefill-{i}"] = [*py, "services.prefill_worker", "--worker-id", f"prefill-{i}", *device(),
+                                    *worker_common]
         kv_port = s.kv_base_port
         for role, count in (("decode", s.decode_workers), ("colocated", s.colocated_workers),
                             ("flex", s.flex_workers)):
             for i in range(count):
                 cmds[f"{role}-{i}"] = [*py, "services.decode_worker", "--worker-id", f"{role}-{i}", "--role", role,
-                                       "--kv-addr", s.addr(kv_port), *worker_common]
+                                       "--kv-addr", s.addr(kv_port), *device(), *worker_common]
                 kv_port += 1
         cmds["frontend"] = [
             *py, "services.frontend", *model, "--host", s.host, "--http-port", str(s.http_port),

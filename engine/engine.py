@@ -200,6 +200,17 @@ class Engine:
                 return True
         return False
 
+    def take_reservation(self, request_id: str) -> list[int] | None:
+        """End a reservation without freeing its blocks (a peer may still be writing into them, GPU to GPU): the
+        caller owns them and gives them back with ``free_blocks``. None if ``request_id`` holds no reservation."""
+        with self.blocks_lock:
+            return self._reservations.pop(request_id, None)
+
+    def free_blocks(self, block_ids: list[int]) -> None:
+        """Return blocks taken with ``take_reservation`` to the pool."""
+        with self.blocks_lock:
+            self.kv.allocator.free(block_ids)
+
     # ------------------------------------------------------------------ iterations
 
     def request_ids(self) -> list[str]:

@@ -13,32 +13,27 @@ GPU path ("push into a reservation", streamed chunk by chunk):
    copied GPU to GPU on a side stream while the next chunk computes;
 4. when the request is prefilled, ``handoff.finish(...)`` copies the rest, waits for the copies and returns a
    ``HandoffReport``; then the prefill worker releases its blocks and tells the decode worker (ZeroMQ control
-   message), which calls ``Engine.add_prefilled(..., frames=None)``.
+   message), which calls ``Engine.add_prefilled(..., frames=None)``; on abort, ``handoff.abandon()`` waits for the
+   copies already issued.
 
-The decode worker must keep a reservation's blocks until the sender reports the push finished or failed, even if
-the request is aborted meanwhile: the sender writes into them. Every selected path is logged with its reason and
-counted in ``handoff_stats()`` (no silent slow path).
+The decode worker must keep a reservation's blocks until the sender reports the push finished or abandoned, even if
+the request is aborted meanwhile: the sender writes into them. Every selected path is logged with its reason; the
+prefill worker counts handoffs per path (``services.prefill_worker.kv_sender``), so no slow path is silent.
 """
 
 from __future__ import annotations
 
 import logging
 import socket
-import threading
 import time
 from dataclasses import dataclass
 
 import torch
 
 from engine.kv_cache import KVCachePool
+from proto.messages import HANDOFF_CUDA_IPC as CUDA_IPC, HANDOFF_FRAMES as FRAMES
 
 log = logging.getLogger(__name__)
-
-CUDA_IPC = "cuda_ipc"
-FRAMES = "zmq_frames"
-
-_stats_lock = threading.Lock()
-_stats: dict[str, dict[str, float]] = {}
 
 
 @dataclass
@@ -50,21 +45,6 @@ class HandoffReport:
     num_bytes: int
     copies: int
     tail_s: float
-
-
-def record_handoff(report: HandoffReport) -> None:
-    """Count a finished handoff (the frame path's callers record theirs too)."""
-    with _stats_lock:
-        entry = _stats.setdefault(report.path, {"requests": 0, "bytes": 0, "seconds": 0.0})
-        entry["requests"] += 1
-        entry["bytes"] += report.num_bytes
-        entry["seconds"] += report.tail_s
-
-
-def handoff_stats() -> dict[str, dict[str, float]]:
-    """Per path: requests, bytes and summed tail seconds, for metrics export."""
-    with _stats_lock:
-        return {path: dict(entry) for path, entry in _stats.items()}
 
 
 def host_id() -> str:
@@ -99,11 +79,11 @@ def share_pool(pool: KVCachePool) -> dict:
     }
 
 
-def select_path(local_device: torch.device | str, share: dict | None) -> tuple[str, str]:
+def select_path(local_device: torch.device | str, share: dict | None, peer: str = "") -> tuple[str, str]:
     """``(path, reason)``: ``cuda_ipc`` when the peer shared a CUDA pool on this host that this process sees under
-    the same device index and can reach (same GPU or peer access), else ``zmq_frames``. Logged."""
+    the same device index and can reach (same GPU or peer access), else ``zmq_frames``. Logged, naming ``peer``."""
     path, reason = _select(torch.device(local_device), share)
-    log.info("KV handoff path: %s (%s)", path, reason)
+    log.info("KV handoff path%s: %s (%s)", f" to {peer}" if peer else "", path, reason)
     return path, reason
 
 
@@ -217,8 +197,11 @@ class StreamingHandoff:
         started = time.perf_counter()
         self.advance(block_table, num_tokens, final=True)
         self.pusher.synchronize()
-        report = HandoffReport(CUDA_IPC, self.sent * self.pusher.local.bytes_per_block, self.copies,
-                               time.perf_counter() - started)
-        record_handoff(report)
-        return report
+        return HandoffReport(CUDA_IPC, self.sent * self.pusher.local.bytes_per_block, self.copies,
+                             time.perf_counter() - started)
+
+    def abandon(self) -> None:
+        """Stop pushing (the request was aborted): wait until the copies already issued have landed, so the
+        decode side can reuse its blocks."""
+        self.pusher.synchronize()
 

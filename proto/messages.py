@@ -11,6 +11,11 @@ from typing import Any
 
 from proto.codec import message, payload_field
 
+HANDOFF_FRAMES = "zmq_frames"
+"""KV handoff path: the blocks travel as raw frames of the ``KVHandoff`` message (through pinned host memory)."""
+HANDOFF_CUDA_IPC = "cuda_ipc"
+"""KV handoff path: the prefill worker pushed the blocks GPU to GPU into the decode worker's reservation."""
+
 # ---------------------------------------------------------------- shared value types
 
 
@@ -82,6 +87,9 @@ class WorkerLoad:
     waiting_prompt_tokens: int
     prefill_tps: float = 0.0
     """Recent prefill throughput of this worker while prefilling (prompt tokens per second; 0 = not measured)."""
+    handoffs: dict[str, dict[str, float]] = field(default_factory=dict)
+    """KV this worker handed off since it started, per path (``HANDOFF_FRAMES``, ``HANDOFF_CUDA_IPC``):
+    ``requests``, ``bytes``, and ``seconds`` spent after prefill ended until the KV was sent or in place."""
 
 
 @dataclass
@@ -144,6 +152,9 @@ class RegisterWorker:
     """Decode workers: address of their KV ingress PULL socket. Prefill workers: empty."""
     load: WorkerLoad
     max_model_len: int
+    kv_share: dict[str, Any] = field(default_factory=dict)
+    """Decode workers whose KV pool is on a GPU: what a prefill worker on the same host needs to write into it GPU to
+    GPU (``engine.kv_transfer.share_pool``: host, GPU UUID, CUDA IPC handle, shape). Empty otherwise."""
 
 
 @message("register_ack")
@@ -177,6 +188,8 @@ class KVReserved:
     worker_id: str
     ok: bool
     error: str = ""
+    block_ids: list[int] = field(default_factory=list)
+    """The reserved blocks, in order, when the worker shares its pool (``RegisterWorker.kv_share``); else empty."""
 
 
 @message("prefill")
@@ -189,6 +202,10 @@ class PrefillTask:
     decode_kv_addr: str
     admitted_time: float = 0.0
     """When the coordinator admitted the request (seconds since the epoch)."""
+    decode_blocks: list[int] = field(default_factory=list)
+    """The decode worker's reserved blocks (``KVReserved.block_ids``), for a GPU-to-GPU push; empty if not shared."""
+    decode_kv_share: dict[str, Any] = field(default_factory=dict)
+    """The decode worker's ``RegisterWorker.kv_share``; empty if it shares no GPU pool."""
 
 
 @message("prefill_done")
@@ -239,8 +256,10 @@ class RequestDone:
 class KVHandoff:
     """The KV of a prefilled request, pushed into the blocks the decode worker reserved for it.
 
-    ``blocks`` holds one raw frame per block, each ``layout``-shaped and contiguous; the last block may be partly
-    filled (``num_tokens`` says how many positions are valid in total)."""
+    ``path`` ``HANDOFF_FRAMES``: ``blocks`` holds one raw frame per block, each ``layout``-shaped and contiguous; the
+    last block may be partly filled (``num_tokens`` says how many positions are valid in total).
+    ``HANDOFF_CUDA_IPC``: the prefill worker has already written the KV into the reserved blocks, GPU to GPU, and
+    every copy has landed; ``blocks`` is empty."""
 
     request: Request
     first_token_id: int
@@ -250,6 +269,17 @@ class KVHandoff:
     blocks: list[Any] = payload_field()
     sent_time: float = 0.0
     """When the prefill worker began exporting the KV (seconds since the epoch)."""
+    path: str = HANDOFF_FRAMES
+
+
+@message("kv_push_aborted")
+class KVPushAborted:
+    """Prefill -> decode, on the KV socket: the request was aborted; this prefill worker will neither write into its
+    reservation (GPU to GPU) nor send its KV, and copies already issued have landed. The decode worker may free
+    blocks it kept for the request."""
+
+    request_id: str
+    worker_id: str
 
 
 # ---------------------------------------------------------------- workers -> frontend (token stream socket)

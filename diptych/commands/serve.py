@@ -45,7 +45,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--policy", default="sarathi", choices=BATCH_POLICIES.names(),
                    help="worker batch policy [%(default)s]")
     p.add_argument("--policy-opt", action="append", default=[], metavar="KEY=VALUE", help="batch policy knob")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N for every worker [%(default)s]")
+    p.add_argument("--device", default="cpu",
+                   help="cpu, cuda or cuda:N for every worker, or a comma-separated list given to the workers in "
+                   "turn (prefill workers first): cuda:0,cuda:1 [%(default)s]")
     p.add_argument("--engine", default="hf", choices=("hf", "sim"),
                    help="hf runs the model; sim waits a GPU cost model's time per iteration (placeholder tokens) "
                    "to run cluster-scale experiments on a CPU [%(default)s]")

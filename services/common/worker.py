@@ -110,6 +110,10 @@ class Worker:
     def kv_addr(self) -> str:
         return ""
 
+    def kv_share(self) -> dict:
+        """What this worker publishes at registration for GPU-to-GPU KV pushes into its pool (decode roles)."""
+        return {}
+
     async def handle_control(self, msg: Any) -> None:
         """A coordinator message other than RegisterAck/CancelRequest. Role classes handle theirs and pass the rest
         up with ``super()``; what reaches here is unexpected."""
@@ -152,7 +156,7 @@ class Worker:
 
     async def _register(self) -> None:
         msg = RegisterWorker(self.worker_id, self.role, self.engine.model_name, self.engine.layout, self.kv_addr(),
-                             await self.engine_call(self.load), self.engine.max_model_len)
+                             await self.engine_call(self.load), self.engine.max_model_len, self.kv_share())
         await send_message(self.control, msg)
         log.info("worker %s (%s) registering with %s blocks", self.worker_id, self.role, msg.load.total_blocks)
 

@@ -202,7 +202,7 @@ class Coordinator:
             return
         record.phase, record.prefill_holds = Phase.PREFILLING, True
         await self._send(prefill.identity, PrefillTask(record.request, decode.worker_id, decode.kv_addr,
-                                                       record.admitted_time))
+                                                       record.admitted_time, msg.block_ids, decode.kv_share))
 
     async def _on_prefill_done(self, identity: bytes, msg: PrefillDone) -> None:
         record = self.requests.get(msg.request_id)
@@ -307,7 +307,8 @@ class Coordinator:
             w.worker_id: {"role": w.role, "pool": w.pool, "draining_to": w.draining_to,
                           "reserved_blocks": w.reserved_blocks, "total_blocks": w.total_blocks,
                           "free_blocks": w.load.free_blocks, "backlog_tokens": w.backlog_tokens,
-                          "requests": len(self.requests.held_by(w.worker_id)), "prefill_tps": w.load.prefill_tps}
+                          "requests": len(self.requests.held_by(w.worker_id)), "prefill_tps": w.load.prefill_tps,
+                          "shares_kv_pool": bool(w.kv_share), "kv_handoffs": w.load.handoffs}
             for w in self.workers.workers.values()
         }
         await self._send(identity, ClusterStatus(

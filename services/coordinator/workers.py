@@ -10,7 +10,7 @@ Accounting invariants (blocks are KV blocks of the worker's own pool, tokens are
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from proto.messages import KVLayout, RegisterWorker, WorkerLoad
 
@@ -38,6 +38,8 @@ class WorkerInfo:
     reserved_blocks: int = 0
     backlog_tokens: int = 0
     backlog_blocks: int = 0
+    kv_share: dict = field(default_factory=dict)
+    """Decode roles on a GPU: their pool shared for GPU-to-GPU pushes (``RegisterWorker.kv_share``)."""
 
     @property
     def total_blocks(self) -> int:
@@ -82,7 +84,7 @@ class WorkerRegistry:
         self.model, self.layout = msg.model, msg.layout
         self.workers[msg.worker_id] = WorkerInfo(
             worker_id=msg.worker_id, identity=identity, role=msg.role, model=msg.model, layout=msg.layout,
-            kv_addr=msg.kv_addr, max_model_len=msg.max_model_len, load=msg.load, last_heartbeat=now,
+            kv_addr=msg.kv_addr, max_model_len=msg.max_model_len, load=msg.load, last_heartbeat=now, kv_share=msg.kv_share,
             pool=msg.role if msg.role != "flex" else self._smaller_pool(),
         )
         return None

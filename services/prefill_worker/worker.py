@@ -1,9 +1,10 @@
 """The prefill role: runs prompts in chunks under the batch policy's token budget, emits each request's first
-token to its frontend, pushes the request's KV blocks to the decode worker that reserved room for it, then frees
-its own blocks.
+token to its frontend, hands the request's KV to the decode worker that reserved room for it (GPU to GPU while
+prefill runs, or as frames at its end: ``kv_sender``), then frees its own blocks.
 
-Invariant: a request's blocks are freed on this worker exactly once: after its KV is exported (the export copies
-the blocks, so the send does not depend on them), on abort, or when it finishes with its first token.
+Invariants: a request's blocks are freed on this worker exactly once: after its KV is handed off (exported, or
+pushed and landed), on abort, or when it finishes with its first token. A request aborted after its KV push may
+have started is announced to its decode worker with ``KVPushAborted`` (sent after the issued copies landed).
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from proto.messages import KVHandoff, PrefillDone, PrefillTask, Request, RequestDone, TokenOutput
+from proto.messages import KVHandoff, KVPushAborted, PrefillDone, PrefillTask, Request, RequestDone, TokenOutput
 from services.common.worker import Worker
+from services.prefill_worker.kv_sender import KVSender
 
 log = logging.getLogger("diptych.prefill")
 
@@ -38,6 +40,7 @@ class PrefillWorker(Worker):
     def __init__(self, args: Any, engine: Any) -> None:
         super().__init__(args, engine)
         self._jobs: dict[str, PrefillJob] = {}
+        self._sender = KVSender(engine)
 
     async def handle_control(self, msg: Any) -> None:
         if not isinstance(msg, PrefillTask):
@@ -55,19 +58,33 @@ class PrefillWorker(Worker):
                                    prefill_only=not full)
         except (ValueError, KeyError) as exc:
             log.warning("req=%s refused: %s", request.request_id, exc)
+            if msg.decode_kv_addr:
+                await self.push(msg.decode_kv_addr, KVPushAborted(request.request_id, self.worker_id))
             await self.send_control(RequestDone(request.request_id, self.worker_id, "error"))
             return
         self._jobs[request.request_id] = PrefillJob(request, msg.decode_kv_addr, msg.admitted_time or time.time())
-        log.debug("req=%s prefill queued (%d tokens)", request.request_id, len(request.prompt_token_ids))
+        path = ""
+        if not full:
+            path = await self.engine_call(self._sender.begin, request.request_id, msg.decode_worker_id,
+                                          msg.decode_kv_share, msg.decode_blocks)
+        log.debug("req=%s prefill queued (%d tokens) %s", request.request_id, len(request.prompt_token_ids), path)
 
     can_decode = False
     """Workers that also have the decode role (``FlexWorker``) take colocated requests: ``adopt`` hands them to
     the decode role at their first token."""
 
     def output_needs_engine(self, output: Any) -> bool:
-        return bool(output.prefilled) or super().output_needs_engine(output)  # exports and releases their KV
+        # hands off and releases prefilled requests' KV; advances GPU-to-GPU pushes
+        return bool(output.prefilled) or self._sender.has_pushes() or super().output_needs_engine(output)
+
+    def load(self) -> Any:
+        load = super().load()
+        load.handoffs = self._sender.snapshot()
+        return load
 
     async def after_step(self, output: Any) -> None:
+        if self._sender.has_pushes():
+            self._sender.advance()
         for rid in output.admitted:
             if rid in self._jobs:
                 self._jobs[rid].prefill_start = output.start_time
@@ -93,6 +110,8 @@ class PrefillWorker(Worker):
         for rid in output.finished:
             job = self._jobs.get(rid)
             if job is not None and job.decode_kv_addr:  # finished with its first token: nothing to hand off
+                self._sender.abandon(rid)
+                await self.push(job.decode_kv_addr, KVPushAborted(rid, self.worker_id))
                 await self.send_control(PrefillDone(rid, self.worker_id, False, job.prefill_start,
                                                     first_tokens[rid].time))
         for rid in first_tokens:
@@ -102,12 +121,21 @@ class PrefillWorker(Worker):
     async def _hand_off(self, job: PrefillJob, first_token: int, first_token_time: float) -> None:
         rid = job.request.request_id
         sent_time = time.time()
-        frames = self.engine.export_kv(rid)
-        self.engine.release(rid)
-        msg = KVHandoff(job.request, first_token, first_token_time, len(job.request.prompt_token_ids),
-                        self.engine.layout, frames, sent_time)
+        num_tokens = len(job.request.prompt_token_ids)
+        path, frames = self._sender.finish(rid, num_tokens)
+        msg = KVHandoff(job.request, first_token, first_token_time, num_tokens, self.engine.layout, frames, sent_time,
+                        path)
         await self.push(job.decode_kv_addr, msg)
-        log.debug("req=%s KV pushed to %s (%d blocks)", rid, job.decode_kv_addr, len(frames))
+        log.debug("req=%s KV handed to %s by %s (%d frames)", rid, job.decode_kv_addr, path, len(frames))
+
+    async def abort(self, request_id: str) -> bool:
+        job = self._jobs.get(request_id)
+        if job is not None and job.decode_kv_addr:
+            await self.engine_call(self._sender.abandon, request_id)
+        held = await super().abort(request_id)
+        if held and job is not None and job.decode_kv_addr:  # not handed off: the decode worker may free its blocks
+            await self.push(job.decode_kv_addr, KVPushAborted(request_id, self.worker_id))
+        return held
 
     def forget(self, request_id: str) -> None:
         self._jobs.pop(request_id, None)

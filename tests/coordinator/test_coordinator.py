@@ -199,3 +199,21 @@ async def test_request_too_large_for_any_worker_is_refused(cluster):
     await peers["frontend"].send(SubmitRequest(request("huge", prompt=500, max_tokens=1000)))
     failed = await peers["frontend"].recv()
     assert isinstance(failed, RequestFailed) and failed.code == 400
+
+
+async def test_gpu_pool_share_and_reserved_blocks_reach_the_prefill_worker(cluster):
+    coordinator, peers, register, ctx = cluster
+    share = {"host": "h", "device_uuid": "GPU-x", "device_index": 1, "handle": b"\x01ipc"}
+    peers["decode-1"] = Peer(ctx, peers["frontend"].sock.getsockopt_string(zmq.LAST_ENDPOINT), "decode-1")
+    await peers["decode-1"].send(RegisterWorker("decode-1", "decode", "m", LAYOUT, "tcp://127.0.0.1:3",
+                                                WorkerLoad(64, 64, 0, 0, 0), 512, kv_share=share))
+    assert (await peers["decode-1"].recv()).ok
+    for rid in ("r1", "r2"):  # one reservation on each decode worker (placement spreads them)
+        await peers["frontend"].send(SubmitRequest(request(rid)))
+    reserve = await peers["decode-1"].recv()
+    assert isinstance(reserve, ReserveKV)
+    await peers["decode-1"].send(KVReserved(reserve.request_id, "decode-1", True, block_ids=[9, 4]))
+    task = await peers["prefill-0"].recv()
+    assert task.decode_worker_id == "decode-1" and task.decode_blocks == [9, 4] and task.decode_kv_share == share
+    st = await status(peers)
+    assert st.workers["decode-1"]["shares_kv_pool"] and not st.workers["decode-0"]["shares_kv_pool"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.kv_transfer import CUDA_IPC, FRAMES, StreamingHandoff, handoff_stats, select_path
+from engine.kv_transfer import CUDA_IPC, FRAMES, StreamingHandoff, select_path
 
 
 def test_frames_path_without_a_shared_gpu_pool(caplog):
@@ -39,7 +39,6 @@ def test_streaming_pushes_only_completed_blocks_then_the_rest():
     report = handoff.finish(table, 13)  # 13 positions: 4 blocks, the last partial
     assert pusher.copied[-1] == ([7, 8], [22, 23])
     assert report.num_bytes == 400 and report.path == CUDA_IPC
-    assert handoff_stats()[CUDA_IPC]["requests"] >= 1
 
 
 def test_engine_exposes_blocks_for_streaming(tiny_llama, make_engine, random_prompts):

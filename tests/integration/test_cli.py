@@ -57,3 +57,11 @@ def test_serve_runs_and_stops_on_sigterm(tiny_llama, tmp_path):
     pids = subprocess.run(["pgrep", "-f", f"--coordinator-addr tcp://127.0.0.1:{base + 1}"], capture_output=True,
                           text=True).stdout.split()
     assert pids == []  # no child process left behind
+
+
+def test_device_list_is_given_to_workers_in_turn():
+    from diptych.launcher import Cluster, ClusterSpec
+
+    commands = Cluster(ClusterSpec(prefill_workers=1, decode_workers=2, device="cuda:0, cuda:1")).commands()
+    devices = {name: cmd[cmd.index("--device") + 1] for name, cmd in commands.items() if "--device" in cmd}
+    assert devices == {"prefill-0": "cuda:0", "decode-0": "cuda:1", "decode-1": "cuda:0"}

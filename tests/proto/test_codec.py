@@ -9,9 +9,11 @@ from hypothesis import given, strategies as st
 import proto
 from proto.codec import _REGISTRY
 from proto.messages import (
-    SLO, CancelRequest, ClientGenerate, ClusterStatus, KVHandoff, KVLayout, Request, SamplingParams, SubmitRequest,
-    TokenBatch, TokenOutput, TokenReport,
+    HANDOFF_CUDA_IPC, SLO, CancelRequest, ClientGenerate, ClusterStatus, KVHandoff, KVLayout, KVPushAborted,
+    KVReserved, PrefillTask, Request, SamplingParams, SubmitRequest, TokenBatch, TokenOutput, TokenReport,
 )
+
+SHARE = {"host": "h/boot", "device_uuid": "GPU-1", "device_index": 1, "handle": b"\x00\x01ipc", "shape": [8, 2]}
 
 
 def make_request(**kw) -> Request:
@@ -29,6 +31,10 @@ def make_request(**kw) -> Request:
     TokenBatch([TokenOutput("r1", 0, [5], None, [1.5]), TokenOutput("r2", 3, [6, 7], "length", [2.0, 2.5])]),
     ClientGenerate("r9", "hi", None, SamplingParams(), api_key=None, slo=None),
     ClusterStatus(1, 2, 0, 0, {"counters": {"a": 1.5}}),
+    KVReserved("r1", "decode-0", True, block_ids=[7, 3, 9]),
+    PrefillTask(make_request(), "decode-0", "tcp://x:1", 2.0, decode_blocks=[7, 3], decode_kv_share=SHARE),
+    KVHandoff(make_request(), 5, 1.0, 3, KVLayout(2, 2, 16, 16, "bfloat16"), [], 0.5, HANDOFF_CUDA_IPC),
+    KVPushAborted("r1", "prefill-0"),
 ])
 def test_round_trip(msg):
     assert proto.decode(proto.encode(msg)) == msg
