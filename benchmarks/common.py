@@ -125,12 +125,13 @@ def environment(device: str) -> dict:
     import transformers
 
     name = torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else platform.processor() or "cpu"
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = ""
-    commit = commit or os.environ.get("DIPTYCH_COMMIT", "")  # a tree copied without its .git
+    commit = os.environ.get("DIPTYCH_COMMIT", "")  # set it for a tree copied without its own .git
+    if not commit:
+        try:
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                    cwd=Path(__file__).parent, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            commit = ""
     return {"device": name, "torch": torch.__version__, "transformers": transformers.__version__,
             "commit": commit or "unknown", "date": time.strftime("%Y-%m-%d")}
 
