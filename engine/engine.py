@@ -9,10 +9,10 @@ Invariants: a request id lives in at most one of waiting / running / prefilled /
 belongs to exactly one of them; blocks are taken once per request (``blocks_to_reserve``), so a running request
 never needs another block and the engine never preempts.
 
-Threads: call the engine from one thread, except ``reserve``, which may run on another thread while ``step``
-executes (a decode worker reserves room for incoming KV without waiting for the iteration in flight). Both take
-``blocks_lock`` around what touches the allocator and the request tables, and ``step`` releases it for the forward
-pass.
+Threads: call the engine from one thread, except ``reserve`` and ``reserved_blocks``, which may run on another
+thread while ``step`` executes (a decode worker reserves room for incoming KV without waiting for the iteration in
+flight, and names the blocks to a GPU-to-GPU sender). They take ``blocks_lock`` around what touches the allocator
+and the request tables, and ``step`` releases it for the forward pass.
 """
 
 from __future__ import annotations
@@ -166,8 +166,10 @@ class Engine:
         return self.kv.export_blocks(sequence.block_table[: math.ceil(sequence.prompt_len / self.block_size)])
 
     def reserved_blocks(self, request_id: str) -> list[int]:
-        """The block ids reserved for ``request_id`` (what a GPU-to-GPU sender writes into). ``KeyError`` if none."""
-        return list(self._reservations[request_id])
+        """The block ids reserved for ``request_id`` (what a GPU-to-GPU sender writes into). ``KeyError`` if none.
+        Safe to call while ``step`` runs on another thread."""
+        with self.blocks_lock:
+            return list(self._reservations[request_id])
 
     def computed_blocks(self, request_id: str) -> tuple[list[int], int]:
         """``(block_table, num_computed)`` of a running or prefilled request: positions ``0 .. num_computed - 1``

@@ -185,14 +185,14 @@ class SimEngine(Engine):
     def step(self):
         runner = self.runner
         runner.step_started = time.perf_counter()
-        gap = 0.0 if self._last_step_end is None else runner.step_started - self._last_step_end
+        back_to_back = self._last_step_end is not None
         self._land_arrivals()
         if not (self._waiting or self._running):  # only transfers in flight: wait for the next to land
             time.sleep(max(0.0, min(ready for ready, _, _ in self._arriving.values()) - time.time()))
             self._land_arrivals()
             runner.step_started = time.perf_counter()
-            gap = 0.0
-        back_to_back = self._last_step_end is not None and gap > 0
+            back_to_back = False
+        gap = runner.step_started - self._last_step_end if back_to_back else 0.0
         output = super().step()
         ended = time.perf_counter()
         if output.duration_s > 0 and back_to_back:

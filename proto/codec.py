@@ -105,18 +105,18 @@ def decode(frames: list[Any]) -> Any:
         raise ProtocolError("body must be a map")
     payload = list(frames[1:])
     kwargs: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):
-        if f.name not in body:
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise ProtocolError(f"{header['t']}: missing field {f.name!r}")
+    for name, required, convert in _body_fields(cls):
+        if name not in body:
+            if required:
+                raise ProtocolError(f"{header['t']}: missing field {name!r}")
             continue
-        if f.metadata.get("payload"):
-            count = body[f.name]
+        if convert is None:  # a payload field: its value is the number of frames it takes
+            count = body[name]
             if not isinstance(count, int) or count < 0 or count > len(payload):
                 raise ProtocolError(f"{header['t']}: payload count {count!r} does not match frames")
-            kwargs[f.name], payload = payload[:count], payload[count:]
+            kwargs[name], payload = payload[:count], payload[count:]
         else:
-            kwargs[f.name] = _converter(_hints(cls)[f.name])(body[f.name], f"{header['t']}.{f.name}")
+            kwargs[name] = convert(body[name], f"{header['t']}.{name}")
     if payload:
         raise ProtocolError(f"{header['t']}: {len(payload)} unexpected extra frames")
     return cls(**kwargs)
@@ -135,6 +135,14 @@ def _fields(cls: type) -> tuple[tuple[str, bool], ...]:
 @functools.cache
 def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
+
+
+@functools.cache
+def _body_fields(cls: type) -> tuple[tuple[str, bool, Converter | None], ...]:
+    """Per field of a message: name, whether it is required, its converter (None for a payload field)."""
+    return tuple((f.name, f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING,
+                  None if f.metadata.get("payload") else _converter(_hints(cls)[f.name]))
+                 for f in dataclasses.fields(cls))
 
 
 def _dataclass_to_map(value: Any) -> Any:

@@ -4,8 +4,9 @@ messages while an iteration is in flight (a request that arrives mid-iteration j
 
 Invariant: the engine is touched by one thread at a time. An *iteration* is ``Engine.step`` on the engine thread
 plus the worker's handling of its output on the loop thread; while one is in flight, engine calls made through
-``call`` are queued and applied, in the order they were made, on the loop thread right after it ends. The one
-exception is ``Engine.reserve``, which the engine allows concurrently with ``step`` (see its docstring).
+``call`` are queued and applied, in the order they were made, on the loop thread right after it ends. The
+exceptions are ``Engine.reserve`` and ``Engine.reserved_blocks``, which the engine allows concurrently with
+``step`` (see its docstring).
 """
 
 from __future__ import annotations
