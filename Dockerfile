@@ -8,6 +8,11 @@ COPY proto proto
 COPY engine engine
 COPY policies policies
 COPY services services
+COPY sim sim
+COPY workloads workloads
+COPY metrics metrics
+COPY experiments experiments
+COPY benchmarks benchmarks
 RUN pip install --no-cache-dir "$TORCH_SPEC" && pip install --no-cache-dir .
 ENV DIPTYCH_CACHE=/cache PYTHONUNBUFFERED=1
 ENTRYPOINT ["diptych"]

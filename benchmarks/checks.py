@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from benchmarks import hf_baseline
-from benchmarks.common import ModelUnderTest, random_prompts, table
-from proto.messages import SamplingParams
+from diptych.benchmarks import hf_baseline
+from diptych.benchmarks.common import ModelUnderTest, random_prompts, table
+from diptych.proto.messages import SamplingParams
 
 BF16_EPS = 2.0**-8
 
@@ -64,8 +64,8 @@ def _events_time(fn, repeats: int = 20) -> float:
 def attention_variants(batch: int, context: int, mut: ModelUnderTest, device) -> list[dict]:
     """One layer's decode attention for ``batch`` sequences of ``context`` tokens, three ways, on random bf16 data:
     the Triton kernel on the pool (ours), gather + SDPA (the reference path), gather + ``varlen_attn``."""
-    from engine.attention import SingleQueryBatch, _attend_single_queries
-    from engine.triton_kernels import decode_attention, num_splits_for
+    from diptych.engine.attention import SingleQueryBatch, _attend_single_queries
+    from diptych.engine.triton_kernels import decode_attention, num_splits_for
 
     c = mut.model.config
     heads, kv_heads = c.num_attention_heads, c.num_key_value_heads

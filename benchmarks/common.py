@@ -57,8 +57,8 @@ def build_model(name: str, device: str, dtype: torch.dtype, seed: int = 0) -> Mo
     """The model under test on ``device``, loaded with Diptych's paged attention."""
     from transformers import AutoModelForCausalLM, MistralConfig
 
-    from engine.attention import ATTENTION_NAME
-    from engine.tiny_model import resolve_model
+    from diptych.engine.attention import ATTENTION_NAME
+    from diptych.engine.tiny_model import resolve_model
 
     torch.manual_seed(seed)
     if name == "mistral-7b-shape":

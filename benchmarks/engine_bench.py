@@ -15,14 +15,14 @@ import time
 
 import torch
 
-from benchmarks import checks, hf_baseline
-from benchmarks.common import (
+from diptych.benchmarks import checks, hf_baseline
+from diptych.benchmarks.common import (
     ModelUnderTest, build_model, copy_bandwidth, environment, matmul_rate, median, random_prompts, sync, table,
     write_json,
 )
-from engine import Engine, EngineConfig
-from policies.batch import SarathiBatching
-from proto.messages import SamplingParams
+from diptych.engine import Engine, EngineConfig
+from diptych.policies.batch import SarathiBatching
+from diptych.proto.messages import SamplingParams
 
 
 def make_engine(mut: ModelUnderTest, device: str, max_batch: int, kv_gb: float, max_model_len: int,

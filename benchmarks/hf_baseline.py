@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from benchmarks.common import median, sync, time_call
+from diptych.benchmarks.common import median, sync, time_call
 
 
 @contextlib.contextmanager

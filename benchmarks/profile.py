@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import build_model, environment, median, sync, table
-from engine.model_runner import ForwardItem
+from diptych.benchmarks.common import build_model, environment, median, sync, table
+from diptych.engine.model_runner import ForwardItem
 
 GRID_PREFILL = (0, 128, 512, 1024, 2048)
 GRID_DECODES = (0, 8, 32, 64, 128)
@@ -97,7 +97,7 @@ def tile_steps(tokens: list[int], seconds: list[float]) -> tuple[list[int], int]
 
 
 def run(args) -> dict:
-    from benchmarks.engine_bench import make_engine
+    from diptych.benchmarks.engine_bench import make_engine
 
     device = args.device
     dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
@@ -133,7 +133,7 @@ def run(args) -> dict:
 def fit(samples: list[dict], held_out: list[dict], quantum: int, env: dict) -> dict:
     """Fit ``sim.cost_model.CostModel`` on the grid; report its error on the off-grid held-out samples."""
     try:
-        from sim.cost_model import CostModel
+        from diptych.sim.cost_model import CostModel
     except ImportError as exc:
         return {"error": f"sim.cost_model unavailable: {exc}"}
     memory = torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else 0

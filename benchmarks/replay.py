@@ -41,9 +41,9 @@ def add_replay_parser(kinds: argparse._SubParsersAction) -> None:
 def run_replay(args: argparse.Namespace) -> int:
     import sys
 
-    from experiments.common import parse_numbers
-    from experiments.slai_vs_sarathi import VARIANTS as ALL_VARIANTS
-    from sim.cost_model import resolve
+    from diptych.experiments.common import parse_numbers
+    from diptych.experiments.slai_vs_sarathi import VARIANTS as ALL_VARIANTS
+    from diptych.sim.cost_model import resolve
 
     try:
         loads = parse_numbers(args.loads, "--loads")
@@ -71,14 +71,14 @@ def run_replay(args: argparse.Namespace) -> int:
 def _measure(args: argparse.Namespace, loads: list[float], variants: list[str], cost) -> list[dict[str, Any]]:
     import torch
 
-    from benchmarks.common import build_model
-    from engine import Engine, EngineConfig
-    from experiments.slai_vs_sarathi import COMMON, VARIANTS as ALL_VARIANTS, config_for, workload
-    from metrics.results import RunResult
-    from metrics.summary import summarize
-    from policies.batch import BATCH_POLICIES
-    from sim.config import replace
-    from sim.simulator import simulate
+    from diptych.benchmarks.common import build_model
+    from diptych.engine import Engine, EngineConfig
+    from diptych.experiments.slai_vs_sarathi import COMMON, VARIANTS as ALL_VARIANTS, config_for, workload
+    from diptych.metrics.results import RunResult
+    from diptych.metrics.summary import summarize
+    from diptych.policies.batch import BATCH_POLICIES
+    from diptych.sim.config import replace
+    from diptych.sim.simulator import simulate
 
     under_test = build_model(args.model, args.device, torch.bfloat16)
     rows = []
@@ -117,9 +117,9 @@ def warmup_specs(specs: list, count: int = 12) -> list:
 def replay(engine: Any, specs: list, seed: int, label: str) -> list:
     """Add each request at its arrival time (seconds from now) and step the engine until every request ends;
     returns one ``RequestTimeline`` per spec, on the wall clock."""
-    from engine.outputs import StepOutput
-    from metrics.timeline import from_service_timeline
-    from proto.messages import SLO, SamplingParams
+    from diptych.engine.outputs import StepOutput
+    from diptych.metrics.timeline import from_service_timeline
+    from diptych.proto.messages import SLO, SamplingParams
 
     vocab = engine.runner.vocab_size
     order = sorted(specs, key=lambda s: s.arrival_time)

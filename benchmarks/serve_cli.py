@@ -6,7 +6,7 @@ import argparse
 import asyncio
 import sys
 
-from workloads.catalog import add_workload_arguments, build_workload, workload_from_args
+from diptych.workloads.catalog import add_workload_arguments, build_workload, workload_from_args
 
 
 def add_serve_parser(kinds: argparse._SubParsersAction) -> None:
@@ -27,10 +27,10 @@ def add_serve_parser(kinds: argparse._SubParsersAction) -> None:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from benchmarks.serve_load import FAILURES, LoadTarget, load_client_keys, run_load
-    from metrics.results import RunResult
-    from metrics.summary import format_summary, summarize
-    from metrics.timeline import save_timelines
+    from diptych.benchmarks.serve_load import FAILURES, LoadTarget, load_client_keys, run_load
+    from diptych.metrics.results import RunResult
+    from diptych.metrics.summary import format_summary, summarize
+    from diptych.metrics.timeline import save_timelines
 
     try:
         config = workload_from_args(args)

@@ -25,8 +25,8 @@ from tqdm import tqdm
 
 from diptych.client import AsyncClient
 from diptych.errors import DiptychError, RateLimitError
-from metrics.timeline import RequestTimeline, from_service_timeline
-from workloads.spec import RequestSpec
+from diptych.metrics.timeline import RequestTimeline, from_service_timeline
+from diptych.workloads.spec import RequestSpec
 
 TOKEN_ID_RANGE = (10, 250)
 """Prompt token ids are drawn from here: valid for every model with a vocabulary of 256 or more (the tiny one)."""

@@ -20,10 +20,10 @@ import time
 
 import torch
 
-from benchmarks.common import build_model, environment, median, random_prompts, sync, table, write_json
-from engine.kv_cache import KVCachePool
-from engine.kv_transfer import CUDA_IPC, FRAMES, KVPusher, select_path, share_pool
-from proto.messages import KVLayout, SamplingParams
+from diptych.benchmarks.common import build_model, environment, median, random_prompts, sync, table, write_json
+from diptych.engine.kv_cache import KVCachePool
+from diptych.engine.kv_transfer import CUDA_IPC, FRAMES, KVPusher, select_path, share_pool
+from diptych.proto.messages import KVLayout, SamplingParams
 
 
 def _receiver(device: str, layout: dict, num_blocks: int, dtype: str, endpoint: str, conn) -> None:
@@ -59,7 +59,7 @@ def _receiver(device: str, layout: dict, num_blocks: int, dtype: str, endpoint: 
 
 
 def run(args) -> dict:
-    from benchmarks.engine_bench import make_engine
+    from diptych.benchmarks.engine_bench import make_engine
 
     device = args.prefill_device
     dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32

@@ -12,10 +12,10 @@ import sys
 import diptych.commands
 
 SERVICES = {
-    "coordinator": "services.coordinator.__main__",
-    "frontend": "services.frontend.__main__",
-    "prefill-worker": "services.prefill_worker.__main__",
-    "decode-worker": "services.decode_worker.__main__",
+    "coordinator": "diptych.services.coordinator.__main__",
+    "frontend": "diptych.services.frontend.__main__",
+    "prefill-worker": "diptych.services.prefill_worker.__main__",
+    "decode-worker": "diptych.services.decode_worker.__main__",
 }
 
 

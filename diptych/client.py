@@ -38,9 +38,9 @@ from typing import Any, AsyncIterator, Awaitable, Iterator, TypeVar
 import zmq
 import zmq.asyncio
 
-import proto
+from diptych import proto
 from diptych.errors import BadRequestError, DiptychError, RequestTimeoutError, error_for_status
-from services.common.sockets import make_socket, recv_message, send_message
+from diptych.services.common.sockets import make_socket, recv_message, send_message
 
 DEFAULT_ADDRESS = "tcp://127.0.0.1:5601"
 DEFAULT_TIMEOUT_S = 120.0

@@ -1,5 +1,5 @@
 """Start a whole Diptych cluster on one machine: coordinator, prefill workers, decode workers and the frontend, each
-its own process (the same ``python -m services.<role>`` commands docker-compose runs).
+its own process (the same ``python -m diptych.services.<role>`` commands docker-compose runs).
 
 ``Cluster`` is used by ``diptych serve`` and by the integration tests. Invariants: ``stop()`` leaves no child
 process behind (SIGTERM, then SIGKILL after ``grace_s``); if any child exits while the cluster runs, ``wait()``
@@ -101,7 +101,7 @@ class Cluster:
             *(["--num-blocks", str(s.num_blocks)] if s.num_blocks else []), "--engine", s.engine,
             *(["--cost-model", s.cost_model] if s.cost_model else []), *s.extra_worker_args,
         ]
-        cmds = {"coordinator": [*py, "services.coordinator", "--address", coordinator, "--admission", s.admission,
+        cmds = {"coordinator": [*py, "diptych.services.coordinator", "--address", coordinator, "--admission", s.admission,
                                 *_opts("--admission-opt", s.admission_opts), "--pool-policy", s.pool_policy,
                                 *_opts("--pool-opt", s.pool_opts), "--log-level", s.log_level,
                                 *s.extra_coordinator_args]}
@@ -112,17 +112,17 @@ class Cluster:
             return ["--device", devices[index % len(devices)]]
 
         for i in range(s.prefill_workers):
-            cmds[f"prefill-{i}"] = [*py, "services.prefill_worker", "--worker-id", f"prefill-{i}", *device(),
+            cmds[f"prefill-{i}"] = [*py, "diptych.services.prefill_worker", "--worker-id", f"prefill-{i}", *device(),
                                     *worker_common]
         kv_port = s.kv_base_port
         for role, count in (("decode", s.decode_workers), ("colocated", s.colocated_workers),
                             ("flex", s.flex_workers)):
             for i in range(count):
-                cmds[f"{role}-{i}"] = [*py, "services.decode_worker", "--worker-id", f"{role}-{i}", "--role", role,
+                cmds[f"{role}-{i}"] = [*py, "diptych.services.decode_worker", "--worker-id", f"{role}-{i}", "--role", role,
                                        "--kv-addr", s.addr(kv_port), *device(), *worker_common]
                 kv_port += 1
         cmds["frontend"] = [
-            *py, "services.frontend", *model, "--host", s.host, "--http-port", str(s.http_port),
+            *py, "diptych.services.frontend", *model, "--host", s.host, "--http-port", str(s.http_port),
             "--sdk-addr", s.sdk_addr, "--stream-addr", s.addr(s.stream_port), "--coordinator-addr", coordinator,
             "--log-level", s.log_level, *(["--api-keys-file", s.api_keys_file] if s.api_keys_file else []),
             *(["--slo-tiers", s.slo_tiers_file] if s.slo_tiers_file else []),
@@ -136,7 +136,7 @@ class Cluster:
     def start(self) -> None:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         if self.spec.model is None:  # build the tiny default model once, before four processes race for it
-            from engine.tiny_model import default_model_path
+            from diptych.engine.tiny_model import default_model_path
 
             default_model_path()
         for name, cmd in self.commands().items():
@@ -237,6 +237,6 @@ def _opts(flag: str, values: list[str]) -> list[str]:
 
 def _sim_context_len() -> int:
     """The simulated engine's context length, which the frontend must allow too."""
-    from engine.sim_engine import SIM_CONTEXT_LEN
+    from diptych.engine.sim_engine import SIM_CONTEXT_LEN
 
     return SIM_CONTEXT_LEN

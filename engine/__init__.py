@@ -5,10 +5,10 @@
 another engine. ``build_tiny_model`` / ``default_model_path`` make small random-weight models for tests and demos.
 """
 
-from engine.config import EngineConfig
-from engine.engine import Engine
-from engine.outputs import SampledToken, StepOutput
-from engine.tiny_model import build_tiny_model, default_model_path, resolve_model
+from diptych.engine.config import EngineConfig
+from diptych.engine.engine import Engine
+from diptych.engine.outputs import SampledToken, StepOutput
+from diptych.engine.tiny_model import build_tiny_model, default_model_path, resolve_model
 
 __all__ = [
     "Engine", "EngineConfig", "SampledToken", "StepOutput", "build_tiny_model", "default_model_path", "resolve_model",

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
-from engine.paged_attention_cuda import CudaAttentionContext, cuda_attention_forward
+from diptych.engine.paged_attention_cuda import CudaAttentionContext, cuda_attention_forward
 
 ATTENTION_NAME = "diptych_paged"
 """Pass as ``attn_implementation`` to ``from_pretrained``."""

@@ -15,8 +15,8 @@ import logging
 import numpy as np
 import torch
 
-from engine.fast_decoder import FastDecoder
-from engine.paged_attention_cuda import CudaAttentionContext
+from diptych.engine.fast_decoder import FastDecoder
+from diptych.engine.paged_attention_cuda import CudaAttentionContext
 
 log = logging.getLogger(__name__)
 PIN = torch.cuda.is_available()

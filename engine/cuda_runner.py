@@ -10,10 +10,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from engine.cuda_graphs import PIN, DecodeGraphs
-from engine.fast_decoder import FastDecoder
-from engine.paged_attention_cuda import ChunkSpan, CudaAttentionContext
-from engine.triton_kernels import num_splits_for
+from diptych.engine.cuda_graphs import PIN, DecodeGraphs
+from diptych.engine.fast_decoder import FastDecoder
+from diptych.engine.paged_attention_cuda import ChunkSpan, CudaAttentionContext
+from diptych.engine.triton_kernels import num_splits_for
 
 
 class CudaExecutor:

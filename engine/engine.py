@@ -22,14 +22,14 @@ import threading
 import time
 import uuid
 
-from engine.config import EngineConfig
-from engine.model_runner import ForwardItem, ModelRunner
-from engine.outputs import SampledToken, StepOutput
-from engine.sampler import Sampler, SamplingRequest
-from engine.sequence import Sequence, SequenceStatus, blocks_to_reserve
-from engine.tiny_model import resolve_model
-from policies.batch import BatchPlan, BatchPolicy, KVState, SarathiBatching
-from proto.messages import SLO, SamplingParams, WorkerLoad
+from diptych.engine.config import EngineConfig
+from diptych.engine.model_runner import ForwardItem, ModelRunner
+from diptych.engine.outputs import SampledToken, StepOutput
+from diptych.engine.sampler import Sampler, SamplingRequest
+from diptych.engine.sequence import Sequence, SequenceStatus, blocks_to_reserve
+from diptych.engine.tiny_model import resolve_model
+from diptych.policies.batch import BatchPlan, BatchPolicy, KVState, SarathiBatching
+from diptych.proto.messages import SLO, SamplingParams, WorkerLoad
 
 
 class Engine:

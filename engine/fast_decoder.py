@@ -20,9 +20,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from engine.fused_kernels import add_rmsnorm, rotary_store, silu_mul
-from engine.paged_attention_cuda import CudaAttentionContext, paged_attention
-from engine.triton_kernels import decode_attention
+from diptych.engine.fused_kernels import add_rmsnorm, rotary_store, silu_mul
+from diptych.engine.paged_attention_cuda import CudaAttentionContext, paged_attention
+from diptych.engine.triton_kernels import decode_attention
 
 SUPPORTED_TYPES = {"llama", "mistral", "qwen2"}
 

@@ -14,7 +14,7 @@ from typing import Any, Iterable
 
 import torch
 
-from proto.messages import KVLayout
+from diptych.proto.messages import KVLayout
 
 
 class OutOfBlocksError(RuntimeError):

@@ -30,8 +30,8 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.kv_cache import KVCachePool
-from proto.messages import HANDOFF_CUDA_IPC as CUDA_IPC, HANDOFF_FRAMES as FRAMES
+from diptych.engine.kv_cache import KVCachePool
+from diptych.proto.messages import HANDOFF_CUDA_IPC as CUDA_IPC, HANDOFF_FRAMES as FRAMES
 
 log = logging.getLogger(__name__)
 

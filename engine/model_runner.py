@@ -15,14 +15,14 @@ from typing import TYPE_CHECKING
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from engine.attention import ATTENTION_NAME, build_context
-from engine.config import EngineConfig
-from engine.kv_cache import KVCachePool, bytes_per_block, dtype_name
-from engine.paged_attention_cuda import kernels_support
-from proto.messages import KVLayout
+from diptych.engine.attention import ATTENTION_NAME, build_context
+from diptych.engine.config import EngineConfig
+from diptych.engine.kv_cache import KVCachePool, bytes_per_block, dtype_name
+from diptych.engine.paged_attention_cuda import kernels_support
+from diptych.proto.messages import KVLayout
 
 if TYPE_CHECKING:
-    from engine.cuda_runner import CudaExecutor
+    from diptych.engine.cuda_runner import CudaExecutor
 
 SUPPORTED_LAYER_TYPES = {"full_attention", "sliding_attention"}
 
@@ -80,7 +80,7 @@ class ModelRunner:
         self.layout = layout
         self.cuda: CudaExecutor | None = None
         if self.device.type == "cuda" and kernels_support(layout.head_dim, layout.block_size):
-            from engine.cuda_runner import CudaExecutor
+            from diptych.engine.cuda_runner import CudaExecutor
 
             max_len = config.max_model_len or self.max_position_embeddings or 8192
             self.cuda = CudaExecutor(self.model, self.kv.pool, max_len, config.cuda_graph_max_batch,

@@ -68,7 +68,7 @@ def cuda_attention_forward(
     sliding_window: int | None,
 ) -> torch.Tensor:
     """``query`` ``[1, heads, T, D]``, ``key``/``value`` ``[1, kv_heads, T, D]``; returns ``[1, T, heads, D]``."""
-    from engine.triton_kernels import decode_attention, store_kv
+    from diptych.engine.triton_kernels import decode_attention, store_kv
 
     layer_cache = ctx.pool[:, module.layer_idx]
     keys = key[0].transpose(0, 1)
@@ -98,7 +98,7 @@ def paged_attention(queries: torch.Tensor, layer_cache: torch.Tensor, ctx: CudaA
                     ) -> torch.Tensor:
     """Attention of packed ``queries`` ``[T, heads, D]`` whose K/V are already in ``layer_cache`` (full attention):
     decode rows by the Triton kernel, chunks by SDPA over their gathered blocks. Returns ``[T, heads, D]``."""
-    from engine.triton_kernels import decode_attention
+    from diptych.engine.triton_kernels import decode_attention
 
     if ctx.decode_rows is None and not ctx.chunks:
         return decode_attention(queries, layer_cache, ctx.decode_tables, ctx.decode_context_lens, scale, None,

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from proto.messages import SamplingParams
+from diptych.proto.messages import SamplingParams
 
 
 @dataclass

@@ -15,8 +15,8 @@ import enum
 import math
 from dataclasses import dataclass, field
 
-from policies.batch import SequenceState
-from proto.messages import SLO, SamplingParams
+from diptych.policies.batch import SequenceState
+from diptych.proto.messages import SLO, SamplingParams
 
 
 class SequenceStatus(enum.Enum):

@@ -27,14 +27,14 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from engine.config import EngineConfig
-from engine.kv_cache import BlockAllocator
-from engine.model_runner import ForwardItem
-from engine.engine import Engine
-from engine.sampler import SamplingRequest
-from policies.batch import BatchPolicy, SarathiBatching
-from proto.messages import KVLayout
-from sim.cost_model import CostModel
+from diptych.engine.config import EngineConfig
+from diptych.engine.kv_cache import BlockAllocator
+from diptych.engine.model_runner import ForwardItem
+from diptych.engine.engine import Engine
+from diptych.engine.sampler import SamplingRequest
+from diptych.policies.batch import BatchPolicy, SarathiBatching
+from diptych.proto.messages import KVLayout
+from diptych.sim.cost_model import CostModel
 
 log = logging.getLogger(__name__)
 

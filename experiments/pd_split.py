@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from experiments.common import md_table, parallel_map, parse_numbers, pyplot, save_figure, write_markdown
+from diptych.experiments.common import md_table, parallel_map, parse_numbers, pyplot, save_figure, write_markdown
 
 NAME = "pd-split"
 HELP = "every static prefill:decode split, colocated and RAD on 4/8/16 GPUs: goodput under SLOs per workload"
@@ -59,8 +59,8 @@ def configs(gpus: int) -> list[str]:
 
 
 def cluster(name: str, gpus: int, cost_model: str, rad_dwell: float):
-    from sim.config import ClusterConfig, PolicySpec
-    from sim.cost_model import resolve
+    from diptych.sim.config import ClusterConfig, PolicySpec
+    from diptych.sim.cost_model import resolve
 
     cost = resolve(cost_model)
     decode = PolicySpec("sarathi", {"token_budget": 512, "max_decodes": DECODE_BATCH, "max_running": DECODE_BATCH})
@@ -80,7 +80,7 @@ def cluster(name: str, gpus: int, cost_model: str, rad_dwell: float):
 
 
 def workload(name: str, qps: float, requests: int, ttft: float, tbt: float, seed: int = 0):
-    from workloads.catalog import WorkloadConfig, build_workload
+    from diptych.workloads.catalog import WorkloadConfig, build_workload
 
     name = "shift:azure-conv,azure-code" if name == SHIFT else name
     return build_workload(WorkloadConfig(name, qps=qps, num_requests=requests, tiers=f"default:1:{tbt}:{ttft}",
@@ -90,7 +90,7 @@ def workload(name: str, qps: float, requests: int, ttft: float, tbt: float, seed
 def estimate(workload_name: str, config_name: str, gpus: int, cost_model: str) -> float:
     """A rough capacity (requests/s) to start the search from: per-worker prefill and decode rates from the cost
     model at the workload's mean lengths (decode: as many sequences as fit in KV, at most 1024)."""
-    from sim.cost_model import resolve
+    from diptych.sim.cost_model import resolve
 
     cost = resolve(cost_model)
     specs = workload(workload_name, 1.0, 2000, 1.0, 0.1)
@@ -107,8 +107,8 @@ def estimate(workload_name: str, config_name: str, gpus: int, cost_model: str) -
 
 
 def _search(job: dict[str, Any]) -> dict[str, Any]:
-    from sim.capacity import capacity_search
-    from sim.simulator import simulate
+    from diptych.sim.capacity import capacity_search
+    from diptych.sim.simulator import simulate
 
     config = cluster(job["config"], job["gpus"], job["cost_model"], job["rad_dwell"])
 
@@ -127,7 +127,7 @@ def _search(job: dict[str, Any]) -> dict[str, Any]:
 def steady_summary(result, warmup_s: float) -> dict[str, Any]:
     """What the goodput criterion needs, over requests that arrived after ``warmup_s`` (the cluster starts empty;
     RAD starts from an even split)."""
-    from metrics.results import STATUS_CODES
+    from diptych.metrics.results import STATUS_CODES
 
     arrival = result.times["arrival"]
     keep = arrival >= arrival[0] + warmup_s
@@ -141,7 +141,7 @@ def steady_summary(result, warmup_s: float) -> dict[str, Any]:
 
 
 def _fixed(job: dict[str, Any]) -> dict[str, Any]:
-    from sim.simulator import simulate
+    from diptych.sim.simulator import simulate
 
     config = cluster(job["config"], job["gpus"], job["cost_model"], job["rad_dwell"])
     specs = workload(SHIFT, job["qps"], int(job["qps"] * job["duration"]), job["ttft"], job["tbt"], seed=1)
@@ -166,7 +166,7 @@ def run(args: argparse.Namespace, out_dir: Path) -> list[Path]:
         raise ValueError("--gpus needs cluster sizes of at least 2")
     if args.ttft_slo <= 0 or args.tbt_slo <= 0 or args.run_seconds <= 0 or args.warmup < 0:
         raise ValueError("SLOs and --run-seconds must be > 0, --warmup >= 0")
-    from workloads.catalog import length_distribution
+    from diptych.workloads.catalog import length_distribution
 
     for name in names:
         if name != SHIFT:

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from experiments.common import md_table, parse_names, parse_numbers, pyplot, save_figure, write_markdown
+from diptych.experiments.common import md_table, parse_names, parse_numbers, pyplot, save_figure, write_markdown
 
 NAME = "sim-agreement"
 HELP = "real services with --engine sim vs the simulator on the same workload: median TTFT and P99 TBT"
@@ -84,14 +84,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def workload(setting: Setting, qps: float, requests: int, seed: int):
-    from workloads.catalog import WorkloadConfig, build_workload
+    from diptych.workloads.catalog import WorkloadConfig, build_workload
 
     return build_workload(WorkloadConfig(setting.workload, qps=qps, num_requests=requests,
                                          arrivals=setting.arrivals, tiers=setting.tiers, seed=seed))
 
 
 def kv_blocks(setting: Setting, block_size: int = 16) -> int:
-    from sim.cost_model import resolve
+    from diptych.sim.cost_model import resolve
 
     return resolve(setting.cost_model).kv_capacity_tokens() // block_size
 
@@ -99,8 +99,8 @@ def kv_blocks(setting: Setting, block_size: int = 16) -> int:
 def simulator_config(setting: Setting, dispatch_latency_s: float = 0.0):
     """The simulator set up as the services run: KV reserved at placement, 4096 prompt tokens of worker backlog,
     one batch policy for every role, the services' handoff model, the measured control path."""
-    from sim.config import ClusterConfig, PolicySpec
-    from sim.cost_model import resolve
+    from diptych.sim.config import ClusterConfig, PolicySpec
+    from diptych.sim.cost_model import resolve
 
     policy = PolicySpec(setting.policy, dict(setting.knobs))
     return ClusterConfig(prefill_workers=setting.prefill_workers, decode_workers=setting.decode_workers,
@@ -123,9 +123,9 @@ def calibration_specs(specs: list, count: int = 8, gap_s: float = 0.4) -> list:
 def run_services(setting: Setting, specs: list, seed: int, log_dir: str, progress: bool):
     """The workload against a real cluster of ``--engine sim`` workers, after the control-path calibration;
     returns its ``RunResult`` and the measured control path (seconds)."""
-    from benchmarks.serve_load import FAILURES, LoadTarget, run_load
+    from diptych.benchmarks.serve_load import FAILURES, LoadTarget, run_load
     from diptych.launcher import Cluster, ClusterSpec, with_free_ports
-    from metrics.results import RunResult
+    from diptych.metrics.results import RunResult
 
     spec = with_free_ports(ClusterSpec(
         prefill_workers=setting.prefill_workers, decode_workers=setting.decode_workers,
@@ -167,8 +167,8 @@ def gap_split(result) -> dict[str, float]:
 
 
 def run(args: argparse.Namespace, out_dir: Path) -> list[Path]:
-    from metrics.summary import summarize
-    from sim.simulator import simulate
+    from diptych.metrics.summary import summarize
+    from diptych.sim.simulator import simulate
 
     names = parse_names(args.settings, SETTINGS, "setting")
     if args.scale_requests <= 0 or not 0 < args.tolerance < 1:

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from experiments.common import (fmt, md_table, parallel_map, parse_names, parse_numbers, pyplot, save_figure,
+from diptych.experiments.common import (fmt, md_table, parallel_map, parse_names, parse_numbers, pyplot, save_figure,
                                 write_markdown)
 
 NAME = "slai-vs-sarathi"
@@ -52,8 +52,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def config_for(variant: str, cost_model: str):
-    from sim.config import ClusterConfig, PolicySpec
-    from sim.cost_model import resolve
+    from diptych.sim.config import ClusterConfig, PolicySpec
+    from diptych.sim.cost_model import resolve
 
     policy, knobs, admission = VARIANTS[variant]
     spf = admission == "spf"
@@ -63,15 +63,15 @@ def config_for(variant: str, cost_model: str):
 
 
 def workload(qps: float, requests: int, seed: int):
-    from workloads.catalog import WorkloadConfig, build_workload
+    from diptych.workloads.catalog import WorkloadConfig, build_workload
 
     return build_workload(WorkloadConfig("sharegpt4", qps=qps, num_requests=requests, arrivals="poisson-capped",
                                          tiers="slai", seed=seed))
 
 
 def _point(job: dict[str, Any]) -> dict[str, Any]:
-    from metrics.summary import summarize
-    from sim.simulator import simulate
+    from diptych.metrics.summary import summarize
+    from diptych.sim.simulator import simulate
 
     out = []
     for seed in range(job["seeds"]):
@@ -82,9 +82,9 @@ def _point(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def _capacity(job: dict[str, Any]) -> dict[str, Any]:
-    from metrics.summary import summarize
-    from sim.capacity import capacity_search
-    from sim.simulator import simulate
+    from diptych.metrics.summary import summarize
+    from diptych.sim.capacity import capacity_search
+    from diptych.sim.simulator import simulate
 
     config = config_for(job["variant"], job["cost_model"])
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from experiments.common import md_table, parallel_map, parse_names, pyplot, save_figure, write_markdown
+from diptych.experiments.common import md_table, parallel_map, parse_names, pyplot, save_figure, write_markdown
 
 NAME = "vtc-fairness"
 HELP = "VTC scenarios under FCFS, LCF, VTC and RPM: service differences over time, Table-2 metrics"
@@ -29,7 +29,7 @@ QUICK_SCENARIOS = ("overload", "on_off_overload", "weighted")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from workloads.vtc import SCENARIOS
+    from diptych.workloads.vtc import SCENARIOS
 
     p.add_argument("--scenarios", default=",".join(SCENARIOS),
                    help="comma-separated VTC scenarios [all: %(default)s]")
@@ -41,12 +41,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _job(job: dict[str, Any]) -> dict[str, Any]:
-    from metrics.fairness import service_difference, table2_metric, window_service
-    from metrics.summary import summarize
-    from sim.config import ClusterConfig, PolicySpec
-    from sim.cost_model import resolve
-    from sim.simulator import simulate
-    from workloads.vtc import DEFAULT_DURATION_S, vtc_scenario
+    from diptych.metrics.fairness import service_difference, table2_metric, window_service
+    from diptych.metrics.summary import summarize
+    from diptych.sim.config import ClusterConfig, PolicySpec
+    from diptych.sim.cost_model import resolve
+    from diptych.sim.simulator import simulate
+    from diptych.workloads.vtc import DEFAULT_DURATION_S, vtc_scenario
 
     duration = job["duration"] or DEFAULT_DURATION_S.get(job["scenario"], 600.0)
     specs = vtc_scenario(job["scenario"], duration, seed=0)
@@ -75,7 +75,7 @@ def _job(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace, out_dir: Path) -> list[Path]:
-    from workloads.vtc import SCENARIOS
+    from diptych.workloads.vtc import SCENARIOS
 
     scenarios = parse_names(args.scenarios, SCENARIOS, "scenario")
     policies = parse_names(args.policies, POLICIES, "policy")

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from metrics.results import RunResult
+from diptych.metrics.results import RunResult
 
 
 def request_costs(result: RunResult, w_p: float = 1.0, w_q: float = 2.0) -> np.ndarray:

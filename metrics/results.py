@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from metrics.histogram import LogHistogram
-from metrics.timeline import RequestTimeline
+from diptych.metrics.histogram import LogHistogram
+from diptych.metrics.timeline import RequestTimeline
 
 PHASES = ("arrival", "admitted", "prefill_start", "prefill_end", "handoff_start", "handoff_end", "first_token",
           "finish")

@@ -24,8 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from metrics import fairness
-from metrics.results import STATUS_CODES, RunResult
+from diptych.metrics import fairness
+from diptych.metrics.results import STATUS_CODES, RunResult
 
 
 def _pct(values: np.ndarray, q: float) -> float:

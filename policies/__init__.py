@@ -10,10 +10,10 @@ Importing the package registers every policy. The services and the simulator run
 directly with a fake clock.
 """
 
-from policies import prefill_first, rad_batching, rpm, slai, spf, vtc  # noqa: F401  (register policies)
-from policies.admission import ADMISSION_POLICIES, AdmissionPolicy, PendingRequest, Rejection
-from policies.batch import BATCH_POLICIES, BatchPlan, BatchPolicy, KVState, SequenceState
-from policies.pool import POOL_POLICIES, PoolDecision, PoolPolicy, PoolStats
+from diptych.policies import prefill_first, rad_batching, rpm, slai, spf, vtc  # noqa: F401  (register policies)
+from diptych.policies.admission import ADMISSION_POLICIES, AdmissionPolicy, PendingRequest, Rejection
+from diptych.policies.batch import BATCH_POLICIES, BatchPlan, BatchPolicy, KVState, SequenceState
+from diptych.policies.pool import POOL_POLICIES, PoolDecision, PoolPolicy, PoolStats
 
 __all__ = [
     "ADMISSION_POLICIES", "AdmissionPolicy", "PendingRequest", "Rejection",

@@ -26,7 +26,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-from policies.registry import Registry
+from diptych.policies.registry import Registry
 
 
 @dataclass

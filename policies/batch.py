@@ -12,8 +12,8 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
-from policies.kv_planner import KVPlanner
-from policies.registry import Registry
+from diptych.policies.kv_planner import KVPlanner
+from diptych.policies.registry import Registry
 
 
 @dataclass

@@ -19,7 +19,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Iterable
 
 if TYPE_CHECKING:
-    from policies.batch import BatchPlan, SequenceState
+    from diptych.policies.batch import BatchPlan, SequenceState
 
 
 class KVPlanner:

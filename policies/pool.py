@@ -50,7 +50,7 @@ import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
-from policies.registry import Registry
+from diptych.policies.registry import Registry
 
 PREFILL = "prefill"
 DECODE = "decode"

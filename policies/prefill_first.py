@@ -15,8 +15,8 @@ Running decodes stall for the whole prefill iteration: the TBT cost Sarathi-Serv
 
 from __future__ import annotations
 
-from policies.batch import BATCH_POLICIES, BatchPlan, BatchPolicy, KVState, SequenceState, schedule_all_decodes
-from policies.kv_planner import KVPlanner
+from diptych.policies.batch import BATCH_POLICIES, BatchPlan, BatchPolicy, KVState, SequenceState, schedule_all_decodes
+from diptych.policies.kv_planner import KVPlanner
 
 
 @BATCH_POLICIES.register("prefill-first")

@@ -25,11 +25,11 @@ of step 2). Lengths in tokens.
 
 from __future__ import annotations
 
-from policies.batch import (
+from diptych.policies.batch import (
     BATCH_POLICIES, BatchPlan, BatchPolicy, KVState, SequenceState, admit_prefills, continue_prefills,
     schedule_decodes,
 )
-from policies.kv_planner import KVPlanner
+from diptych.policies.kv_planner import KVPlanner
 
 
 @BATCH_POLICIES.register("rad")

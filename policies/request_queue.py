@@ -18,7 +18,7 @@ from __future__ import annotations
 import heapq
 from collections import OrderedDict
 
-from policies.admission import PendingRequest
+from diptych.policies.admission import PendingRequest
 
 QUEUE_ORDERS = ("fifo", "spf")
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Any
 
-from policies.admission import ADMISSION_POLICIES, FCFSAdmission, PendingRequest, Rejection
+from diptych.policies.admission import ADMISSION_POLICIES, FCFSAdmission, PendingRequest, Rejection
 
 
 @ADMISSION_POLICIES.register("rpm")

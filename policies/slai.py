@@ -33,11 +33,11 @@ Times in seconds, lengths in tokens, memory in KV blocks.
 
 from __future__ import annotations
 
-from policies.batch import (
+from diptych.policies.batch import (
     BATCH_POLICIES, BatchPlan, BatchPolicy, KVState, SequenceState, admit_prefills, continue_prefills,
 )
-from policies.kv_planner import KVPlanner
-from policies.slai_urgency import IterationTimer, LSTBook, Urgency
+from diptych.policies.kv_planner import KVPlanner
+from diptych.policies.slai_urgency import IterationTimer, LSTBook, Urgency
 
 
 @BATCH_POLICIES.register("slai")

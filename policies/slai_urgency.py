@@ -20,7 +20,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from policies.batch import SequenceState
+    from diptych.policies.batch import SequenceState
 
 B_BAR_MODES = ("cumulative", "ewma")
 

@@ -7,8 +7,8 @@ that has waited longer than ``aging_s`` seconds goes first (oldest first), bound
 
 from __future__ import annotations
 
-from policies.admission import ADMISSION_POLICIES, AdmissionPolicy, PendingRequest, Rejection
-from policies.request_queue import RequestQueue
+from diptych.policies.admission import ADMISSION_POLICIES, AdmissionPolicy, PendingRequest, Rejection
+from diptych.policies.request_queue import RequestQueue
 
 
 @ADMISSION_POLICIES.register("spf")

@@ -32,8 +32,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from policies.admission import ADMISSION_POLICIES, AdmissionPolicy, PendingRequest, Rejection
-from policies.request_queue import RequestQueue
+from diptych.policies.admission import ADMISSION_POLICIES, AdmissionPolicy, PendingRequest, Rejection
+from diptych.policies.request_queue import RequestQueue
 
 
 @ADMISSION_POLICIES.register("vtc")

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from proto.codec import message, payload_field
+from diptych.proto.codec import message, payload_field
 
 HANDOFF_FRAMES = "zmq_frames"
 """KV handoff path: the blocks travel as raw frames of the ``KVHandoff`` message (through pinned host memory)."""

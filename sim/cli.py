@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 
-from policies.admission import ADMISSION_POLICIES
-from policies.batch import BATCH_POLICIES
-from policies.pool import POOL_POLICIES
-from services.common.cli import parse_knobs
-from sim import cost_model
-from sim.config import ClusterConfig, PolicySpec
+from diptych.policies.admission import ADMISSION_POLICIES
+from diptych.policies.batch import BATCH_POLICIES
+from diptych.policies.pool import POOL_POLICIES
+from diptych.services.common.cli import parse_knobs
+from diptych.sim import cost_model
+from diptych.sim.config import ClusterConfig, PolicySpec
 
 
 def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:

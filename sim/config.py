@@ -8,10 +8,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from policies.admission import ADMISSION_POLICIES
-from policies.batch import BATCH_POLICIES
-from policies.pool import POOL_POLICIES
-from sim.cost_model import DEFAULT, CostModel
+from diptych.policies.admission import ADMISSION_POLICIES
+from diptych.policies.batch import BATCH_POLICIES
+from diptych.policies.pool import POOL_POLICIES
+from diptych.sim.cost_model import DEFAULT, CostModel
 
 
 @dataclass

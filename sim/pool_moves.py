@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from collections import deque
 
-from policies.pool import DECODE as POOL_DECODE
-from policies.pool import PoolStats
-from sim.worker import DECODE, PREFILL, Worker
+from diptych.policies.pool import DECODE as POOL_DECODE
+from diptych.policies.pool import PoolStats
+from diptych.sim.worker import DECODE, PREFILL, Worker
 
 EV_POOL = 2
 """Event kind of a pool tick on the simulator's heap (after worker iterations, 0, and KV landings, 1)."""

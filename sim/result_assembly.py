@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from metrics.results import STATUS_CODES, RunResult
+from diptych.metrics.results import STATUS_CODES, RunResult
 
 NAN = float("nan")
 

@@ -50,17 +50,17 @@ from collections import deque
 from typing import Any
 
 
-from metrics.histogram import LogHistogram
-from metrics.results import STATUS_CODES, RunResult
-from policies.admission import ADMISSION_POLICIES, AdmissionPolicy, PendingRequest
-from policies.batch import BATCH_POLICIES, BatchPolicy
-from policies.pool import POOL_POLICIES
-from sim.config import ClusterConfig, PolicySpec
-from sim.pool_moves import EV_POOL, PoolMoves
-from sim.result_assembly import NAN, ResultAssembly
-from sim.token_accounting import TokenAccounting
-from sim.worker import COLOCATED, DECODE, PREFILL, SimSeq, Worker
-from workloads.spec import RequestSpec
+from diptych.metrics.histogram import LogHistogram
+from diptych.metrics.results import STATUS_CODES, RunResult
+from diptych.policies.admission import ADMISSION_POLICIES, AdmissionPolicy, PendingRequest
+from diptych.policies.batch import BATCH_POLICIES, BatchPolicy
+from diptych.policies.pool import POOL_POLICIES
+from diptych.sim.config import ClusterConfig, PolicySpec
+from diptych.sim.pool_moves import EV_POOL, PoolMoves
+from diptych.sim.result_assembly import NAN, ResultAssembly
+from diptych.sim.token_accounting import TokenAccounting
+from diptych.sim.worker import COLOCATED, DECODE, PREFILL, SimSeq, Worker
+from diptych.workloads.spec import RequestSpec
 
 EV_WORKER, EV_HANDOFF = 0, 1
 EV_DISPATCH = 3  # a dispatched request reaches its worker's queue (after EV_POOL = 2 on ties)

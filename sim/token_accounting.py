@@ -8,7 +8,7 @@ import math
 
 import numpy as np
 
-from sim.worker import SimSeq
+from diptych.sim.worker import SimSeq
 
 
 class TokenAccounting:

@@ -20,10 +20,10 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from policies.batch import BatchPlan, BatchPolicy, KVState, SequenceState
+from diptych.policies.batch import BatchPlan, BatchPolicy, KVState, SequenceState
 
 if TYPE_CHECKING:
-    from sim.simulator import Simulator
+    from diptych.sim.simulator import Simulator
 
 PREFILL, DECODE, COLOCATED = "prefill", "decode", "colocated"
 

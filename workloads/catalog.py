@@ -24,12 +24,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from workloads import lengths as L
-from workloads.arrivals import ARRIVAL_KINDS, arrival_times, scale_trace, unit_gaps
-from workloads.spec import RequestSpec, load_specs
-from workloads.tiers import assign_tiers, parse_tiers
-from workloads.traces import read_trace
-from workloads.vtc import SCENARIOS, vtc_scenario
+from diptych.workloads import lengths as L
+from diptych.workloads.arrivals import ARRIVAL_KINDS, arrival_times, scale_trace, unit_gaps
+from diptych.workloads.spec import RequestSpec, load_specs
+from diptych.workloads.tiers import assign_tiers, parse_tiers
+from diptych.workloads.traces import read_trace
+from diptych.workloads.vtc import SCENARIOS, vtc_scenario
 
 STREAM_LENGTHS, STREAM_ARRIVALS, STREAM_TIERS, STREAM_CLIENTS = range(4)
 

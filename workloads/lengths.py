@@ -114,7 +114,7 @@ _erf = np.vectorize(math.erf, otypes=[float])
 
 def preset(name: str) -> EmpiricalLengths:
     """A named length distribution from ``workloads.length_tables``."""
-    from workloads.length_tables import TABLES
+    from diptych.workloads.length_tables import TABLES
 
     if name not in TABLES:
         raise ValueError(f"unknown length distribution {name!r}; choose one of: {', '.join(sorted(TABLES))}")
@@ -123,6 +123,6 @@ def preset(name: str) -> EmpiricalLengths:
 
 
 def preset_names() -> list[str]:
-    from workloads.length_tables import TABLES
+    from diptych.workloads.length_tables import TABLES
 
     return sorted(TABLES)

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from workloads.lengths import QUANTILE_GRID
-from workloads.traces import read_csv_trace
+from diptych.workloads.lengths import QUANTILE_GRID
+from diptych.workloads.traces import read_csv_trace
 
 SOURCES = {
     "sharegpt4": ("sharegpt4_lengths.csv", "openchat_sharegpt4 as processed by Sarathi-Serve (30,731 requests)"),

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from workloads.arrivals import arrivals_in, on_off_times, ramp_times
-from workloads.spec import RequestSpec, sort_and_check
+from diptych.workloads.arrivals import arrivals_in, on_off_times, ramp_times
+from diptych.workloads.spec import RequestSpec, sort_and_check
 
 DEFAULT_DURATION_S = {"dist_shift": 900.0}
 SCENARIOS = ("overload", "proportional", "on_off_less", "on_off_overload", "poisson_short_long",

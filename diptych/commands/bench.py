@@ -47,8 +47,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="capture the Hugging Face modules instead of the fused decode forward")
     e.add_argument("--json", default=None, help="also write the raw numbers to this JSON file")
 
-    from benchmarks.replay import add_replay_parser
-    from benchmarks.serve_cli import add_serve_parser
+    from diptych.benchmarks.replay import add_replay_parser
+    from diptych.benchmarks.serve_cli import add_serve_parser
 
     add_serve_parser(kinds)
     add_replay_parser(kinds)
@@ -66,14 +66,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_engine(args: argparse.Namespace) -> int:
-    from benchmarks import engine_bench
+    from diptych.benchmarks import engine_bench
 
     engine_bench.run(args)
     return 0
 
 
 def run_transfer(args: argparse.Namespace) -> int:
-    from benchmarks import transfer_bench
+    from diptych.benchmarks import transfer_bench
 
     transfer_bench.run(args)
     return 0

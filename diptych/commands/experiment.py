@@ -9,8 +9,8 @@ from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from experiments import experiments
-    from experiments.common import default_jobs
+    from diptych.experiments import experiments
+    from diptych.experiments.common import default_jobs
 
     p = sub.add_parser("experiment", help="run a named experiment (figures and tables into docs/experiments)",
                        description="Run a named experiment on the simulator; each writes PNG figures and a "

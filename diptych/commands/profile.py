@@ -35,7 +35,7 @@ def _ints0(text: str) -> list[int]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from benchmarks import profile
+    from diptych.benchmarks import profile
 
     profile.run(args)
     return 0

@@ -8,9 +8,9 @@ import sys
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from policies.admission import ADMISSION_POLICIES
-    from policies.batch import BATCH_POLICIES
-    from policies.pool import POOL_POLICIES
+    from diptych.policies.admission import ADMISSION_POLICIES
+    from diptych.policies.batch import BATCH_POLICIES
+    from diptych.policies.pool import POOL_POLICIES
 
     p = sub.add_parser(
         "serve", help="start coordinator, workers and frontend as separate processes",

@@ -10,9 +10,9 @@ import time
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from sim.capacity import CRITERIA
-    from sim.cli import add_cluster_arguments
-    from workloads.catalog import add_workload_arguments
+    from diptych.sim.capacity import CRITERIA
+    from diptych.sim.cli import add_cluster_arguments
+    from diptych.workloads.catalog import add_workload_arguments
 
     p = sub.add_parser(
         "simulate", help="simulate a cluster serving a workload (discrete-event, same policies as the services)",
@@ -45,12 +45,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from metrics.summary import format_summary, summarize
-    from sim.capacity import capacity_search
-    from sim.cli import cluster_from_args
-    from sim.config import replace
-    from sim.simulator import simulate
-    from workloads.catalog import build_workload, workload_from_args
+    from diptych.metrics.summary import format_summary, summarize
+    from diptych.sim.capacity import capacity_search
+    from diptych.sim.cli import cluster_from_args
+    from diptych.sim.config import replace
+    from diptych.sim.simulator import simulate
+    from diptych.workloads.catalog import build_workload, workload_from_args
 
     try:
         workload = workload_from_args(args)
@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"pool moves: {len(result.meta['pool_moves'])}; final split "
               f"{result.meta['pool_history'][-1][1]}P:{result.meta['pool_history'][-1][2]}D")
     if args.timelines:
-        from metrics.timeline import save_timelines
+        from diptych.metrics.timeline import save_timelines
 
         save_timelines(result.to_timelines(), args.timelines,
                        meta={"source": "diptych simulate", "cluster": config.describe(), "workload": vars(workload)})

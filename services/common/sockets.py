@@ -13,7 +13,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-import proto
+from diptych import proto
 
 log = logging.getLogger(__name__)
 

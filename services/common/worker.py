@@ -18,13 +18,13 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from proto import ProtocolError
-from proto.messages import (
+from diptych.proto import ProtocolError
+from diptych.proto.messages import (
     CancelRequest, Heartbeat, RegisterAck, RegisterWorker, RequestDone, TokenBatch, TokenOutput, WorkerLoad,
 )
-from services.common.cli import env_default
-from services.common.engine_thread import EngineThread
-from services.common.sockets import make_socket, recv_message, send_message
+from diptych.services.common.cli import env_default
+from diptych.services.common.engine_thread import EngineThread
+from diptych.services.common.sockets import make_socket, recv_message, send_message
 
 log = logging.getLogger("diptych.worker")
 
@@ -33,7 +33,7 @@ UNKNOWN_WORKER = "unknown worker"
 
 def add_worker_arguments(parser: argparse.ArgumentParser, role: str) -> None:
     """Flags common to both worker kinds (engine shape, coordinator address, identity)."""
-    from policies.batch import BATCH_POLICIES
+    from diptych.policies.batch import BATCH_POLICIES
 
     parser.add_argument("--worker-id", default=env_default("worker_id", f"{role}-{uuid.uuid4().hex[:6]}"),
                         help="unique id of this worker in the cluster [random]")
@@ -66,16 +66,16 @@ def add_worker_arguments(parser: argparse.ArgumentParser, role: str) -> None:
 
 def build_engine(args: argparse.Namespace) -> Any:
     """The engine a worker runs, from the common flags (torch is imported only here)."""
-    from engine import Engine, EngineConfig
-    from policies.batch import BATCH_POLICIES
-    from services.common.cli import parse_knobs
+    from diptych.engine import Engine, EngineConfig
+    from diptych.policies.batch import BATCH_POLICIES
+    from diptych.services.common.cli import parse_knobs
 
     config = EngineConfig(model=args.model, device=args.device, dtype=args.dtype, block_size=args.block_size,
                           num_blocks=args.num_blocks, kv_memory_gb=args.kv_memory_gb, max_model_len=args.max_model_len)
     policy = BATCH_POLICIES.create(args.policy, **parse_knobs(args.policy_opt))
     if args.engine == "sim":
-        from engine.sim_engine import SimEngine, SimHandoff
-        from sim.cost_model import resolve
+        from diptych.engine.sim_engine import SimEngine, SimHandoff
+        from diptych.sim.cost_model import resolve
 
         if args.sim_handoff_gbps <= 0 or args.sim_handoff_latency_ms < 0:
             raise ValueError("--sim-handoff-gbps must be positive and --sim-handoff-latency-ms >= 0")

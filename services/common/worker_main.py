@@ -6,8 +6,8 @@ import argparse
 import sys
 from typing import Callable
 
-from services.common.lifecycle import run_service, setup_logging
-from services.common.worker import Worker, add_worker_arguments, build_engine
+from diptych.services.common.lifecycle import run_service, setup_logging
+from diptych.services.common.worker import Worker, add_worker_arguments, build_engine
 
 GIL_SWITCH_INTERVAL_S = 0.0005
 """How long the event loop thread may hold the GIL while the engine thread waits for it (Python's default is 5 ms,

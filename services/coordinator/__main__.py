@@ -1,12 +1,12 @@
-"""``python -m services.coordinator``: run the coordinator (admission, placement, worker liveness)."""
+"""``python -m diptych.services.coordinator``: run the coordinator (admission, placement, worker liveness)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from services.common.lifecycle import run_service, setup_logging
-from services.coordinator import config as coordinator_config
+from diptych.services.common.lifecycle import run_service, setup_logging
+from diptych.services.coordinator import config as coordinator_config
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> None:
         config = coordinator_config.from_args(args)
     except (ValueError, KeyError) as exc:
         parser.error(str(exc))
-    from services.coordinator.server import Coordinator
+    from diptych.services.coordinator.server import Coordinator
 
     async def serve(stop):
         await Coordinator(config).run(stop)

@@ -6,9 +6,9 @@ import argparse
 from dataclasses import dataclass, field
 from typing import Any
 
-from policies.admission import ADMISSION_POLICIES
-from policies.pool import POOL_POLICIES
-from services.common.cli import env_default, parse_knobs
+from diptych.policies.admission import ADMISSION_POLICIES
+from diptych.policies.pool import POOL_POLICIES
+from diptych.services.common.cli import env_default, parse_knobs
 
 DEFAULT_ADDRESS = "tcp://127.0.0.1:5600"
 

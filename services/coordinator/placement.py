@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from services.coordinator.workers import WorkerInfo, WorkerRegistry
+from diptych.services.coordinator.workers import WorkerInfo, WorkerRegistry
 
 
 @dataclass

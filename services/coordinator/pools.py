@@ -20,8 +20,8 @@ import logging
 from collections import deque
 from typing import Any
 
-from policies.pool import POOL_POLICIES, PoolDecision, PoolStats
-from services.coordinator.workers import WorkerInfo, WorkerRegistry
+from diptych.policies.pool import POOL_POLICIES, PoolDecision, PoolStats
+from diptych.services.coordinator.workers import WorkerInfo, WorkerRegistry
 
 log = logging.getLogger("diptych.coordinator.pools")
 

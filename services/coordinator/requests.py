@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
-from proto.messages import Request
+from diptych.proto.messages import Request
 
 
 class Phase(str, Enum):

@@ -16,19 +16,19 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from policies.admission import ADMISSION_POLICIES, PendingRequest
-from proto import ProtocolError
-from proto.messages import (
+from diptych.policies.admission import ADMISSION_POLICIES, PendingRequest
+from diptych.proto import ProtocolError
+from diptych.proto.messages import (
     CancelRequest, ClusterStatus, Heartbeat, KVReceived, KVReserved, PrefillDone, PrefillTask, RegisterAck, RegisterWorker,
     RequestDone, RequestFailed, ReserveKV, StatusQuery, SubmitRequest, TokenReport,
 )
-from services.common.sockets import bind_address, make_socket, recv_message, send_message
-from services.coordinator.config import CoordinatorConfig
-from services.coordinator.ledger import ServiceLedger
-from services.coordinator.placement import Placer
-from services.coordinator.pools import PoolManager
-from services.coordinator.requests import Phase, RequestRecord, RequestTable
-from services.coordinator.workers import WorkerInfo, WorkerRegistry
+from diptych.services.common.sockets import bind_address, make_socket, recv_message, send_message
+from diptych.services.coordinator.config import CoordinatorConfig
+from diptych.services.coordinator.ledger import ServiceLedger
+from diptych.services.coordinator.placement import Placer
+from diptych.services.coordinator.pools import PoolManager
+from diptych.services.coordinator.requests import Phase, RequestRecord, RequestTable
+from diptych.services.coordinator.workers import WorkerInfo, WorkerRegistry
 
 log = logging.getLogger("diptych.coordinator")
 

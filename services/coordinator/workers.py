@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from proto.messages import KVLayout, RegisterWorker, WorkerLoad
+from diptych.proto.messages import KVLayout, RegisterWorker, WorkerLoad
 
 log = logging.getLogger(__name__)
 

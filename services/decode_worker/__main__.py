@@ -1,11 +1,11 @@
-"""``python -m services.decode_worker``: run one decode worker."""
+"""``python -m diptych.services.decode_worker``: run one decode worker."""
 
 import argparse
 
-from services.common.cli import env_default
-from services.common.worker_main import worker_main
-from services.decode_worker.flex import ROLES, FlexWorker
-from services.decode_worker.worker import DecodeWorker
+from diptych.services.common.cli import env_default
+from diptych.services.common.worker_main import worker_main
+from diptych.services.decode_worker.flex import ROLES, FlexWorker
+from diptych.services.decode_worker.worker import DecodeWorker
 
 
 def _arguments(parser: argparse.ArgumentParser) -> None:

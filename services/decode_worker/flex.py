@@ -8,8 +8,8 @@ colocated requests at their first token; the decode role then streams and report
 
 from __future__ import annotations
 
-from services.decode_worker.worker import DecodeWorker
-from services.prefill_worker.worker import PrefillWorker
+from diptych.services.decode_worker.worker import DecodeWorker
+from diptych.services.prefill_worker.worker import PrefillWorker
 
 ROLES = ("decode", "colocated", "flex")
 

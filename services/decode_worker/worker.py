@@ -19,14 +19,14 @@ from typing import Any
 
 import zmq
 
-from proto import ProtocolError
-from proto.messages import (
+from diptych.proto import ProtocolError
+from diptych.proto.messages import (
     HANDOFF_CUDA_IPC, KVHandoff, KVPushAborted, KVReceived, KVReserved, Request, RequestDone, ReserveKV, TokenOutput,
     TokenReport,
 )
-from services.common.sockets import bind_address, make_socket, recv_message
-from services.common.worker import Worker
-from services.decode_worker.held_blocks import HeldBlocks
+from diptych.services.common.sockets import bind_address, make_socket, recv_message
+from diptych.services.common.worker import Worker
+from diptych.services.decode_worker.held_blocks import HeldBlocks
 
 log = logging.getLogger("diptych.decode")
 
@@ -186,7 +186,7 @@ def _share_pool(engine: Any) -> dict:
     pool = getattr(engine.kv, "pool", None)
     if pool is None or pool.device.type != "cuda":
         return {}
-    from engine.kv_transfer import share_pool  # imports torch: only engines with KV tensors
+    from diptych.engine.kv_transfer import share_pool  # imports torch: only engines with KV tensors
 
     share = share_pool(engine.kv)
     log.info("KV pool shared for GPU-to-GPU pushes (GPU %s, %d blocks)", share["device_uuid"], engine.kv.num_blocks)

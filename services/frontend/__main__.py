@@ -1,13 +1,13 @@
-"""``python -m services.frontend --help``: run the Diptych frontend."""
+"""``python -m diptych.services.frontend --help``: run the Diptych frontend."""
 
 from __future__ import annotations
 
 import logging
 import sys
 
-from services.common.lifecycle import run_service, setup_logging
-from services.frontend.config import parse_config
-from services.frontend.identity import load_access
+from diptych.services.common.lifecycle import run_service, setup_logging
+from diptych.services.frontend.config import parse_config
+from diptych.services.frontend.identity import load_access
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -18,7 +18,7 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as exc:
         logging.getLogger(__name__).error("cannot start: %s", exc)
         sys.exit(1)
-    from services.frontend.server import serve  # after argument parsing, so --help does not load transformers
+    from diptych.services.frontend.server import serve  # after argument parsing, so --help does not load transformers
 
     status = 0
 

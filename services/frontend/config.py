@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-from services.common.cli import env_default
+from diptych.services.common.cli import env_default
 
 BUILTIN_MODEL_NAME = "diptych-tiny"
 
@@ -44,7 +44,7 @@ class FrontendConfig:
 def build_parser() -> argparse.ArgumentParser:
     d = FrontendConfig()
     p = argparse.ArgumentParser(
-        prog="python -m services.frontend",
+        prog="python -m diptych.services.frontend",
         description="Diptych frontend: OpenAI-compatible HTTP API and SDK endpoint; tokenizes requests, submits them "
                     "to the coordinator and streams the workers' tokens back as text.",
     )

@@ -18,8 +18,8 @@ from typing import Any, Callable
 import zmq
 import zmq.asyncio
 
-import proto
-from services.common.sockets import make_socket, recv_message, send_message
+from diptych import proto
+from diptych.services.common.sockets import make_socket, recv_message, send_message
 
 log = logging.getLogger(__name__)
 

@@ -28,15 +28,15 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from services.frontend.api_errors import APIError
-from services.frontend.coordinator_link import CoordinatorLink
-from services.frontend.identity import ClientDirectory, ClientIdentity
-from services.frontend.model_info import ModelInfo
-from services.frontend.responses import SSE_DONE, OpenAIFormatter, sse_event
-from services.frontend.schemas import ChatCompletionRequest, CompletionRequest, DiptychOptions, SamplingFields
-from services.frontend.slo import SloPolicy
-from services.frontend.tracker import Delta, RequestState, RequestTracker
-from services.frontend.validation import Generation, chat_generation, completion_generation
+from diptych.services.frontend.api_errors import APIError
+from diptych.services.frontend.coordinator_link import CoordinatorLink
+from diptych.services.frontend.identity import ClientDirectory, ClientIdentity
+from diptych.services.frontend.model_info import ModelInfo
+from diptych.services.frontend.responses import SSE_DONE, OpenAIFormatter, sse_event
+from diptych.services.frontend.schemas import ChatCompletionRequest, CompletionRequest, DiptychOptions, SamplingFields
+from diptych.services.frontend.slo import SloPolicy
+from diptych.services.frontend.tracker import Delta, RequestState, RequestTracker
+from diptych.services.frontend.validation import Generation, chat_generation, completion_generation
 
 T = TypeVar("T")
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from services.frontend.slo import DEFAULT_TIER, SloPolicy, Tier, parse_tiers
+from diptych.services.frontend.slo import DEFAULT_TIER, SloPolicy, Tier, parse_tiers
 
 _KEYS_FILE_KEYS = frozenset({"tiers", "clients"})
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from transformers import AutoConfig, AutoTokenizer
 
-from services.frontend.api_errors import bad_request
+from diptych.services.frontend.api_errors import bad_request
 
 log = logging.getLogger(__name__)
 

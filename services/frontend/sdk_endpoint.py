@@ -19,14 +19,14 @@ import time
 import zmq
 import zmq.asyncio
 
-import proto
-from services.common.sockets import make_socket, recv_message, send_message
-from services.frontend.api_errors import APIError, bad_request
-from services.frontend.identity import ClientDirectory
-from services.frontend.model_info import ModelInfo
-from services.frontend.slo import SloPolicy
-from services.frontend.tracker import RequestState, RequestTracker
-from services.frontend.validation import Generation, check_prompt, check_sampling, completion_prompt_ids
+from diptych import proto
+from diptych.services.common.sockets import make_socket, recv_message, send_message
+from diptych.services.frontend.api_errors import APIError, bad_request
+from diptych.services.frontend.identity import ClientDirectory
+from diptych.services.frontend.model_info import ModelInfo
+from diptych.services.frontend.slo import SloPolicy
+from diptych.services.frontend.tracker import RequestState, RequestTracker
+from diptych.services.frontend.validation import Generation, check_prompt, check_sampling, completion_prompt_ids
 
 log = logging.getLogger(__name__)
 

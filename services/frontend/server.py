@@ -17,15 +17,15 @@ import uvicorn
 import zmq
 import zmq.asyncio
 
-from services.common.sockets import bind_address, make_socket
-from services.frontend.config import FrontendConfig
-from services.frontend.coordinator_link import CoordinatorLink, frontend_identity
-from services.frontend.http_api import create_app
-from services.frontend.identity import ClientDirectory
-from services.frontend.model_info import ModelInfo
-from services.frontend.sdk_endpoint import SdkEndpoint
-from services.frontend.slo import SloPolicy
-from services.frontend.tracker import RequestTracker
+from diptych.services.common.sockets import bind_address, make_socket
+from diptych.services.frontend.config import FrontendConfig
+from diptych.services.frontend.coordinator_link import CoordinatorLink, frontend_identity
+from diptych.services.frontend.http_api import create_app
+from diptych.services.frontend.identity import ClientDirectory
+from diptych.services.frontend.model_info import ModelInfo
+from diptych.services.frontend.sdk_endpoint import SdkEndpoint
+from diptych.services.frontend.slo import SloPolicy
+from diptych.services.frontend.tracker import RequestTracker
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class _EmbeddedServer(uvicorn.Server):
 def resolve_model_path(model: str | None) -> str:
     if model is not None:
         return model
-    from engine.tiny_model import resolve_model  # imports torch, so only when the built-in model is needed
+    from diptych.engine.tiny_model import resolve_model  # imports torch, so only when the built-in model is needed
 
     return resolve_model(None)
 

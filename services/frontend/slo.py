@@ -22,8 +22,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from proto import SLO
-from services.frontend.api_errors import bad_request
+from diptych.proto import SLO
+from diptych.services.frontend.api_errors import bad_request
 
 DEFAULT_TIER = "default"
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from proto import TokenOutput
+from diptych.proto import TokenOutput
 
 PHASES = ("admitted", "prefill_start", "prefill_end", "handoff_start", "handoff_end")
 

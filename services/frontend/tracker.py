@@ -29,15 +29,15 @@ from typing import Any
 
 import zmq.asyncio
 
-import proto
-from services.common.sockets import recv_message
-from services.frontend.api_errors import APIError
-from services.frontend.coordinator_link import CoordinatorLink
-from services.frontend.detokenizer import IncrementalDetokenizer
-from services.frontend.identity import ClientIdentity
-from services.frontend.model_info import ModelInfo
-from services.frontend.timeline import Timeline
-from services.frontend.validation import Generation
+from diptych import proto
+from diptych.services.common.sockets import recv_message
+from diptych.services.frontend.api_errors import APIError
+from diptych.services.frontend.coordinator_link import CoordinatorLink
+from diptych.services.frontend.detokenizer import IncrementalDetokenizer
+from diptych.services.frontend.identity import ClientIdentity
+from diptych.services.frontend.model_info import ModelInfo
+from diptych.services.frontend.timeline import Timeline
+from diptych.services.frontend.validation import Generation
 
 log = logging.getLogger(__name__)
 

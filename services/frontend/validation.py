@@ -11,10 +11,10 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from proto import SamplingParams
-from services.frontend.api_errors import APIError, bad_request
-from services.frontend.model_info import ModelInfo
-from services.frontend.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
+from diptych.proto import SamplingParams
+from diptych.services.frontend.api_errors import APIError, bad_request
+from diptych.services.frontend.model_info import ModelInfo
+from diptych.services.frontend.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16
 

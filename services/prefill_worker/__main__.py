@@ -1,7 +1,7 @@
-"""``python -m services.prefill_worker``: run one prefill worker."""
+"""``python -m diptych.services.prefill_worker``: run one prefill worker."""
 
-from services.common.worker_main import worker_main
-from services.prefill_worker.worker import PrefillWorker
+from diptych.services.common.worker_main import worker_main
+from diptych.services.prefill_worker.worker import PrefillWorker
 
 
 def main(argv: list[str] | None = None) -> None:

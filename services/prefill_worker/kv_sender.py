@@ -20,7 +20,7 @@ import logging
 import time
 from typing import Any
 
-from proto.messages import HANDOFF_CUDA_IPC, HANDOFF_FRAMES
+from diptych.proto.messages import HANDOFF_CUDA_IPC, HANDOFF_FRAMES
 
 log = logging.getLogger("diptych.prefill")
 
@@ -115,7 +115,7 @@ class KVSender:
         if pool is None:
             log.info("KV handoff path to %s: %s (this engine holds no KV tensors)", decode_worker_id, HANDOFF_FRAMES)
         else:
-            from engine.kv_transfer import KVPusher, select_path  # imports torch: only engines with KV tensors
+            from diptych.engine.kv_transfer import KVPusher, select_path  # imports torch: only engines with KV tensors
 
             if select_path(pool.device, share, decode_worker_id)[0] == HANDOFF_CUDA_IPC:
                 try:

@@ -14,9 +14,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from proto.messages import KVHandoff, KVPushAborted, PrefillDone, PrefillTask, Request, RequestDone, TokenOutput
-from services.common.worker import Worker
-from services.prefill_worker.kv_sender import KVSender
+from diptych.proto.messages import KVHandoff, KVPushAborted, PrefillDone, PrefillTask, Request, RequestDone, TokenOutput
+from diptych.services.common.worker import Worker
+from diptych.services.prefill_worker.kv_sender import KVSender
 
 log = logging.getLogger("diptych.prefill")
 

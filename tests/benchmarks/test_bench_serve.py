@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from metrics.timeline import load_timelines
+from diptych.metrics.timeline import load_timelines
 from tests.integration.conftest import cluster_spec, start_cluster
 
 pytestmark = pytest.mark.integration
@@ -16,7 +16,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def sim_cluster(tmp_path_factory):
-    from engine.tiny_model import build_tiny_model
+    from diptych.engine.tiny_model import build_tiny_model
 
     path = str(tmp_path_factory.mktemp("models") / "tiny")
     build_tiny_model(path)

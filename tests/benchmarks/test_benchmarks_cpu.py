@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from benchmarks.profile import tile_steps
+from diptych.benchmarks.profile import tile_steps
 from diptych.cli import main
 
 pytestmark = pytest.mark.slow

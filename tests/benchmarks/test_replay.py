@@ -3,13 +3,13 @@ timelines the metrics accept; bad input is refused with a clear message."""
 
 from __future__ import annotations
 
-from benchmarks.replay import replay
+from diptych.benchmarks.replay import replay
 from diptych.cli import main
-from engine import Engine, EngineConfig
-from metrics.results import RunResult
-from metrics.summary import summarize
-from policies.batch import BATCH_POLICIES
-from workloads.spec import RequestSpec
+from diptych.engine import Engine, EngineConfig
+from diptych.metrics.results import RunResult
+from diptych.metrics.summary import summarize
+from diptych.policies.batch import BATCH_POLICIES
+from diptych.workloads.spec import RequestSpec
 
 
 def test_replay_runs_every_request_at_its_arrival_time():
@@ -37,7 +37,7 @@ def test_replay_rejects_bad_input(capsys):
 
 
 def test_warmup_requests_span_the_workload_and_arrive_together():
-    from benchmarks.replay import warmup_specs
+    from diptych.benchmarks.replay import warmup_specs
 
     specs = [RequestSpec(f"r{i}", arrival_time=i, prompt_len=10 * (i + 1), output_len=100) for i in range(40)]
     warmup = warmup_specs(specs, count=5)

@@ -9,14 +9,14 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from proto.messages import (
+from diptych.proto.messages import (
     CancelRequest, ClusterStatus, Heartbeat, KVLayout, KVReceived, KVReserved, PrefillDone, PrefillTask, RegisterAck,
     RegisterWorker, Request, RequestDone, RequestFailed, ReserveKV, SamplingParams, StatusQuery, SubmitRequest,
     TokenReport, WorkerLoad,
 )
-from services.common.sockets import make_socket, recv_message, send_message
-from services.coordinator.config import CoordinatorConfig
-from services.coordinator.server import Coordinator
+from diptych.services.common.sockets import make_socket, recv_message, send_message
+from diptych.services.coordinator.config import CoordinatorConfig
+from diptych.services.coordinator.server import Coordinator
 from tests.integration.conftest import free_port_block
 
 LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=16, block_size=16, dtype="float32")

@@ -9,12 +9,12 @@ import asyncio
 import pytest
 import zmq.asyncio
 
-from proto.messages import KVReserved, RegisterWorker, RequestDone, ReserveKV, SubmitRequest, WorkerLoad
-from services.coordinator.config import CoordinatorConfig, add_arguments, from_args
-from services.coordinator.placement import Placer
-from services.coordinator.pools import PoolManager
-from services.coordinator.server import Coordinator
-from services.coordinator.workers import WorkerRegistry
+from diptych.proto.messages import KVReserved, RegisterWorker, RequestDone, ReserveKV, SubmitRequest, WorkerLoad
+from diptych.services.coordinator.config import CoordinatorConfig, add_arguments, from_args
+from diptych.services.coordinator.placement import Placer
+from diptych.services.coordinator.pools import PoolManager
+from diptych.services.coordinator.server import Coordinator
+from diptych.services.coordinator.workers import WorkerRegistry
 from tests.coordinator.test_coordinator import LAYOUT, Peer, request
 from tests.integration.conftest import free_port_block
 

@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from engine import Engine, EngineConfig, build_tiny_model
-from policies.batch import SarathiBatching
+from diptych.engine import Engine, EngineConfig, build_tiny_model
+from diptych.policies.batch import SarathiBatching
 
 
 @pytest.fixture(scope="session")

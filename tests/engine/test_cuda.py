@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from proto.messages import SamplingParams
+from diptych.proto.messages import SamplingParams
 from tests.engine.test_exactness import GREEDY, NEW_TOKENS, PROMPT_LENGTHS, hf_greedy
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

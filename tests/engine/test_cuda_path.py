@@ -32,7 +32,7 @@ def _reference(queries, cache, tables, lens, scale, window):
 @pytest.mark.parametrize("splits", [1, 4])
 @pytest.mark.parametrize("window", [None, 40])
 def test_decode_kernel_matches_reference(dtype, tolerance, splits, window):
-    from engine.triton_kernels import decode_attention, store_kv
+    from diptych.engine.triton_kernels import decode_attention, store_kv
 
     torch.manual_seed(splits)
     blocks, block_size, kv_heads, head_dim, heads = 64, 16, 8, 128, 32

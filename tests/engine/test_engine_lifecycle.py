@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from engine import Engine, EngineConfig, default_model_path
-from proto.messages import SamplingParams
+from diptych.engine import Engine, EngineConfig, default_model_path
+from diptych.proto.messages import SamplingParams
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
 

@@ -9,11 +9,11 @@ import time
 
 import pytest
 
-from engine.sim_engine import SimEngine
-from engine.config import EngineConfig
-from proto.messages import SamplingParams
-from services.common.engine_thread import EngineThread
-from sim.cost_model import resolve
+from diptych.engine.sim_engine import SimEngine
+from diptych.engine.config import EngineConfig
+from diptych.proto.messages import SamplingParams
+from diptych.services.common.engine_thread import EngineThread
+from diptych.sim.cost_model import resolve
 
 
 class GatedEngine:

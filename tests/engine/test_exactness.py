@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import pytest
 
-from engine import Engine, EngineConfig
-from policies import BATCH_POLICIES
-from proto.codec import decode, encode
-from proto.messages import KVHandoff, Request, SamplingParams
+from diptych.engine import Engine, EngineConfig
+from diptych.policies import BATCH_POLICIES
+from diptych.proto.codec import decode, encode
+from diptych.proto.messages import KVHandoff, Request, SamplingParams
 from tests.hf_reference import hf_greedy
 
 PROMPT_LENGTHS = [1, 2, 7, 8, 9, 17, 31, 33, 50, 75]

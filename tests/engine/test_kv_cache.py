@@ -6,8 +6,8 @@ import pytest
 import torch
 import zmq
 
-from engine.kv_cache import BlockAllocator, KVCachePool, OutOfBlocksError, bytes_per_block, dtype_name
-from proto.messages import KVLayout
+from diptych.engine.kv_cache import BlockAllocator, KVCachePool, OutOfBlocksError, bytes_per_block, dtype_name
+from diptych.proto.messages import KVLayout
 
 
 def small_pool(dtype=torch.float32, num_blocks=6) -> KVCachePool:

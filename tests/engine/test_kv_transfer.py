@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.kv_transfer import CUDA_IPC, FRAMES, StreamingHandoff, select_path
+from diptych.engine.kv_transfer import CUDA_IPC, FRAMES, StreamingHandoff, select_path
 
 
 def test_frames_path_without_a_shared_gpu_pool(caplog):
@@ -42,7 +42,7 @@ def test_streaming_pushes_only_completed_blocks_then_the_rest():
 
 
 def test_engine_exposes_blocks_for_streaming(tiny_llama, make_engine, random_prompts):
-    from proto.messages import SamplingParams
+    from diptych.proto.messages import SamplingParams
 
     engine = make_engine(tiny_llama, token_budget=8)
     prompt = random_prompts([20])[0]

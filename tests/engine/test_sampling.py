@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.sampler import Sampler, SamplingRequest, filtered_probabilities
-from proto.messages import SamplingParams
+from diptych.engine.sampler import Sampler, SamplingRequest, filtered_probabilities
+from diptych.proto.messages import SamplingParams
 
 
 def run_alone_and_in_batch(engine, prompt, sampling, others, other_sampling):

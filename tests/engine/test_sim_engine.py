@@ -6,10 +6,10 @@ import time
 
 import pytest
 
-from engine.config import EngineConfig
-from engine.sim_engine import PLACEHOLDER_TOKEN, SimEngine, SimHandoff
-from proto.messages import SamplingParams
-from sim.cost_model import DEFAULT, replace
+from diptych.engine.config import EngineConfig
+from diptych.engine.sim_engine import PLACEHOLDER_TOKEN, SimEngine, SimHandoff
+from diptych.proto.messages import SamplingParams
+from diptych.sim.cost_model import DEFAULT, replace
 
 FAST = replace(DEFAULT, overhead_s=0.0, weights_floor_s=0.002, per_token_s=1e-5, attn_pair_s=0.0, kv_token_s=0.0)
 
@@ -65,10 +65,10 @@ def test_back_to_back_iterations_follow_the_modelled_time():
     time per token (within the host's timer noise)."""
     import time
 
-    from engine.config import EngineConfig
-    from engine.sim_engine import SimEngine
-    from proto.messages import SamplingParams
-    from sim.cost_model import resolve
+    from diptych.engine.config import EngineConfig
+    from diptych.engine.sim_engine import SimEngine
+    from diptych.proto.messages import SamplingParams
+    from diptych.sim.cost_model import resolve
 
     cost = resolve("h200-mistral-7b")
     engine = SimEngine(EngineConfig(num_blocks=4096), cost=cost)

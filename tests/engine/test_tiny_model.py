@@ -10,8 +10,8 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from engine import build_tiny_model, default_model_path
-from engine.tiny_model import DEFAULT_MODEL_DIRNAME, build_byte_tokenizer, resolve_model
+from diptych.engine import build_tiny_model, default_model_path
+from diptych.engine.tiny_model import DEFAULT_MODEL_DIRNAME, build_byte_tokenizer, resolve_model
 
 BYTE_TOKENIZER = build_byte_tokenizer()
 

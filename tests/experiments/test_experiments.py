@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from diptych.cli import main
-from experiments import experiments
+from diptych.experiments import experiments
 
 
 def test_every_experiment_is_registered_with_help(capsys):

@@ -28,7 +28,7 @@ import httpx
 import pytest
 import zmq
 
-import proto
+from diptych import proto
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -172,7 +172,7 @@ def _launch(model: str, log_dir: str, name: str, *extra: str) -> Frontend:
     http, sdk, stream = free_port(), free_port(), free_port()
     cluster = FakeCluster(f"tcp://127.0.0.1:{free_port()}")
     log_path = os.path.join(log_dir, f"{name}.log")
-    cmd = [sys.executable, "-m", "services.frontend", "--model", model, "--served-model-name", "tiny",
+    cmd = [sys.executable, "-m", "diptych.services.frontend", "--model", model, "--served-model-name", "tiny",
            "--http-port", str(http), "--sdk-addr", f"tcp://127.0.0.1:{sdk}",
            "--stream-addr", f"tcp://127.0.0.1:{stream}", "--coordinator-addr", cluster.address,
            "--log-level", "DEBUG", *extra]
@@ -210,7 +210,7 @@ def _stop(fe: Frontend) -> int:
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> str:
-    from engine.tiny_model import build_tiny_model
+    from diptych.engine.tiny_model import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama", family="llama")
 

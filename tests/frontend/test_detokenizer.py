@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import random
 
-from services.frontend.detokenizer import IncrementalDetokenizer
+from diptych.services.frontend.detokenizer import IncrementalDetokenizer
 from tests.frontend.conftest import text_ids
 
 MIXED = "Hé, 世界! 👋🏽 naïve café — ok"

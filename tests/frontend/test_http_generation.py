@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest
 
-import proto
+from diptych import proto
 from tests.frontend.conftest import replying, text_ids
 
 pytestmark = pytest.mark.asyncio

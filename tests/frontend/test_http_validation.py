@@ -6,7 +6,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-import proto
+from diptych import proto
 from tests.frontend.conftest import replying
 
 CONTEXT = 512  # the tiny model's max_position_embeddings

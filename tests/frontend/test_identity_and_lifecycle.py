@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-import proto
+from diptych import proto
 from diptych.client import AsyncClient
 from diptych.errors import AuthenticationError, ServiceUnavailableError
 from tests.frontend.conftest import replying

@@ -12,7 +12,7 @@ import pytest
 import zmq
 import zmq.asyncio
 
-import proto
+from diptych import proto
 from diptych.client import AsyncClient, Client
 from diptych.errors import (
     BadRequestError, DiptychError, RateLimitError, RequestTimeoutError, ServerError, ServiceUnavailableError,

@@ -12,11 +12,11 @@ import sys
 import httpx
 import pytest
 
-import proto
+from diptych import proto
 from diptych.client import AsyncClient
 from diptych.errors import BadRequestError
-from services.frontend.identity import ANONYMOUS, load_access
-from services.frontend.slo import BUILTIN_TIERS, Tier
+from diptych.services.frontend.identity import ANONYMOUS, load_access
+from diptych.services.frontend.slo import BUILTIN_TIERS, Tier
 from tests.frontend.conftest import REPO, replying
 
 BODY = {"model": "tiny", "prompt": "hi", "max_tokens": 2}
@@ -86,7 +86,7 @@ def test_frontend_refuses_to_start_with_a_bad_tier_configuration(tmp_path):
         "bad_tiers_file": ["--slo-tiers", write(tmp_path, "t.json", {"gold": {"tbt_s": -1}})],
         "unreadable_tiers_file": ["--slo-tiers", write(tmp_path, "u.json", "{not json")],
     }
-    procs = {name: subprocess.Popen([sys.executable, "-m", "services.frontend", "--model", "/nonexistent", *args],
+    procs = {name: subprocess.Popen([sys.executable, "-m", "diptych.services.frontend", "--model", "/nonexistent", *args],
                                     cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for name, args in cases.items()}
     outputs = {name: proc.communicate(timeout=60)[0] for name, proc in procs.items()}

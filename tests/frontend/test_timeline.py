@@ -10,7 +10,7 @@ import time
 import httpx
 import pytest
 
-import proto
+from diptych import proto
 from diptych.client import AsyncClient
 from tests.frontend.conftest import text_ids
 from tests.frontend.test_http_generation import sse_events

@@ -20,7 +20,7 @@ def cluster_spec(model_path: str, **overrides) -> ClusterSpec:
 
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> str:
-    from engine.tiny_model import build_tiny_model
+    from diptych.engine.tiny_model import build_tiny_model
 
     path = str(tmp_path_factory.mktemp("models") / "tiny-llama")
     build_tiny_model(path, family="llama")

@@ -118,7 +118,7 @@ def test_garbage_frames_do_not_stop_the_cluster(pd_cluster):
 
 
 def test_qwen2_pipeline_matches_hf(tmp_path_factory):
-    from engine.tiny_model import build_tiny_model
+    from diptych.engine.tiny_model import build_tiny_model
 
     path = str(tmp_path_factory.mktemp("models") / "tiny-qwen2")
     build_tiny_model(path, family="qwen2")

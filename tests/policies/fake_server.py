@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from policies.admission import AdmissionPolicy, PendingRequest
+from diptych.policies.admission import AdmissionPolicy, PendingRequest
 
 
 @dataclass

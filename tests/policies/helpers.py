@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from policies.batch import KVState, SequenceState
+from diptych.policies.batch import KVState, SequenceState
 
 
 def decode(rid: str, t_end: float | None = 0.0, tbt: float | None = None, arrival: float = 0.0,

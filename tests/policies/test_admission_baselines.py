@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from policies.admission import ADMISSION_POLICIES, FCFSAdmission, PendingRequest
-from policies.rpm import RPMAdmission
-from policies.spf import SPFAdmission
+from diptych.policies.admission import ADMISSION_POLICIES, FCFSAdmission, PendingRequest
+from diptych.policies.rpm import RPMAdmission
+from diptych.policies.spf import SPFAdmission
 from tests.policies.fake_server import FakeServer, periodic, service_between
 
 

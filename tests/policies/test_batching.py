@@ -5,9 +5,9 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from policies.batch import BATCH_POLICIES, SarathiBatching, SequenceState
-from policies.prefill_first import PrefillFirstBatching
-from policies.rad_batching import RADBatching
+from diptych.policies.batch import BATCH_POLICIES, SarathiBatching, SequenceState
+from diptych.policies.prefill_first import PrefillFirstBatching
+from diptych.policies.rad_batching import RADBatching
 from tests.policies.helpers import decode, kv, partial, waiting
 
 running_specs = st.lists(

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from policies.pool import POOL_POLICIES, PoolStats, RADPools, StaticPools
+from diptych.policies.pool import POOL_POLICIES, PoolStats, RADPools, StaticPools
 
 
 def stats(prefill=2, decode=2, queued=0, tps=10_000.0, kv=0.2, decodes=10, slack=None, arrivals=None,

@@ -6,9 +6,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from policies.batch import BATCH_POLICIES
-from policies.slai import SLAIBatching
-from policies.slai_urgency import IterationTimer
+from diptych.policies.batch import BATCH_POLICIES
+from diptych.policies.slai import SLAIBatching
+from diptych.policies.slai_urgency import IterationTimer
 from tests.policies.helpers import decode, kv, partial, waiting
 
 

@@ -6,8 +6,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from policies.admission import ADMISSION_POLICIES, PendingRequest
-from policies.vtc import LCFAdmission, VTCAdmission
+from diptych.policies.admission import ADMISSION_POLICIES, PendingRequest
+from diptych.policies.vtc import LCFAdmission, VTCAdmission
 from tests.policies.fake_server import FakeServer, max_backlogged_gap, periodic, service_between
 
 

@@ -6,9 +6,9 @@ import msgpack
 import pytest
 from hypothesis import given, strategies as st
 
-import proto
-from proto.codec import _REGISTRY
-from proto.messages import (
+from diptych import proto
+from diptych.proto.codec import _REGISTRY
+from diptych.proto.messages import (
     HANDOFF_CUDA_IPC, SLO, CancelRequest, ClientGenerate, ClusterStatus, KVHandoff, KVLayout, KVPushAborted,
     KVReserved, PrefillTask, Request, SamplingParams, SubmitRequest, TokenBatch, TokenOutput, TokenReport,
 )

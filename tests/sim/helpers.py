@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from sim.config import ClusterConfig, PolicySpec
-from sim.cost_model import DEFAULT
-from workloads.catalog import WorkloadConfig, build_workload
-from workloads.spec import RequestSpec
+from diptych.sim.config import ClusterConfig, PolicySpec
+from diptych.sim.cost_model import DEFAULT
+from diptych.workloads.catalog import WorkloadConfig, build_workload
+from diptych.workloads.spec import RequestSpec
 
 
 def specs(n: int = 60, qps: float = 20.0, name: str = "sharegpt4", tiers: str = "slai", seed: int = 0,

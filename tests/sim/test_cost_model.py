@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from sim.cost_model import DEFAULT, MISTRAL_7B, PRESETS, CostModel, resolve
+from diptych.sim.cost_model import DEFAULT, MISTRAL_7B, PRESETS, CostModel, resolve
 
 
 def test_default_matches_its_derivation():

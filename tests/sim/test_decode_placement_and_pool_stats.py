@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from sim.simulator import Simulator, simulate
+from diptych.sim.simulator import Simulator, simulate
 from tests.sim.helpers import disaggregated, replace, request, specs
 
 

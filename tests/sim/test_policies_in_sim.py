@@ -8,13 +8,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from metrics.fairness import service_difference
-from policies.batch import BATCH_POLICIES, KVState, SequenceState
-from sim.config import PolicySpec
-from sim.cost_model import PRESETS
-from sim.simulator import Simulator, simulate
+from diptych.metrics.fairness import service_difference
+from diptych.policies.batch import BATCH_POLICIES, KVState, SequenceState
+from diptych.sim.config import PolicySpec
+from diptych.sim.cost_model import PRESETS
+from diptych.sim.simulator import Simulator, simulate
 from tests.sim.helpers import colocated, disaggregated, specs
-from workloads.vtc import vtc_scenario
+from diptych.workloads.vtc import vtc_scenario
 
 
 def _decodes(lasts: list[float], tbts: list[float | None]) -> list[SequenceState]:

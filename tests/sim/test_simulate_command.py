@@ -7,7 +7,7 @@ import json
 import pytest
 
 from diptych.cli import main
-from metrics.timeline import load_timelines
+from diptych.metrics.timeline import load_timelines
 
 
 def test_help(capsys):

@@ -8,10 +8,10 @@ import math
 import numpy as np
 import pytest
 
-from metrics.results import STATUS_CODES
-from sim.config import ClusterConfig, PolicySpec
-from sim.simulator import Simulator, simulate
-from sim.token_accounting import _count_over
+from diptych.metrics.results import STATUS_CODES
+from diptych.sim.config import ClusterConfig, PolicySpec
+from diptych.sim.simulator import Simulator, simulate
+from diptych.sim.token_accounting import _count_over
 from tests.sim.helpers import DEFAULT, colocated, disaggregated, replace, request, specs
 
 BATCH = ["sarathi", "slai", "rad", "prefill-first"]
@@ -151,7 +151,7 @@ def test_preempting_policies_are_refused():
         name = "x"
 
         def schedule(self, waiting, running, kv, now):
-            from policies.batch import BatchPlan
+            from diptych.policies.batch import BatchPlan
             return BatchPlan(preempt=[running[0].request_id]) if running else BatchPlan(
                 prefill_chunks=[(waiting[0].request_id, waiting[0].prompt_len)])
 

@@ -9,11 +9,11 @@ import json
 import numpy as np
 import pytest
 
-from workloads.catalog import WorkloadConfig, add_workload_arguments, build_workload, workload_from_args
-from workloads.spec import RequestSpec, load_specs, save_specs
-from workloads.tiers import assign_tiers, format_tiers, parse_tiers
-from workloads.traces import read_trace
-from workloads.vtc import SCENARIOS, vtc_scenario
+from diptych.workloads.catalog import WorkloadConfig, add_workload_arguments, build_workload, workload_from_args
+from diptych.workloads.spec import RequestSpec, load_specs, save_specs
+from diptych.workloads.tiers import assign_tiers, format_tiers, parse_tiers
+from diptych.workloads.traces import read_trace
+from diptych.workloads.vtc import SCENARIOS, vtc_scenario
 
 
 def test_csv_variants(tmp_path):

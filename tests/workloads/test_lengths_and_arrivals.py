@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from workloads import lengths as L
-from workloads.arrivals import arrival_times, arrivals_in, gap_cv, on_off_times, ramp_times, scale_trace
-from workloads.make_tables import spearman
-from workloads.traces import read_csv_trace
+from diptych.workloads import lengths as L
+from diptych.workloads.arrivals import arrival_times, arrivals_in, gap_cv, on_off_times, ramp_times, scale_trace
+from diptych.workloads.make_tables import spearman
+from diptych.workloads.traces import read_csv_trace
 
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 RNG = np.random.default_rng

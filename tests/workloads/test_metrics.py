@@ -6,15 +6,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from metrics.fairness import service_curves, service_difference, table2_metric, window_service
-from metrics.histogram import LogHistogram
-from metrics.results import RunResult
-from metrics.summary import format_summary, summarize
-from metrics.timeline import RequestTimeline, from_service_timeline, load_timelines, save_timelines
-from workloads.spec import RequestSpec
-from sim.config import ClusterConfig
-from sim.simulator import simulate
-from workloads.catalog import WorkloadConfig, build_workload
+from diptych.metrics.fairness import service_curves, service_difference, table2_metric, window_service
+from diptych.metrics.histogram import LogHistogram
+from diptych.metrics.results import RunResult
+from diptych.metrics.summary import format_summary, summarize
+from diptych.metrics.timeline import RequestTimeline, from_service_timeline, load_timelines, save_timelines
+from diptych.workloads.spec import RequestSpec
+from diptych.sim.config import ClusterConfig
+from diptych.sim.simulator import simulate
+from diptych.workloads.catalog import WorkloadConfig, build_workload
 
 
 def test_histogram_quantiles_and_linear_series():
