@@ -5,6 +5,7 @@ ARG TORCH_SPEC=torch==2.13.0
 COPY pyproject.toml README.md ./
 COPY diptych diptych
 COPY proto proto
+COPY cluster cluster
 COPY engine engine
 COPY policies policies
 COPY services services
