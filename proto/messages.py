@@ -194,8 +194,9 @@ class KVReserved:
 
 @message("prefill")
 class PrefillTask:
-    """Coordinator -> prefill worker: prefill ``request`` and push its KV to ``decode_kv_addr``. When
-    ``decode_worker_id`` is the receiving worker itself (colocated mode), it runs the whole request instead."""
+    """Coordinator -> prefill worker: prefill ``request`` and push its KV to ``decode_kv_addr``. With
+    ``colocated`` the receiving worker runs the whole request itself (no handoff; ``decode_worker_id`` is its own id
+    and ``decode_kv_addr`` is empty)."""
 
     request: Request
     decode_worker_id: str
@@ -206,6 +207,9 @@ class PrefillTask:
     """The decode worker's reserved blocks (``KVReserved.block_ids``), for a GPU-to-GPU push; empty if not shared."""
     decode_kv_share: dict[str, Any] = field(default_factory=dict)
     """The decode worker's ``RegisterWorker.kv_share``; empty if it shares no GPU pool."""
+    colocated: bool = False
+    """Run the request from prompt to last token here (a colocated worker, or a flex worker in the colocated
+    pool)."""
 
 
 @message("prefill_done")
