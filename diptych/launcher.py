@@ -80,6 +80,19 @@ class ClusterSpec:
     def sdk_addr(self) -> str:
         return self.addr(self.sdk_port)
 
+    def kv_addrs(self) -> dict[str, str]:
+        """Worker name -> the KV address it binds, for the decode, colocated and flex workers in launch order."""
+        names = [f"{role}-{i}" for role, count in (("decode", self.decode_workers),
+                                                    ("colocated", self.colocated_workers),
+                                                    ("flex", self.flex_workers)) for i in range(count)]
+        return {name: self.addr(self.kv_base_port + i) for i, name in enumerate(names)}
+
+    def bound_addresses(self) -> list[tuple[str, str]]:
+        """Every address a process of this cluster listens on, as (what, address): each binds exactly its host."""
+        return [("OpenAI API", f"{self.http_url}/v1"), ("SDK", self.sdk_addr),
+                ("coordinator", self.addr(self.coordinator_port)), ("token stream", self.addr(self.stream_port)),
+                *((f"KV {name}", addr) for name, addr in self.kv_addrs().items())]
+
 
 class Cluster:
     def __init__(self, spec: ClusterSpec, *, log_dir: str | None = None) -> None:
@@ -114,13 +127,9 @@ class Cluster:
         for i in range(s.prefill_workers):
             cmds[f"prefill-{i}"] = [*py, "diptych.services.prefill_worker", "--worker-id", f"prefill-{i}", *device(),
                                     *worker_common]
-        kv_port = s.kv_base_port
-        for role, count in (("decode", s.decode_workers), ("colocated", s.colocated_workers),
-                            ("flex", s.flex_workers)):
-            for i in range(count):
-                cmds[f"{role}-{i}"] = [*py, "diptych.services.decode_worker", "--worker-id", f"{role}-{i}", "--role", role,
-                                       "--kv-addr", s.addr(kv_port), *device(), *worker_common]
-                kv_port += 1
+        for name, kv_addr in s.kv_addrs().items():
+            cmds[name] = [*py, "diptych.services.decode_worker", "--worker-id", name, "--role", name.split("-")[0],
+                          "--kv-addr", kv_addr, *device(), *worker_common]
         cmds["frontend"] = [
             *py, "diptych.services.frontend", *model, "--host", s.host, "--http-port", str(s.http_port),
             "--sdk-addr", s.sdk_addr, "--stream-addr", s.addr(s.stream_port), "--coordinator-addr", coordinator,

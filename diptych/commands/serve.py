@@ -85,10 +85,10 @@ def run(args: argparse.Namespace) -> int:
         health = cluster.wait_ready()
         workers = ", ".join(f"{health.get(f'{pool}_workers') or 0} {pool}"
                             for pool in ("prefill", "decode", "colocated"))
+        listening = "".join(f"  {what:<14} {addr}\n" for what, addr in spec.bound_addresses())
         print(f"Diptych is up: workers {workers}; model {health.get('model')}\n"
-              f"  OpenAI API   {spec.http_url}/v1   (try: curl {spec.http_url}/v1/models)\n"
-              f"  SDK          {spec.sdk_addr}\n"
-              f"  coordinator  {spec.addr(spec.coordinator_port)}\n"
+              f"Listening on (nothing else):\n{listening}"
+              f"Try: curl {spec.http_url}/v1/models\n"
               f"Press Ctrl-C to stop.", flush=True)
         dead = cluster.wait()
         print(f"diptych serve: processes exited: {dead}; stopping the rest", file=sys.stderr)

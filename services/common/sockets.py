@@ -62,8 +62,15 @@ async def recv_message(sock: zmq.asyncio.Socket, *, routed: bool = False) -> tup
 
 
 def bind_address(addr: str) -> str:
-    """An address to bind from one to connect to: ``tcp://host:port`` binds on all interfaces (``tcp://*:port``)."""
+    """The address to bind for one peers connect to: the same interface, never a wider one.
+
+    ``tcp://127.0.0.1:5600`` binds loopback only; a host name binds the interface it resolves to; all interfaces only
+    when asked for explicitly (``tcp://0.0.0.0:port`` or ``tcp://*:port``, normalised to ``*``). Other transports
+    (``ipc://``, ``inproc://``) are returned unchanged."""
     if addr.startswith("tcp://"):
-        port = addr.rsplit(":", 1)[1]
-        return f"tcp://*:{port}"
+        host, sep, port = addr[len("tcp://"):].rpartition(":")
+        if not sep or not host or not port:
+            raise ValueError(f"{addr!r} is not tcp://host:port")
+        if host == "0.0.0.0":
+            return f"tcp://*:{port}"
     return addr

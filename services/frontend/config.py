@@ -13,7 +13,7 @@ BUILTIN_MODEL_NAME = "diptych-tiny"
 @dataclass
 class FrontendConfig:
     """Addresses are ZeroMQ endpoints; ``stream_addr`` is the token-stream address *as workers connect to it* (the
-    frontend binds it on all interfaces). ``max_model_len`` (tokens) defaults to the model's
+    frontend binds that interface; ``services.common.sockets.bind_address``). ``max_model_len`` (tokens) defaults to the model's
     ``max_position_embeddings``. ``request_timeout_s``: a request that receives no output for this long is cancelled
     and fails with 504. ``slo_tiers_file``: JSON tiers map (``services.frontend.identity`` describes both files)."""
 
@@ -59,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sdk-addr", default=env_default("sdk_addr", d.sdk_addr),
                    help="ZeroMQ address the SDK ROUTER socket binds [%(default)s]")
     p.add_argument("--stream-addr", default=env_default("stream_addr", d.stream_addr),
-                   help="token-stream PULL address as workers connect to it; bound on all interfaces [%(default)s]")
+                   help="token-stream PULL address as workers connect to it; bound on that interface only "
+                        "(tcp://0.0.0.0:PORT for all) [%(default)s]")
     p.add_argument("--coordinator-addr", default=env_default("coordinator_addr", d.coordinator_addr),
                    help="coordinator control socket [%(default)s]")
     p.add_argument("--api-keys-file", default=env_default("api_keys_file", "") or None,
