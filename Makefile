@@ -20,8 +20,11 @@ $(VENV)/.installed: pyproject.toml
 serve: install
 	$(BIN)/diptych serve $(SERVE_ARGS)
 
+# Lint, then type-check, then the tests; the first that fails stops `make test`.
 test: install
+	$(BIN)/ruff check .
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
