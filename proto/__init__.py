@@ -4,6 +4,6 @@ See ``proto/README.md`` for the sockets and who sends what to whom.
 """
 
 from diptych.proto.codec import PROTOCOL_VERSION, ProtocolError, ProtocolVersionError, decode, encode
-from diptych.proto.messages import *  # noqa: F401,F403  (the message types are this package's API)
+from diptych.proto.messages import *  # noqa: F403  (the message types are this package's API)
 
 __all__ = ["PROTOCOL_VERSION", "ProtocolError", "ProtocolVersionError", "decode", "encode"]

@@ -20,11 +20,18 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import sys
 import types
 import typing
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import msgpack
+
+if sys.version_info >= (3, 11):
+    from typing import dataclass_transform
+else:
+    from typing_extensions import dataclass_transform
 
 PROTOCOL_VERSION = 1
 
@@ -42,8 +49,12 @@ class ProtocolVersionError(ProtocolError):
     """The peer speaks another protocol version."""
 
 
+@dataclass_transform(field_specifiers=(dataclasses.field,))
 def message(tag: str) -> Callable[[type[T]], type[T]]:
-    """Class decorator: register a dataclass as a wire message under ``tag``."""
+    """Class decorator: register a dataclass as a wire message under ``tag`` (applying ``@dataclass`` if needed).
+
+    Declared a dataclass transform (PEP 681), so type checkers know each message's constructor and its keywords.
+    """
 
     def register(cls: type[T]) -> type[T]:
         if not dataclasses.is_dataclass(cls):
@@ -58,7 +69,11 @@ def message(tag: str) -> Callable[[type[T]], type[T]]:
 
 
 def payload_field(**kwargs: Any) -> Any:
-    """A dataclass field whose value (a list of buffers) travels as raw frames after the header."""
+    """A dataclass field whose value (a list of buffers) travels as raw frames after the header; defaults to ``[]``.
+
+    Deliberately not one of ``message``'s field specifiers: type checkers then read ``= payload_field()`` as a
+    default value, which it is (an empty list per instance).
+    """
     return dataclasses.field(default_factory=list, metadata={"payload": True}, **kwargs)
 
 
@@ -68,7 +83,7 @@ def tag_of(msg: Any) -> str:
 
 def encode(msg: Any) -> list[Any]:
     """Encode a registered message into frames: [header, *payload buffers]."""
-    cls = type(msg)
+    cls: type = type(msg)
     if cls not in _TAGS:
         raise TypeError(f"{cls.__name__} is not a registered message")
     body: dict[str, Any] = {}
@@ -91,7 +106,7 @@ def decode(frames: list[Any]) -> Any:
         raise ProtocolError("empty message")
     try:
         header = msgpack.unpackb(bytes(frames[0]), raw=False, strict_map_key=False)
-    except Exception as exc:  # msgpack raises several unrelated exception types
+    except Exception as exc:  # noqa: BLE001 (msgpack raises several unrelated exception types)
         raise ProtocolError(f"header is not valid msgpack: {exc}") from None
     if not isinstance(header, dict) or not {"v", "t", "b"} <= header.keys():
         raise ProtocolError("header must be a map with keys v, t, b")
