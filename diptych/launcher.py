@@ -114,8 +114,9 @@ class Cluster:
             *(["--num-blocks", str(s.num_blocks)] if s.num_blocks else []), "--engine", s.engine,
             *(["--cost-model", s.cost_model] if s.cost_model else []), *s.extra_worker_args,
         ]
-        cmds = {"coordinator": [*py, "diptych.services.coordinator", "--address", coordinator, "--admission", s.admission,
-                                *_opts("--admission-opt", s.admission_opts), "--pool-policy", s.pool_policy,
+        cmds = {"coordinator": [*py, "diptych.services.coordinator", "--address", coordinator,
+                                "--admission", s.admission, *_opts("--admission-opt", s.admission_opts),
+                                "--pool-policy", s.pool_policy,
                                 *_opts("--pool-opt", s.pool_opts), "--log-level", s.log_level,
                                 *s.extra_coordinator_args]}
         devices = [d.strip() for d in s.device.split(",")]
@@ -152,7 +153,7 @@ class Cluster:
             out = None
             if self.log_dir:
                 os.makedirs(self.log_dir, exist_ok=True)
-                out = open(os.path.join(self.log_dir, f"{name}.log"), "ab")
+                out = open(os.path.join(self.log_dir, f"{name}.log"), "ab")  # noqa: SIM115 (open while it runs)
                 self._logs.append(out)
             self.procs[name] = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT if out else None)
 
@@ -202,7 +203,7 @@ class Cluster:
             f.close()
         self._logs.clear()
 
-    def __enter__(self) -> "Cluster":
+    def __enter__(self) -> Cluster:
         self.start()
         return self
 

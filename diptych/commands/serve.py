@@ -72,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
             host=args.host, http_port=args.http_port, coordinator_port=args.coordinator_port,
             sdk_port=args.sdk_port, stream_port=args.stream_port, kv_base_port=args.kv_base_port,
             admission=args.admission, admission_opts=args.admission_opt, policy=args.policy,
-            policy_opts=args.policy_opt, device=args.device, engine=args.engine, cost_model=args.cost_model, num_blocks=args.num_blocks,
+            policy_opts=args.policy_opt, device=args.device, engine=args.engine, cost_model=args.cost_model,
+            num_blocks=args.num_blocks,
             api_keys_file=args.api_keys_file, slo_tiers_file=args.slo_tiers, log_level=args.log_level,
         )
     except ValueError as exc:

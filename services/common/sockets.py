@@ -3,17 +3,20 @@
 - ``LINGER`` is always set (the default of -1 can hang shutdown forever).
 - ROUTER sockets set ``ROUTER_MANDATORY`` so a message to an unknown peer raises instead of vanishing.
 - ``recv_message`` turns malformed frames into a logged drop (or an error reply, by the caller) rather than a crash.
+- ``security`` (opt-in): CURVE server or client options from ``services.common.security``, applied before the socket
+  binds or connects; ``recv_authenticated`` also returns the ZAP user id (the sender's key name) of each message.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, NamedTuple
 
 import zmq
 import zmq.asyncio
 
 from diptych import proto
+from diptych.services.common.security import SocketSecurity
 
 log = logging.getLogger(__name__)
 
@@ -21,9 +24,12 @@ LINGER_MS = 500
 
 
 def make_socket(ctx: zmq.asyncio.Context, kind: int, *, bind: str | None = None, connect: str | None = None,
-                identity: str | None = None) -> zmq.asyncio.Socket:
-    """Create a socket of ``kind`` (``zmq.ROUTER`` ...) and bind or connect it to a ``tcp://``/``ipc://`` address."""
+                identity: str | None = None, security: SocketSecurity | None = None) -> zmq.asyncio.Socket:
+    """Create a socket of ``kind`` (``zmq.ROUTER`` ...) and bind or connect it to a ``tcp://``/``ipc://`` address,
+    with ``security``'s CURVE options when given (a ``CurveServer`` needs the context's ``ZapAuthenticator``)."""
     sock = ctx.socket(kind)
+    if security is not None:
+        security.apply(sock)
     sock.setsockopt(zmq.LINGER, LINGER_MS)
     sock.setsockopt(zmq.RCVHWM, 0)
     sock.setsockopt(zmq.SNDHWM, 0)
@@ -48,17 +54,41 @@ async def send_message(sock: zmq.asyncio.Socket, msg: Any, *, to: bytes | None =
     await sock.send_multipart(frames, copy=False)
 
 
-async def recv_message(sock: zmq.asyncio.Socket, *, routed: bool = False) -> tuple[bytes | None, Any]:
-    """Receive one message. Returns (peer identity or None, message), or (identity, ProtocolError) when the frames
-    could not be decoded: the caller decides whether to answer with an error or drop it."""
+class Received(NamedTuple):
+    """One received message: ``peer`` is the ROUTER identity (None unless routed), ``user_id`` the name of the key
+    that authenticated the connection (None without CURVE), ``message`` the decoded message or a ProtocolError."""
+
+    peer: bytes | None
+    user_id: str | None
+    message: Any
+
+
+async def recv_authenticated(sock: zmq.asyncio.Socket, *, routed: bool = False) -> Received:
+    """Receive one message with the authenticated user id of the connection it came on."""
     frames = await sock.recv_multipart(copy=False)
     identity = None
     if routed:
         identity, frames = frames[0].bytes, frames[1:]
+    user_id = _user_id(frames[0]) if frames else None
     try:
-        return identity, proto.decode([f.buffer for f in frames])
+        return Received(identity, user_id, proto.decode([f.buffer for f in frames]))
     except proto.ProtocolError as exc:
-        return identity, exc
+        return Received(identity, user_id, exc)
+
+
+async def recv_message(sock: zmq.asyncio.Socket, *, routed: bool = False) -> tuple[bytes | None, Any]:
+    """Receive one message. Returns (peer identity or None, message), or (identity, ProtocolError) when the frames
+    could not be decoded: the caller decides whether to answer with an error or drop it."""
+    peer, _, message = await recv_authenticated(sock, routed=routed)
+    return peer, message
+
+
+def _user_id(frame: zmq.Frame) -> str | None:
+    try:
+        user_id = frame.get("User-Id")
+    except zmq.ZMQError:  # no ZAP user id on this connection
+        return None
+    return user_id if isinstance(user_id, str) and user_id else None
 
 
 def bind_address(addr: str) -> str:
