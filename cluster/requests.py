@@ -1,0 +1,79 @@
+"""The core's table of requests: phase, the workers placed for each, and which of them hold it.
+
+A request is *held* by a worker from the moment the driver sends it work (a reservation to the decode worker, the
+prefill task to the prefill worker) until that worker lets it go, or is evicted. A record is dropped once it has
+ended and no worker holds it. The accounting a placement adds to its workers is tracked by its own flags
+(``prefill_accounted``, ``decode_accounted``) and released exactly once (``cluster.accounting``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from diptych.proto.roles import RequestPhase
+
+
+@dataclass(eq=False)
+class RequestRecord:
+    request_id: str
+    client_id: str
+    prompt_tokens: int
+    max_tokens: int
+    payload: Any = None
+    """The driver's own data for the request (the coordinator: the request message and its frontend)."""
+    phase: RequestPhase = RequestPhase.QUEUED
+    prefill_worker: str | None = None
+    decode_worker: str | None = None
+    prefill_blocks: int = 0
+    """KV blocks of the prompt counted in the prefill worker's backlog (0 when colocated)."""
+    decode_reserved_blocks: int = 0
+    """KV blocks reserved on the decoding worker (a count; 0 when colocated without reservation)."""
+    prefill_holds: bool = False
+    decode_holds: bool = False
+    prefill_accounted: bool = False
+    """The prompt still counts in the prefill worker's backlog (until its first token)."""
+    decode_accounted: bool = False
+    """The decode reservation still counts on the decoding worker (until it lets the request go)."""
+    handoff_deadline: float | None = None
+    admitted_time: float = 0.0
+
+    @property
+    def releasable(self) -> bool:
+        return self.phase is RequestPhase.ENDED and not self.prefill_holds and not self.decode_holds
+
+
+class RequestTable:
+    def __init__(self) -> None:
+        self._records: dict[str, RequestRecord] = {}
+
+    def add(self, record: RequestRecord) -> None:
+        self._records[record.request_id] = record
+
+    def get(self, request_id: str) -> RequestRecord | None:
+        return self._records.get(request_id)
+
+    def __contains__(self, request_id: str) -> bool:
+        return request_id in self._records
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def drop_if_released(self, record: RequestRecord) -> bool:
+        """Forget an ended record that no worker holds; True if it was dropped."""
+        if record.releasable:
+            self._records.pop(record.request_id, None)
+            return True
+        return False
+
+    def held_by(self, worker_id: str) -> list[RequestRecord]:
+        return [
+            r for r in self._records.values()
+            if (r.prefill_holds and r.prefill_worker == worker_id) or (r.decode_holds and r.decode_worker == worker_id)
+        ]
+
+    def overdue_handoffs(self, now: float) -> list[RequestRecord]:
+        return [
+            r for r in self._records.values()
+            if r.phase is RequestPhase.HANDOFF and r.handoff_deadline is not None and now > r.handoff_deadline
+        ]

@@ -1,0 +1,20 @@
+"""How the coordinator reaches its workers: what a worker registered beyond what the cluster core keeps."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from diptych.proto.messages import WorkerLoad
+
+
+@dataclass
+class Endpoint:
+    identity: bytes
+    """The worker's ZeroMQ routing identity on the control socket."""
+    kv_addr: str
+    """Where it receives KV handoffs (decode and flex roles)."""
+    load: WorkerLoad
+    """As of its last heartbeat."""
+    kv_share: dict[str, Any] = field(default_factory=dict)
+    """Decode roles on a GPU: their pool shared for GPU-to-GPU pushes (``RegisterWorker.kv_share``)."""
