@@ -1,4 +1,5 @@
-"""The paged KV pool: one preallocated tensor of blocks, a free-list allocator, and raw export/import of blocks.
+"""The paged KV pool: one preallocated tensor of blocks, its allocator (``engine.block_pool``), and raw
+export/import of blocks.
 
 Pool shape ``[num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim]`` (2 = K, V). It is block-major: the
 K and V of all layers for one block's ``block_size`` token positions are ONE contiguous buffer of
@@ -10,51 +11,14 @@ Token position ``p`` of a sequence with block table ``t`` lives in block ``t[p /
 from __future__ import annotations
 
 import warnings
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 
+from diptych.engine.block_pool import BlockAllocator, OutOfBlocksError
 from diptych.proto.messages import KVLayout
 
-
-class OutOfBlocksError(RuntimeError):
-    """An allocation asked for more blocks than are free."""
-
-
-class BlockAllocator:
-    """Hands out block ids ``0 .. num_blocks - 1``. Invariant: every id is either free or allocated, never both;
-    freeing a block that is not allocated raises ``ValueError`` (double free or foreign id)."""
-
-    def __init__(self, num_blocks: int) -> None:
-        if num_blocks <= 0:
-            raise ValueError(f"num_blocks must be positive, got {num_blocks}")
-        self.num_blocks = num_blocks
-        self._free: list[int] = list(range(num_blocks - 1, -1, -1))
-        self._allocated: set[int] = set()
-
-    @property
-    def num_free(self) -> int:
-        return len(self._free)
-
-    def allocate(self, n: int) -> list[int]:
-        """Take ``n`` free blocks; raises ``OutOfBlocksError`` (taking none) when fewer than ``n`` are free."""
-        if n < 0:
-            raise ValueError(f"cannot allocate a negative number of blocks ({n})")
-        if n > len(self._free):
-            raise OutOfBlocksError(f"asked for {n} KV blocks, only {len(self._free)} of {self.num_blocks} are free")
-        taken = [self._free.pop() for _ in range(n)]
-        self._allocated.update(taken)
-        return taken
-
-    def free(self, block_ids: Iterable[int]) -> None:
-        """Return blocks to the free list. Raises ``ValueError`` (freeing none) if any id is not allocated or
-        repeats."""
-        ids = list(block_ids)
-        if len(set(ids)) != len(ids) or not self._allocated.issuperset(ids):
-            bad = sorted(set(i for i in ids if i not in self._allocated or ids.count(i) > 1))
-            raise ValueError(f"double free or unknown KV blocks: {bad}")
-        self._allocated.difference_update(ids)
-        self._free.extend(reversed(ids))
+__all__ = ["BlockAllocator", "KVCachePool", "OutOfBlocksError", "bytes_per_block", "dtype_name"]
 
 
 class KVCachePool:

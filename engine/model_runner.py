@@ -9,7 +9,6 @@ are computed only for the items that sample. On CUDA (power-of-two head and bloc
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -19,28 +18,19 @@ from diptych.engine.attention import ATTENTION_NAME, build_context
 from diptych.engine.config import EngineConfig
 from diptych.engine.kv_cache import KVCachePool, bytes_per_block, dtype_name
 from diptych.engine.paged_attention_cuda import kernels_support
+from diptych.engine.scheduler import ForwardItem
 from diptych.proto.messages import KVLayout
 
 if TYPE_CHECKING:
     from diptych.engine.cuda_runner import CudaExecutor
+
+__all__ = ["ForwardItem", "ModelRunner", "UnsupportedModelError"]
 
 SUPPORTED_LAYER_TYPES = {"full_attention", "sliding_attention"}
 
 
 class UnsupportedModelError(ValueError):
     """The model's attention cannot run on the paged attention function."""
-
-
-@dataclass
-class ForwardItem:
-    """One sequence's share of a forward pass: ``token_ids`` at consecutive positions from ``start_position``,
-    whose KV goes into ``block_table`` (which must cover positions up to ``start_position + len(token_ids) - 1``).
-    ``needs_logits`` asks for the logits of the last of these tokens."""
-
-    token_ids: list[int]
-    start_position: int
-    block_table: list[int]
-    needs_logits: bool
 
 
 class ModelRunner:

@@ -12,9 +12,9 @@ Reservation rule: a sequence's blocks are taken once, at admission, and cover ev
 from __future__ import annotations
 
 import enum
-import math
 from dataclasses import dataclass, field
 
+from diptych.cluster.blocks import blocks_for
 from diptych.policies.batch import SequenceState
 from diptych.proto.messages import SLO, SamplingParams
 
@@ -37,10 +37,9 @@ FINISH_LENGTH = "length"
 
 
 def blocks_to_reserve(prompt_len: int, max_tokens: int, block_size: int, prefill_only: bool = False) -> int:
-    """Blocks a request takes at admission: ``ceil((prompt_len + max_tokens) / block_size)``, or only
-    ``ceil(prompt_len / block_size)`` for a prefill-only request (its decode runs elsewhere)."""
-    tokens = prompt_len if prefill_only else prompt_len + max_tokens
-    return math.ceil(tokens / block_size)
+    """Blocks a request takes at admission (the reservation rule): ``blocks_for(prompt_len + max_tokens)``, or
+    only ``blocks_for(prompt_len)`` for a prefill-only request (its decode runs elsewhere)."""
+    return blocks_for(prompt_len if prefill_only else prompt_len + max_tokens, block_size)
 
 
 @dataclass

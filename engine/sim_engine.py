@@ -1,7 +1,8 @@
 """``--engine sim``: an ``Engine`` whose iterations wait the cost model's time instead of running a model.
 
 The real services then run at cluster scale on a CPU, with the same sequences, KV block accounting, batch policy
-and stop rules as the model engine (this class reuses ``Engine`` and swaps only the executor), so a run can be
+and stop rules as the model engine (the same ``Engine`` around the same ``Scheduler``; only the executor differs),
+so a run can be
 compared with ``diptych simulate`` on the same workload. Differences from the model engine:
 
 - ``step`` sleeps ``CostModel.iteration_time`` of the planned batch (seconds) and emits ``PLACEHOLDER_TOKEN`` for
@@ -22,16 +23,16 @@ compared with ``diptych simulate`` on the same workload. Differences from the mo
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any
 
 from diptych.engine.config import EngineConfig
-from diptych.engine.kv_cache import BlockAllocator
-from diptych.engine.model_runner import ForwardItem
+from diptych.engine.block_pool import BlockAllocator
 from diptych.engine.engine import Engine
+from diptych.engine.outputs import StepOutput
 from diptych.engine.sampler import SamplingRequest
+from diptych.engine.scheduler import ForwardItem
 from diptych.policies.batch import BatchPolicy, SarathiBatching
 from diptych.proto.messages import KVLayout
 from diptych.sim.cost_model import CostModel
@@ -134,27 +135,21 @@ class LagMonitor:
 
 
 class SimEngine(Engine):
+    """``Engine`` with the cost-model executor (module docstring); adds the modelled KV transfer of handoffs."""
+
     def __init__(self, config: EngineConfig, policy: BatchPolicy | None = None, *, cost: CostModel,
                  handoff: SimHandoff | None = None) -> None:
-        # Engine.__init__ would load a model: set up the same attributes around the cost-model executor instead.
-        self.config = config
-        self.policy = policy if policy is not None else SarathiBatching()
+        shape = cost.model
+        layout = KVLayout(shape.num_layers, shape.num_kv_heads, shape.head_dim, config.block_size,
+                          f"sim-{shape.dtype}")
+        executor = CostModelExecutor(cost)
+        self._compose(config, policy, model_name=f"sim:{shape.name}",
+                      kv=SimKVPool(layout, config.num_blocks or cost.kv_capacity_tokens() // config.block_size),
+                      executor=executor, sampler=executor, eos_token_ids=set(),
+                      max_model_len=config.max_model_len or SIM_CONTEXT_LEN)
+        self.executor = executor
         self.cost = cost
         self.handoff = handoff or SimHandoff()
-        shape = cost.model
-        self.model_name = f"sim:{shape.name}"
-        self.layout = KVLayout(shape.num_layers, shape.num_kv_heads, shape.head_dim, config.block_size,
-                               f"sim-{shape.dtype}")
-        num_blocks = config.num_blocks or cost.kv_capacity_tokens() // config.block_size
-        self.kv = SimKVPool(self.layout, num_blocks)
-        self.runner = self.sampler = CostModelExecutor(cost)
-        self.tokenizer = None
-        self.eos_token_ids: set[int] = set()
-        self.block_size, self.num_blocks = config.block_size, num_blocks
-        self.max_model_len = config.max_model_len or SIM_CONTEXT_LEN
-        self._waiting, self._running, self._prefilled = {}, {}, {}
-        self._reservations: dict[str, list[int]] = {}
-        self.blocks_lock = threading.RLock()
         self._arriving: dict[str, tuple[float, tuple, dict]] = {}
         """Handed-off requests whose modelled transfer has not finished: id -> (ready time, args, kwargs)."""
         self._last_step_end: float | None = None
@@ -163,7 +158,7 @@ class SimEngine(Engine):
         self.lag = LagMonitor()
 
     def add_prefilled(self, request_id: str, prompt_token_ids: list[int], *args: Any, **kwargs: Any) -> None:
-        if request_id not in self._reservations:
+        if request_id not in self.scheduler.reservations:
             raise KeyError(f"no KV reservation for request {request_id}")
         transfer_s = (self.handoff.latency_s
                       + len(prompt_token_ids) * self.cost.kv_bytes_per_token / self.handoff.bandwidth_Bps)
@@ -182,12 +177,12 @@ class SimEngine(Engine):
         self._land_arrivals()
         return super().has_work() or bool(self._arriving)
 
-    def step(self):
-        runner = self.runner
+    def step(self) -> StepOutput:
+        runner = self.executor
         runner.step_started = time.perf_counter()
         back_to_back = self._last_step_end is not None
         self._land_arrivals()
-        if not (self._waiting or self._running):  # only transfers in flight: wait for the next to land
+        if not self.scheduler.has_work():  # only transfers in flight: wait for the next to land
             time.sleep(max(0.0, min(ready for ready, _, _ in self._arriving.values()) - time.time()))
             self._land_arrivals()
             runner.step_started = time.perf_counter()
@@ -202,7 +197,7 @@ class SimEngine(Engine):
             overhead = (ended - runner.wait_ended) + gap
             runner.host_overhead_s = 0.9 * runner.host_overhead_s + 0.1 * min(overhead, output.duration_s)
         # the next iteration follows back to back only if work is left now (else the gap is idle time)
-        self._last_step_end = ended if output.duration_s > 0 and (self._waiting or self._running) else None
+        self._last_step_end = ended if output.duration_s > 0 and self.scheduler.has_work() else None
         return output
 
     def abort(self, request_id: str) -> bool:
