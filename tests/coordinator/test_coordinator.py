@@ -1,4 +1,5 @@
-"""The coordinator over real ZeroMQ sockets, with the test playing the frontend and the workers."""
+"""The coordinator over real ZeroMQ sockets, with the test playing the frontend and the workers. Time is a fake
+clock the tests advance; the watchdog runs when a test calls it."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from diptych.proto.messages import (
 from diptych.services.common.sockets import make_socket, recv_message, send_message
 from diptych.services.coordinator.config import CoordinatorConfig
 from diptych.services.coordinator.server import Coordinator
+from tests.cluster.fakes import FakeClock
 from tests.integration.conftest import free_port_block
 
 LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=16, block_size=16, dtype="float32")
@@ -43,7 +45,7 @@ class Peer:
 async def cluster():
     addr = f"tcp://127.0.0.1:{free_port_block(1)}"
     coordinator = Coordinator(CoordinatorConfig(address=addr, heartbeat_timeout_s=1.0, handoff_timeout_s=0.3,
-                                                watchdog_interval_s=0.1))
+                                                watchdog_interval_s=3600.0), clock=FakeClock())
     stop = asyncio.Event()
     task = asyncio.create_task(coordinator.run(stop))
     ctx = zmq.asyncio.Context()
@@ -69,9 +71,9 @@ def request(rid, prompt=20, max_tokens=12, client="alice"):
                    "tcp://127.0.0.1:2")
 
 
-async def status(peers) -> ClusterStatus:
-    await peers["frontend"].send(StatusQuery())
-    return await peers["frontend"].recv()
+async def status(peers, via: str = "frontend") -> ClusterStatus:
+    await peers[via].send(StatusQuery())
+    return await peers[via].recv()
 
 
 async def eventually(peers, predicate, timeout=3.0) -> ClusterStatus:
@@ -163,9 +165,14 @@ async def test_silent_worker_is_evicted_and_its_requests_fail(cluster):
     await peers["frontend"].send(SubmitRequest(request("r1")))
     await drive_to_decoding(peers, "r1")
     # only the prefill worker keeps heartbeating; decode-0 goes silent
-    for _ in range(15):
-        await peers["prefill-0"].send(Heartbeat("prefill-0", WorkerLoad(64, 64, 0, 0, 0), time.time()))
-        await asyncio.sleep(0.1)
+    clock = coordinator.clock
+    silent_since = clock()
+    while "decode-0" in coordinator.workers.workers:
+        assert clock() - silent_since < 1.5  # evicted once over the 1 s heartbeat timeout
+        clock.advance(0.1)
+        await peers["prefill-0"].send(Heartbeat("prefill-0", WorkerLoad(64, 64, 0, 0, 0), clock()))
+        await status(peers, via="prefill-0")  # the heartbeat was handled (one connection keeps the order)
+        await coordinator.watchdog()
     failed = await peers["frontend"].recv()
     assert isinstance(failed, RequestFailed) and failed.code == 503 and "decode-0" in failed.message
     assert isinstance(await peers["prefill-0"].recv(), CancelRequest)
@@ -181,7 +188,12 @@ async def test_handoff_timeout_fails_the_request(cluster):
     await peers["frontend"].send(SubmitRequest(request("r1")))
     await drive_to_decoding(peers, "r1")
     await peers["prefill-0"].send(PrefillDone("r1", "prefill-0", True, time.time(), time.time()))
-    failed = await peers["frontend"].recv(timeout=5)
+    await status(peers, via="prefill-0")
+    await coordinator.watchdog()
+    await peers["frontend"].expect_nothing(wait=0.1)  # within the handoff timeout
+    coordinator.clock.advance(0.5)
+    await coordinator.watchdog()
+    failed = await peers["frontend"].recv()
     assert isinstance(failed, RequestFailed) and "handoff" in failed.message
     assert isinstance(await peers["decode-0"].recv(), CancelRequest)
 
