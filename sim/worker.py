@@ -329,6 +329,7 @@ class Worker:
             on_tokens = sim.admission.on_output_tokens
             for client, count in self.stretch_clients.items():
                 on_tokens(client, count * (k - self.reported))
+        self.reported = k  # before sequences finish: the admission they trigger syncs this (still busy) stretch
         first_end = t0 + a
         members = self.stretch_seqs
         if self.role == DECODE:
