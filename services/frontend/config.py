@@ -13,9 +13,12 @@ BUILTIN_MODEL_NAME = "diptych-tiny"
 @dataclass
 class FrontendConfig:
     """Addresses are ZeroMQ endpoints; ``stream_addr`` is the token-stream address *as workers connect to it* (the
-    frontend binds that interface; ``services.common.sockets.bind_address``). ``max_model_len`` (tokens) defaults to the model's
-    ``max_position_embeddings``. ``request_timeout_s``: a request that receives no output for this long is cancelled
-    and fails with 504. ``slo_tiers_file``: JSON tiers map (``services.frontend.identity`` describes both files)."""
+    frontend binds that interface; ``services.common.sockets.bind_address``). ``max_model_len`` (tokens) defaults to
+    the model's ``max_position_embeddings``. ``request_timeout_s``: a request that receives no output for this long is
+    cancelled and fails with 504. ``slo_tiers_file``: JSON tiers map (``services.frontend.identity`` describes both files).
+    ``admin_keys_file``: operator API keys, one per line. ``ssl_certfile``/``ssl_keyfile``: PEM files; with them the
+    HTTP API is HTTPS. ``keys_dir``: a CURVE key set (``services.common.security``); with it the coordinator link and
+    the token stream use CURVE as ``key_name``, else they are plaintext."""
 
     model: str | None = None
     served_model_name: str | None = None
@@ -29,6 +32,11 @@ class FrontendConfig:
     max_model_len: int | None = None
     request_timeout_s: float = 600.0
     log_level: str | None = None
+    admin_keys_file: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    keys_dir: str | None = None
+    key_name: str = "frontend"
 
     def __post_init__(self) -> None:
         if self.served_model_name is None:
@@ -39,6 +47,12 @@ class FrontendConfig:
             raise ValueError("max_model_len must be at least 2")
         if self.request_timeout_s <= 0:
             raise ValueError("request_timeout_s must be positive")
+        if self.ssl_keyfile and not self.ssl_certfile:
+            raise ValueError("--ssl-keyfile needs --ssl-certfile")
+
+    @property
+    def http_scheme(self) -> str:
+        return "https" if self.ssl_certfile else "http"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,6 +91,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="context length in tokens (prompt + output); default: the model's max_position_embeddings")
     p.add_argument("--request-timeout", type=float, default=env_default("request_timeout_s", d.request_timeout_s),
                    help="seconds without output before a request is cancelled with 504 [%(default)s]")
+    p.add_argument("--admin-keys", default=env_default("admin_keys", "") or None, metavar="FILE",
+                   help="operator API keys, one per line, for /admin/status (also \"admins\": [...] in the API keys "
+                        "file). With any key configured, operator endpoints need one of these; client keys get 403")
+    p.add_argument("--ssl-certfile", default=env_default("ssl_certfile", "") or None, metavar="PEM",
+                   help="serve HTTPS with this certificate (chain) [plain HTTP]")
+    p.add_argument("--ssl-keyfile", default=env_default("ssl_keyfile", "") or None, metavar="PEM",
+                   help="private key of --ssl-certfile, if not in that file")
+    p.add_argument("--keys-dir", default=env_default("keys_dir", "") or None, metavar="DIR",
+                   help="CURVE key set ('diptych keys generate'): authenticate and encrypt the coordinator link and "
+                        "the token stream [plaintext]")
+    p.add_argument("--key-name", default=env_default("key_name", d.key_name),
+                   help="this process's name in the key set [%(default)s]")
     p.add_argument("--log-level", default=None, help="logging level [DIPTYCH_LOG_LEVEL or INFO]")
     return p
 
@@ -89,7 +115,9 @@ def parse_config(argv: list[str] | None = None) -> FrontendConfig:  # type: igno
             model=args.model, served_model_name=args.served_model_name, host=args.host, http_port=args.http_port,
             sdk_addr=args.sdk_addr, stream_addr=args.stream_addr, coordinator_addr=args.coordinator_addr,
             api_keys_file=args.api_keys_file, slo_tiers_file=args.slo_tiers, max_model_len=args.max_model_len,
-            request_timeout_s=args.request_timeout, log_level=args.log_level,
+            request_timeout_s=args.request_timeout, log_level=args.log_level, admin_keys_file=args.admin_keys,
+            ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile, keys_dir=args.keys_dir,
+            key_name=args.key_name,
         )
     except ValueError as exc:
         parser.error(str(exc))  # exits with status 2

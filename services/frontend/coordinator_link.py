@@ -13,12 +13,14 @@ import asyncio
 import logging
 import os
 import uuid
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import zmq
 import zmq.asyncio
 
 from diptych import proto
+from diptych.services.common.security import CurveClient
 from diptych.services.common.sockets import make_socket, recv_message, send_message
 
 log = logging.getLogger(__name__)
@@ -30,9 +32,10 @@ def frontend_identity() -> str:
 
 
 class CoordinatorLink:
-    def __init__(self, ctx: zmq.asyncio.Context, address: str, identity: str) -> None:
+    def __init__(self, ctx: zmq.asyncio.Context, address: str, identity: str,
+                 security: CurveClient | None = None) -> None:
         self.identity = identity
-        self._sock = make_socket(ctx, zmq.DEALER, connect=address, identity=identity)
+        self._sock = make_socket(ctx, zmq.DEALER, connect=address, identity=identity, security=security)
         self._outbox: asyncio.Queue[Any] = asyncio.Queue()
         self._status_waiters: list[asyncio.Future[proto.ClusterStatus]] = []
 

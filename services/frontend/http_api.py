@@ -1,7 +1,9 @@
 """The OpenAI-compatible HTTP API: ``POST /v1/completions``, ``POST /v1/chat/completions`` (both with
 ``stream: true`` as server-sent events), ``GET /v1/models``; and ``GET /health`` (200 when the coordinator answers
 and has at least one prefill and one decode worker, else 503; the body has the worker counts either way) and
-``GET /admin/status`` (the coordinator's ``ClusterStatus`` as JSON, plus this frontend's running requests).
+``GET /admin/status`` (the coordinator's ``ClusterStatus`` as JSON, plus this frontend's running requests; operator
+only: an admin key, or no keys configured at all, see ``identity.AdminAccess``); ``GET /v1/usage`` (the calling
+client's own service: requests, input and output tokens).
 
 Both generation endpoints accept the ``"diptych"`` extension object (``schemas.DiptychOptions``): ``tier``,
 ``ttft_s``, ``tbt_s`` (seconds; resolved by ``slo.SloPolicy`` into the ``Request.slo`` submitted) and ``timeline``
@@ -21,7 +23,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -30,7 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from diptych.services.frontend.api_errors import APIError
 from diptych.services.frontend.coordinator_link import CoordinatorLink
-from diptych.services.frontend.identity import ClientDirectory, ClientIdentity
+from diptych.services.frontend.identity import AdminAccess, ClientDirectory, ClientIdentity
 from diptych.services.frontend.model_info import ModelInfo
 from diptych.services.frontend.responses import SSE_DONE, OpenAIFormatter, sse_event
 from diptych.services.frontend.schemas import ChatCompletionRequest, CompletionRequest, DiptychOptions, SamplingFields
@@ -88,12 +91,18 @@ def create_app(info: ModelInfo, tracker: RequestTracker, directory: ClientDirect
         return Response(status_code=CLIENT_CLOSED)
 
     def authenticate(request: Request) -> ClientIdentity:
-        scheme, _, key = request.headers.get("authorization", "").partition(" ")
-        client = directory.authenticate(key.strip() if scheme.lower() == "bearer" else None)
+        client = directory.authenticate(_bearer_key(request))
         if client is None:
-            raise APIError(401, "Incorrect or missing API key (send 'Authorization: Bearer <key>')",
-                           code="invalid_api_key")
+            raise _unauthenticated()
         return client
+
+    def authorize_admin(request: Request) -> None:
+        """Operator endpoints. The refusals say nothing about which keys exist or what the endpoint would show."""
+        access = directory.admin_access(_bearer_key(request))
+        if access is AdminAccess.FORBIDDEN:
+            raise APIError(403, "This endpoint needs an operator key", code="forbidden")
+        if access is AdminAccess.UNAUTHENTICATED:
+            raise _unauthenticated()
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -106,12 +115,21 @@ def create_app(info: ModelInfo, tracker: RequestTracker, directory: ClientDirect
         ready = status.colocated_workers > 0 or (status.prefill_workers > 0 and status.decode_workers > 0)
         return JSONResponse({"status": "ok" if ready else "no workers", **body}, status_code=200 if ready else 503)
 
-    @app.get("/admin/status")
-    async def admin_status(_: ClientIdentity = Depends(authenticate)) -> dict[str, Any]:
+    @app.get("/admin/status", dependencies=[Depends(authorize_admin)])
+    async def admin_status() -> dict[str, Any]:
         status = await coordinator.query_status(STATUS_TIMEOUT_S)
         if status is None:
             raise APIError(503, "the coordinator did not answer")
         return {**dataclasses.asdict(status), "frontend": {"model": info.name, "running_requests": len(tracker)}}
+
+    @app.get("/v1/usage")
+    async def usage(client: ClientIdentity = Depends(authenticate)) -> dict[str, Any]:
+        status = await coordinator.query_status(STATUS_TIMEOUT_S)
+        if status is None:
+            raise APIError(503, "the coordinator did not answer")
+        own = status.clients.get(client.client_id, {})
+        return {"object": "usage", "client_id": client.client_id,
+                **{k: own.get(k, 0) for k in ("requests", "input_tokens", "output_tokens", "service")}}
 
     @app.get("/v1/models")
     async def models(_: ClientIdentity = Depends(authenticate)) -> dict[str, Any]:
@@ -153,6 +171,15 @@ def create_app(info: ModelInfo, tracker: RequestTracker, directory: ClientDirect
                 tracker.release(state)
 
     return app
+
+
+def _bearer_key(request: Request) -> str | None:
+    scheme, _, key = request.headers.get("authorization", "").partition(" ")
+    return (key.strip() or None) if scheme.lower() == "bearer" else None
+
+
+def _unauthenticated() -> APIError:
+    return APIError(401, "Incorrect or missing API key (send 'Authorization: Bearer <key>')", code="invalid_api_key")
 
 
 async def _collect(tracker: RequestTracker, state: RequestState) -> Delta:

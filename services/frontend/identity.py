@@ -5,15 +5,21 @@ The keys file is JSON::
     {"tiers": {"strict": {"tbt_s": 0.1, "ttft_s": 1.0}, "relaxed": {"tbt_s": 0.5}},      (optional)
      "clients": {"<api key>": {"client_id": "alice", "weight": 1.0, "tier": "strict"}}}
 
-(``weight`` and ``tier`` are optional; ``tier`` must name a known tier). The tiers map may instead come from its own
+(``weight`` and ``tier`` are optional; ``tier`` must name a known tier). Optional ``"admins": ["<admin key>", ...]``
+lists operator keys (also ``--admin-keys FILE``: one key per line, ``#`` comments); an admin key is not a client key
+and a client key is never an admin key. The tiers map may instead come from its own
 file (``--slo-tiers``, with or without a keys file): the same ``{"<name>": {...}}`` object; giving tiers in both
 files is an error. With neither, the built-in tiers apply (``services.frontend.slo``). With no keys configured every
 request belongs to ``ANONYMOUS``; with keys configured, a request without a known key is refused (HTTP 401 / SDK
 ``ClientError`` 401).
+
+Operator endpoints (``AdminAccess``): open only when no key of either kind is configured (a development cluster);
+otherwise they need an admin key: a client key is refused (403), any other key is unauthenticated (401).
 """
 
 from __future__ import annotations
 
+import enum
 import json
 import math
 from dataclasses import dataclass
@@ -22,7 +28,7 @@ from typing import Any
 
 from diptych.services.frontend.slo import DEFAULT_TIER, SloPolicy, Tier, parse_tiers
 
-_KEYS_FILE_KEYS = frozenset({"tiers", "clients"})
+_KEYS_FILE_KEYS = frozenset({"tiers", "clients", "admins"})
 
 
 @dataclass(frozen=True)
@@ -37,11 +43,36 @@ class ClientIdentity:
 ANONYMOUS = ClientIdentity("anonymous")
 
 
-class ClientDirectory:
-    """Resolves API keys to identities. Invariant: ``requires_key`` iff at least one key is configured."""
+class AdminAccess(enum.Enum):
+    """What a key may do at an operator endpoint."""
 
-    def __init__(self, clients: dict[str, ClientIdentity] | None = None) -> None:
+    GRANTED = "granted"
+    FORBIDDEN = "forbidden"
+    """A client (tenant) key: authenticated, not an operator."""
+    UNAUTHENTICATED = "unauthenticated"
+
+
+class ClientDirectory:
+    """Resolves API keys to identities. Invariants: ``requires_key`` iff at least one client key is configured; no
+    key is both a client key and an admin key."""
+
+    def __init__(self, clients: dict[str, ClientIdentity] | None = None, admins: frozenset[str] = frozenset()) -> None:
         self._clients = dict(clients or {})
+        self._admins = frozenset(admins)
+        if self._admins & self._clients.keys():
+            raise ValueError("a key cannot be both a client key and an admin key")
+
+    @property
+    def admin_open(self) -> bool:
+        """True when no key of any kind is configured: operator endpoints answer everyone (development only)."""
+        return not self._clients and not self._admins
+
+    def admin_access(self, api_key: str | None) -> AdminAccess:
+        if self.admin_open or (api_key and api_key in self._admins):
+            return AdminAccess.GRANTED
+        if api_key and api_key in self._clients:
+            return AdminAccess.FORBIDDEN
+        return AdminAccess.UNAUTHENTICATED
 
     @property
     def requires_key(self) -> bool:
@@ -55,13 +86,19 @@ class ClientDirectory:
 
 
 def load_access(keys_file: str | Path | None, tiers_file: str | Path | None = None,
-                ) -> tuple[ClientDirectory, SloPolicy]:
-    """Load the keys file and/or tiers file. Raises ValueError naming the file and the problem when either is
-    malformed, when tiers are given twice, or when a client names an unknown tier."""
+                admin_keys_file: str | Path | None = None) -> tuple[ClientDirectory, SloPolicy]:
+    """Load the keys file, tiers file and admin keys file (each optional). Raises ValueError naming the file and the
+    problem when one is malformed, when tiers are given twice, when a client names an unknown tier, or when a key is
+    both a client's and an admin's."""
     keys = _read_json(keys_file, "API keys") if keys_file else {"clients": {}}
     if not isinstance(keys, dict) or not isinstance(keys.get("clients"), dict) or set(keys) - _KEYS_FILE_KEYS:
         raise ValueError(f'{keys_file}: expected {{"tiers": {{...}} (optional), "clients": {{<api key>: '
-                         '{"client_id": ...}}}')
+                         '{"client_id": ...}}, "admins": [<admin key>, ...] (optional)}')
+    admins = keys.get("admins", [])
+    if not isinstance(admins, list) or not all(isinstance(k, str) and k for k in admins):
+        raise ValueError(f"{keys_file}: admins must be a list of non-empty key strings")
+    if admin_keys_file:
+        admins = [*admins, *_read_key_lines(admin_keys_file)]
     tiers: dict[str, Tier] | None = None
     if "tiers" in keys:
         if tiers_file:
@@ -71,7 +108,21 @@ def load_access(keys_file: str | Path | None, tiers_file: str | Path | None = No
         tiers = parse_tiers(_read_json(tiers_file, "SLO tiers"), str(tiers_file))
     policy = SloPolicy(tiers, client_tiers_fixed=bool(keys["clients"]))
     clients = {key: _parse_identity(key, entry, keys_file, policy) for key, entry in keys["clients"].items()}
-    return ClientDirectory(clients), policy
+    if set(admins) & clients.keys():
+        raise ValueError(f"{keys_file}: a key is both a client key and an admin key; give operators their own keys")
+    return ClientDirectory(clients, frozenset(admins)), policy
+
+
+def _read_key_lines(path: str | Path) -> list[str]:
+    """Keys one per line; blank lines and ``#`` comments skipped."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as exc:
+        raise ValueError(f"cannot read admin keys file {path}: {exc}") from None
+    keys = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+    if not keys:
+        raise ValueError(f"admin keys file {path} holds no key")
+    return keys
 
 
 def _read_json(path: str | Path, what: str) -> Any:

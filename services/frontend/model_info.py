@@ -23,7 +23,7 @@ class ModelInfo:
     vocab_size: int
 
     @classmethod
-    def load(cls, path: str, name: str, max_model_len: int | None = None) -> "ModelInfo":
+    def load(cls, path: str, name: str, max_model_len: int | None = None) -> ModelInfo:
         config = AutoConfig.from_pretrained(path)
         tokenizer = AutoTokenizer.from_pretrained(path)
         native = getattr(config, "max_position_embeddings", None)
@@ -46,6 +46,6 @@ class ModelInfo:
             raise bad_request(f"model {self.name!r} has no chat template; use /v1/completions", "messages")
         try:
             text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        except Exception as exc:  # jinja templates raise arbitrary errors for conversations they refuse
+        except Exception as exc:  # noqa: BLE001 (jinja templates raise arbitrary errors for conversations they refuse)
             raise bad_request(f"chat template rejected the messages: {exc}", "messages") from None
         return list(self.tokenizer(text, add_special_tokens=False).input_ids)

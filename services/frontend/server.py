@@ -12,11 +12,13 @@ import asyncio
 import contextlib
 import logging
 import socket
+import ssl
 
 import uvicorn
 import zmq
 import zmq.asyncio
 
+from diptych.services.common.security import KeySet, ZapAuthenticator
 from diptych.services.common.sockets import bind_address, make_socket
 from diptych.services.frontend.config import FrontendConfig
 from diptych.services.frontend.coordinator_link import CoordinatorLink, frontend_identity
@@ -54,25 +56,41 @@ async def serve(config: FrontendConfig, directory: ClientDirectory, slo_policy: 
     status (0, or 1 when a component failed)."""
     try:
         info = ModelInfo.load(resolve_model_path(config.model), config.served_model_name, config.max_model_len)
+        if config.ssl_certfile:  # fail here, not at the first connection
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(config.ssl_certfile,
+                                                                                config.ssl_keyfile)
+        keys = KeySet.load(config.keys_dir) if config.keys_dir else None
+        link_security = keys.client(config.key_name, "coordinator") if keys else None
+        stream_security = keys.server(config.key_name) if keys else None
         family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
         http_sock = socket.create_server((config.host, config.http_port), family=family)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, KeyError) as exc:
         log.error("cannot start: %s", exc)
         return 1
     ctx = zmq.asyncio.Context()
+    authenticator = ZapAuthenticator(ctx, keys) if keys else None
     try:
-        coordinator = CoordinatorLink(ctx, config.coordinator_addr, frontend_identity())
-        stream_sock = make_socket(ctx, zmq.PULL, bind=bind_address(config.stream_addr))
+        if authenticator is not None:
+            authenticator.start()
+        coordinator = CoordinatorLink(ctx, config.coordinator_addr, frontend_identity(), link_security)
+        stream_sock = make_socket(ctx, zmq.PULL, bind=bind_address(config.stream_addr), security=stream_security)
         tracker = RequestTracker(info, coordinator, config.stream_addr, config.request_timeout_s)
         sdk = SdkEndpoint(ctx, config.sdk_addr, tracker, info, directory, slo_policy)
     except zmq.ZMQError as exc:
         log.error("cannot start: %s (sdk=%s, stream=%s)", exc, config.sdk_addr, config.stream_addr)
         http_sock.close()
+        if authenticator is not None:
+            await authenticator.stop()
         ctx.destroy(linger=0)
         return 1
+    if keys is None:
+        log.warning("coordinator link and token stream are plaintext and unauthenticated (no --keys-dir)")
+    if directory.admin_open:
+        log.warning("operator endpoints (/admin/status) are open to every caller: no API or admin keys configured")
     app = create_app(info, tracker, directory, slo_policy, coordinator)
     server = _EmbeddedServer(uvicorn.Config(app, lifespan="off", log_level="warning",
-                                            timeout_graceful_shutdown=HTTP_GRACE_S))
+                                            timeout_graceful_shutdown=HTTP_GRACE_S,
+                                            ssl_certfile=config.ssl_certfile, ssl_keyfile=config.ssl_keyfile))
     http_task = asyncio.create_task(server.serve(sockets=[http_sock]), name="http")
     background = [
         asyncio.create_task(tracker.run_token_stream(stream_sock), name="token-stream"),
@@ -80,11 +98,11 @@ async def serve(config: FrontendConfig, directory: ClientDirectory, slo_policy: 
         asyncio.create_task(coordinator.run_receiver(tracker.on_failed), name="coordinator-recv"),
         asyncio.create_task(sdk.run(), name="sdk"),
     ]
-    log.info("serving model %r (max_model_len=%d, %s, SLO tiers %s) on http://%s:%d, sdk=%s, stream=%s, "
-             "coordinator=%s as %s", info.name, info.max_model_len,
+    log.info("serving model %r (max_model_len=%d, %s, SLO tiers %s) on %s://%s:%d, sdk=%s, stream=%s, "
+             "coordinator=%s as %s%s", info.name, info.max_model_len,
              "API keys required" if directory.requires_key else "anonymous clients", slo_policy.describe(),
-             config.host, http_sock.getsockname()[1], config.sdk_addr, config.stream_addr, config.coordinator_addr,
-             coordinator.identity)
+             config.http_scheme, config.host, http_sock.getsockname()[1], config.sdk_addr, config.stream_addr,
+             config.coordinator_addr, coordinator.identity, f" (CURVE key {config.key_name!r})" if keys else "")
 
     stop_task = asyncio.create_task(stop.wait(), name="stop")
     done, _ = await asyncio.wait([stop_task, http_task, *background], return_when=asyncio.FIRST_COMPLETED)
@@ -103,6 +121,8 @@ async def serve(config: FrontendConfig, directory: ClientDirectory, slo_policy: 
     await asyncio.gather(stop_task, *background, return_exceptions=True)
     await coordinator.close()
     stream_sock.close()
+    if authenticator is not None:
+        await authenticator.stop()
     ctx.term()
     log.info("stopped")
     return status
