@@ -17,7 +17,15 @@ import torch
 
 from diptych.benchmarks import checks, hf_baseline
 from diptych.benchmarks.common import (
-    ModelUnderTest, build_model, copy_bandwidth, environment, matmul_rate, median, random_prompts, sync, table,
+    ModelUnderTest,
+    build_model,
+    copy_bandwidth,
+    environment,
+    matmul_rate,
+    median,
+    random_prompts,
+    sync,
+    table,
     write_json,
 )
 from diptych.engine import Engine, EngineConfig

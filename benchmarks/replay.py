@@ -171,7 +171,8 @@ def _table(rows: list[dict[str, Any]], variants: list[str], loads: list[float]) 
             f"| {tier(e, 'relaxed') * 1e3:.1f} ms | {tier(s, 'relaxed') * 1e3:.1f} ms |")
     by_key = {(row["variant"], row["qps"]): row for row in rows}
     if "sarathi-fcfs" in variants and len(variants) > 1:
-        lines += ["", "| variant | load (req/s) | median TTFT vs Sarathi-Serve, engine | simulator |", "|---|---|---|---|"]
+        lines += ["", "| variant | load (req/s) | median TTFT vs Sarathi-Serve, engine | simulator |",
+                  "|---|---|---|---|"]
         for variant in variants:
             if variant == "sarathi-fcfs":
                 continue

@@ -32,8 +32,9 @@ import contextlib
 import dataclasses
 import threading
 import uuid
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Awaitable, Iterator, TypeVar
+from typing import Any, TypeVar
 
 import zmq
 import zmq.asyncio
@@ -115,7 +116,7 @@ class AsyncClient:
         raise DiptychError("the reply ended without a finish reason", request_id=msg.request_id)
 
     def stream(self, prompt: str | None = None, *, prompt_token_ids: list[int] | None = None,
-               request_id: str | None = None, **params: Any) -> "AsyncStream":
+               request_id: str | None = None, **params: Any) -> AsyncStream:
         """Generate, yielding ``StreamChunk`` values as tokens arrive. ``.request_id`` names the request; it is
         sent when iteration starts."""
         msg, timeline = self._generate(prompt, prompt_token_ids, request_id, params, stream=True)
@@ -145,7 +146,7 @@ class AsyncClient:
         self._sock.close()
         self._ctx.term()
 
-    async def __aenter__(self) -> "AsyncClient":
+    async def __aenter__(self) -> AsyncClient:
         return self
 
     async def __aexit__(self, *_: Any) -> None:
@@ -256,7 +257,7 @@ class AsyncStream:
         self.request_id = request_id
         self._chunks = chunks
 
-    def __aiter__(self) -> "AsyncStream":
+    def __aiter__(self) -> AsyncStream:
         return self
 
     async def __anext__(self) -> StreamChunk:
@@ -279,7 +280,7 @@ class Client:
     def complete(self, prompt: str | None = None, **kwargs: Any) -> Completion:
         return self._call(self._async.complete(prompt, **kwargs))
 
-    def stream(self, prompt: str | None = None, **kwargs: Any) -> "Stream":
+    def stream(self, prompt: str | None = None, **kwargs: Any) -> Stream:
         astream = self._async.stream(prompt, **kwargs)
         return Stream(astream.request_id, self._iterate(astream))
 
@@ -293,7 +294,7 @@ class Client:
             self._thread.join()
             self._loop.close()
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *_: Any) -> None:
@@ -322,7 +323,7 @@ class Stream:
         self.request_id = request_id
         self._chunks = chunks
 
-    def __iter__(self) -> "Stream":
+    def __iter__(self) -> Stream:
         return self
 
     def __next__(self) -> StreamChunk:

@@ -10,7 +10,8 @@ from __future__ import annotations
 from importlib import import_module
 from types import ModuleType
 
-MODULES = ("diptych.experiments.vtc_fairness", "diptych.experiments.slai_vs_sarathi", "diptych.experiments.pd_split", "diptych.experiments.sim_agreement")
+MODULES = ("diptych.experiments.vtc_fairness", "diptych.experiments.slai_vs_sarathi", "diptych.experiments.pd_split",
+           "diptych.experiments.sim_agreement")
 
 
 def experiments() -> dict[str, ModuleType]:

@@ -276,7 +276,7 @@ def _report(args: argparse.Namespace, names: list[str], gpu_counts: list[int], b
         cols = configs(n)
         text.append(f"{n} GPUs:")
         text.append("")
-        text.append(md_table(["workload"] + cols, [[w] + [by[(w, n, c)]["capacity"] for c in cols] for w in names]))
+        text.append(md_table(["workload", *cols], [[w, *(by[(w, n, c)]["capacity"] for c in cols)] for w in names]))
         text.append("")
     if shift is not None:
         rows = [(r["config"], r["attainment"], r["phase1"], r["phase2"], r["goodput"], r["moves"])

@@ -25,8 +25,16 @@ from typing import Any
 
 import numpy as np
 
-from diptych.experiments.common import (fmt, md_table, parallel_map, parse_names, parse_numbers, pyplot, save_figure,
-                                write_markdown)
+from diptych.experiments.common import (
+    fmt,
+    md_table,
+    parallel_map,
+    parse_names,
+    parse_numbers,
+    pyplot,
+    save_figure,
+    write_markdown,
+)
 
 NAME = "slai-vs-sarathi"
 HELP = "SLAI vs Sarathi-Serve on one GPU: median TTFT at fixed loads and capacity (SLAI criterion)"
@@ -125,7 +133,7 @@ def run(args: argparse.Namespace, out_dir: Path) -> list[Path]:
         points += parallel_map(_point, extra, args.jobs, "slai-vs-sarathi at Sarathi's capacity",
                                progress=not args.no_progress)
         if base_capacity not in loads:
-            loads = sorted(loads + [base_capacity])
+            loads = sorted([*loads, base_capacity])
     table = {(p["variant"], p["qps"]): p["summaries"] for p in points}
     files = []
     plt = pyplot()

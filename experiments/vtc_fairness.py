@@ -4,8 +4,8 @@ weights) and an RPM limit; service-difference curves over time and Table-2 style
 Setup (the VTC paper's scale): one colocated worker with the ``a10g-llama-2-7b`` cost model (an A10G with
 Llama-2-7B: 24 GB, about 15k tokens of KV), Sarathi batching (512-token budget), the coordinator reserving each
 request's KV at placement and keeping at most 4096 prompt tokens queued on the worker (the services' defaults), so
-requests queue in the coordinator, where the admission policy decides who is served next. Each scenario runs for its duration
-(600 s; ``dist_shift`` 900 s) and stops; requests still queued then are left unfinished. RPM admits at most
+requests queue in the coordinator, where the admission policy decides who is served next. Each scenario runs for its
+duration (600 s; ``dist_shift`` 900 s) and stops; requests still queued then are left unfinished. RPM admits at most
 ``--rpm-limit`` requests per client per minute (the paper's RPM baseline; its limit is ours).
 
 Published (``workloads.md``): in ``overload`` VTC's service gap stayed between 1.1k and 9.1k weighted tokens while
@@ -143,9 +143,9 @@ def _report(scenarios: list[str], policies: list[str], by: dict, args: argparse.
         "",
         "Service difference: for each pair of clients and each stretch of time in which both had a queued request, "
         "the difference of the weighted service (per unit of client weight) they received since the stretch began; "
-        "max and time-average of the largest pair. Table-2 metric: per 60 s window, sum over clients of min(gap to the best-served client, "
-        "unmet demand); max and average over windows. Service: weighted tokens/s per client (client1 / client2 / "
-        "...). TTFT: mean per client, seconds.",
+        "max and time-average of the largest pair. Table-2 metric: per 60 s window, sum over clients of "
+        "min(gap to the best-served client, unmet demand); max and average over windows. Service: weighted tokens/s "
+        "per client (client1 / client2 / ...). TTFT: mean per client, seconds.",
         "",
         md_table(["scenario", "policy", "diff max", "diff avg", "T2 max", "T2 avg", "throughput (tok/s)",
                   "service per client", "mean TTFT per client", "rejected"], rows),

@@ -66,8 +66,8 @@ def backlogged(result: RunResult, grid: np.ndarray) -> dict[str, np.ndarray]:
     out = {}
     for client in sorted(set(result.client_ids)):
         mask = np.array([c == client for c in result.client_ids])
-        a, l = np.sort(arrival[mask]), np.sort(left[mask])
-        waiting = np.searchsorted(a, grid, side="right") - np.searchsorted(l, grid, side="right")
+        arrived, gone = np.sort(arrival[mask]), np.sort(left[mask])
+        waiting = np.searchsorted(arrived, grid, side="right") - np.searchsorted(gone, grid, side="right")
         out[client] = waiting > 0
     return out
 

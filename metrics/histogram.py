@@ -15,7 +15,7 @@ class LogHistogram:
         self.lo, self.hi, self.bins_per_decade = lo, hi, bins_per_decade
         self.log_lo = math.log10(lo)
         self.scale = bins_per_decade
-        self.nbins = int(math.ceil((math.log10(hi) - self.log_lo) * bins_per_decade)) + 1
+        self.nbins = math.ceil((math.log10(hi) - self.log_lo) * bins_per_decade) + 1
         self.counts = [0] * self.nbins  # a list: single-bin updates are the hot path
         self.total = 0
         self.sum = 0.0

@@ -106,22 +106,22 @@ class RunResult:
 
     def to_timelines(self) -> list[RequestTimeline]:
         """Timelines; ``token_times`` only when the run recorded them (else empty, with ``num_tokens`` set)."""
+        def t(phase: str, i: int) -> float | None:
+            v = self.times[phase][i]
+            return None if np.isnan(v) else float(v)
+
         out = []
         for i in range(len(self)):
-            def t(phase: str) -> float | None:
-                v = self.times[phase][i]
-                return None if np.isnan(v) else float(v)
-
             out.append(RequestTimeline(
                 request_id=self.request_ids[i], client_id=self.client_ids[i], arrival=float(self.times["arrival"][i]),
                 prompt_len=int(self.prompt_len[i]), output_len=int(self.output_len[i]), tier=self.tiers[i],
                 tbt_slo_s=None if np.isnan(self.tbt_slo[i]) else float(self.tbt_slo[i]),
                 ttft_slo_s=None if np.isnan(self.ttft_slo[i]) else float(self.ttft_slo[i]),
-                weight=float(self.weight[i]), admitted=t("admitted"), prefill_start=t("prefill_start"),
-                prefill_end=t("prefill_end"), handoff_start=t("handoff_start"), handoff_end=t("handoff_end"),
-                first_token=t("first_token"),
+                weight=float(self.weight[i]), admitted=t("admitted", i), prefill_start=t("prefill_start", i),
+                prefill_end=t("prefill_end", i), handoff_start=t("handoff_start", i), handoff_end=t("handoff_end", i),
+                first_token=t("first_token", i),
                 token_times=[float(x) for x in self.token_times[i]] if self.token_times is not None else [],
-                finish=t("finish"), status=STATUS_NAMES[int(self.status[i])], num_tokens=int(self.num_tokens[i]),
+                finish=t("finish", i), status=STATUS_NAMES[int(self.status[i])], num_tokens=int(self.num_tokens[i]),
                 prefill_worker=self.prefill_worker[i] if self.prefill_worker else None,
                 decode_worker=self.decode_worker[i] if self.decode_worker else None,
             ))

@@ -141,8 +141,9 @@ def format_summary(s: dict[str, Any]) -> str:
     ]
     if "service_diff_max" in s:
         rows.append(("service difference max / avg", f"{f(s['service_diff_max'])} / {f(s['service_diff_avg'])}"))
-    out = ["| metric | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
-    out += ["", "| tier | requests | TBT SLO | TBT P50 | TBT P99 | TTFT P50 | TTFT P99 | SLO met |", "|---|---|---|---|---|---|---|---|"]
+    out = ["| metric | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)]
+    out += ["", "| tier | requests | TBT SLO | TBT P50 | TBT P99 | TTFT P50 | TTFT P99 | SLO met |",
+            "|---|---|---|---|---|---|---|---|"]
     for tier, v in s["tiers"].items():
         out.append(f"| {tier} | {v['requests']} | {f(v['tbt_slo'], ' s')} | {f(v['tbt_p50'], ' s')} | "
                    f"{f(v['tbt_p99'], ' s')} | {f(v['ttft_p50'], ' s')} | {f(v['ttft_p99'], ' s')} | "

@@ -18,9 +18,10 @@ File format (``save_timelines`` / ``load_timelines``): one JSON object
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 FORMAT = "diptych-timelines/1"
 STATUSES = ("finished", "rejected", "failed", "unfinished")

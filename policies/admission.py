@@ -70,7 +70,7 @@ class AdmissionPolicy(ABC):
     def remove(self, request_id: str) -> bool:
         """Drop a waiting request (cancelled). True if it was waiting."""
 
-    def on_output_tokens(self, client_id: str, count: int) -> None:
+    def on_output_tokens(self, client_id: str, count: int) -> None:  # noqa: B027 (an optional hook: no-op by default)
         """``count`` more output tokens were generated for ``client_id``."""
 
     @abstractmethod

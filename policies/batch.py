@@ -90,7 +90,7 @@ class BatchPolicy(ABC):
         """Compose the next iteration. ``waiting`` hold no KV yet (arrival order); ``running`` hold KV (admission
         order, oldest first)."""
 
-    def on_iteration_end(self, duration_s: float, now: float) -> None:
+    def on_iteration_end(self, duration_s: float, now: float) -> None:  # noqa: B027 (an optional hook: no-op by default)
         """The iteration just executed took ``duration_s`` wall seconds and ended at ``now``."""
 
     def order_handoffs(self, pending: list[SequenceState], now: float) -> list[str]:

@@ -16,7 +16,8 @@ Memory in KV blocks.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterable
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from diptych.policies.batch import BatchPlan, SequenceState

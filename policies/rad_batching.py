@@ -26,7 +26,13 @@ of step 2). Lengths in tokens.
 from __future__ import annotations
 
 from diptych.policies.batch import (
-    BATCH_POLICIES, BatchPlan, BatchPolicy, KVState, SequenceState, admit_prefills, continue_prefills,
+    BATCH_POLICIES,
+    BatchPlan,
+    BatchPolicy,
+    KVState,
+    SequenceState,
+    admit_prefills,
+    continue_prefills,
     schedule_decodes,
 )
 from diptych.policies.kv_planner import KVPlanner

@@ -34,7 +34,13 @@ Times in seconds, lengths in tokens, memory in KV blocks.
 from __future__ import annotations
 
 from diptych.policies.batch import (
-    BATCH_POLICIES, BatchPlan, BatchPolicy, KVState, SequenceState, admit_prefills, continue_prefills,
+    BATCH_POLICIES,
+    BatchPlan,
+    BatchPolicy,
+    KVState,
+    SequenceState,
+    admit_prefills,
+    continue_prefills,
 )
 from diptych.policies.kv_planner import KVPlanner
 from diptych.policies.slai_urgency import IterationTimer, LSTBook, Urgency

@@ -114,7 +114,7 @@ def build_workload(config: WorkloadConfig) -> list[RequestSpec]:
 def _arrivals(config: WorkloadConfig) -> np.ndarray:
     if config.arrivals not in ARRIVAL_KINDS:
         raise ValueError(f"unknown arrival process {config.arrivals!r}; choose one of: "
-                         f"{', '.join(ARRIVAL_KINDS + ('trace',))}")
+                         f"{', '.join((*ARRIVAL_KINDS, 'trace'))}")
     if config.qps is None or not config.qps > 0:
         raise ValueError("--qps must be > 0 for generated arrivals")
     rng = _rng(config.seed, STREAM_ARRIVALS)
@@ -164,7 +164,7 @@ def add_workload_arguments(parser: argparse.ArgumentParser, qps: float | None = 
     parser.set_defaults(default_num_requests=num_requests)
     g.add_argument("--duration", type=float, default=None,
                    help="seconds of arrivals (instead of, or capping, --num-requests; VTC scenarios' length)")
-    g.add_argument("--arrivals", default="poisson", choices=ARRIVAL_KINDS + ("trace",),
+    g.add_argument("--arrivals", default="poisson", choices=(*ARRIVAL_KINDS, "trace"),
                    help="arrival process [%(default)s]")
     g.add_argument("--cv", type=float, default=1.0, help="gap coefficient of variation for gamma arrivals [1]")
     g.add_argument("--cap-factor", type=float, default=3.0,

@@ -31,7 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="write every request's timeline as JSON (metrics.timeline format)")
     g.add_argument("--record-tokens", action="store_true",
                    help="keep every token time in the timelines (memory grows with output tokens)")
-    g.add_argument("--summary-json", default=None, metavar="FILE", help="write the summary (or capacity search) as JSON")
+    g.add_argument("--summary-json", default=None, metavar="FILE",
+                   help="write the summary (or capacity search) as JSON")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     c = p.add_argument_group("capacity search")
     c.add_argument("--capacity", default=None, choices=sorted(CRITERIA),

@@ -128,7 +128,7 @@ def max_backlogged_gap(server: FakeServer, first: str, second: str) -> float:
     continuously backlogged (waiting requests at every tick end of the interval)."""
     worst = 0.0
     run: list[float] = []
-    for record in server.history + [TickRecord(float("inf"), {}, frozenset())]:
+    for record in [*server.history, TickRecord(float("inf"), {}, frozenset())]:
         if {first, second} <= record.backlogged:
             run.append(record.service.get(first, 0.0) - record.service.get(second, 0.0))
             continue

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 from diptych.policies.batch import BATCH_POLICIES, SarathiBatching, SequenceState
 from diptych.policies.prefill_first import PrefillFirstBatching

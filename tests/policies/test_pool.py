@@ -4,6 +4,8 @@ decode KV counted as decode pressure; static never moves. Time is a fake clock: 
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from diptych.policies.pool import POOL_POLICIES, PoolStats, RADPools, StaticPools
@@ -167,5 +169,5 @@ def test_shifting_workload_follows_the_bottleneck_without_oscillating():
     second_phase = [pool for t, pool in moves if t >= 200]
     assert first_phase and set(first_phase) == {"prefill"}       # prefill-heavy: only moves towards prefill
     assert second_phase and set(second_phase) == {"decode"}      # decode-heavy: only moves towards decode
-    assert all(b - a >= 10.0 for (a, _), (b, _) in zip(moves, moves[1:]))
+    assert all(b - a >= 10.0 for (a, _), (b, _) in itertools.pairwise(moves))
     assert (prefill_workers, decode_workers) == (2, 6)   # 10k tok/s of prompts on 2, 25k of decodes on 6

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 from diptych.policies.batch import BATCH_POLICIES
 from diptych.policies.slai import SLAIBatching
@@ -90,7 +89,7 @@ def test_order_critical_by_lst_then_arrival_then_prefills_then_admissions_then_n
         decode("tie-new", t_end=0.8, tbt=0.2, arrival=2),   # LST 0.9
         decode("slack", t_end=0.9, tbt=0.5, arrival=0),     # LST 1.3  -> not critical
     ]
-    running = [partial("part", prompt=300, computed=100)] + decodes
+    running = [partial("part", prompt=300, computed=100), *decodes]
     queue = [waiting("w-long", prompt=200, arrival=0), waiting("w-short", prompt=50, arrival=5)]
     plan = policy.schedule(queue, running, kv(), now=1.01)
     assert plan.decodes == ["urgent", "tie-old", "tie-new", "late", "slack"]

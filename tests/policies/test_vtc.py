@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from diptych.policies.admission import ADMISSION_POLICIES, PendingRequest
 from diptych.policies.vtc import LCFAdmission, VTCAdmission

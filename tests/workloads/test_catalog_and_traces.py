@@ -40,11 +40,11 @@ def test_mooncake_and_errors(tmp_path):
     assert t.hash_ids == [[46, 47], [46]]
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"timestamp": 1, "input_length": 5, "output_length": 5}\n{"timestamp": 2}\n')
-    with pytest.raises(ValueError, match="bad.jsonl:2"):
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2"):
         read_trace(bad)
     bad_csv = tmp_path / "bad.csv"
     bad_csv.write_text("prompt_len,output_len\n5,6\nx,7\n")
-    with pytest.raises(ValueError, match="bad.csv:3"):
+    with pytest.raises(ValueError, match=r"bad\.csv:3"):
         read_trace(bad_csv)
     (tmp_path / "cols.csv").write_text("a,b\n1,2\n")
     with pytest.raises(ValueError, match="prompt length column"):
@@ -65,7 +65,7 @@ def test_request_specs_round_trip_and_validate(tmp_path):
         RequestSpec("x", 0, 1, 5, max_tokens=4)
     (tmp_path / "bad.jsonl").write_text(json.dumps({"request_id": "x", "arrival_time": 0, "prompt_len": 1,
                                                     "output_len": 1, "color": "red"}) + "\n")
-    with pytest.raises(ValueError, match="bad.jsonl:1.*color"):
+    with pytest.raises(ValueError, match=r"bad\.jsonl:1.*color"):
         load_specs(tmp_path / "bad.jsonl")
 
 

@@ -11,10 +11,10 @@ from diptych.metrics.histogram import LogHistogram
 from diptych.metrics.results import RunResult
 from diptych.metrics.summary import format_summary, summarize
 from diptych.metrics.timeline import RequestTimeline, from_service_timeline, load_timelines, save_timelines
-from diptych.workloads.spec import RequestSpec
 from diptych.sim.config import ClusterConfig
 from diptych.sim.simulator import simulate
 from diptych.workloads.catalog import WorkloadConfig, build_workload
+from diptych.workloads.spec import RequestSpec
 
 
 def test_histogram_quantiles_and_linear_series():
@@ -84,7 +84,7 @@ def test_fairness_metrics_on_two_clients():
     grid, diff = service_difference(result, 1.0)
     assert diff[grid == 4.0][0] == pytest.approx(120 - 60)
     assert np.isnan(diff[-1])  # bob stopped waiting at t = 8: no two clients wait together
-    starts, rates = window_service(result, 5.0)
+    _, rates = window_service(result, 5.0)
     assert rates["alice"][0] == pytest.approx(30) and rates["bob"][0] == pytest.approx(15)
     worst, average = table2_metric(result, 5.0)
     assert worst >= average > 0
@@ -105,8 +105,8 @@ def test_simulated_and_timeline_summaries_agree():
 def test_service_timelines_convert():
     spec = RequestSpec("r1", 0.0, 100, 3, client_id="alice", tier="strict", tbt_slo_s=0.1)
     service = {"arrival": 100.0, "admitted": 100.1, "prefill_start": 100.1, "prefill_end": 100.3,
-               "handoff_start": 100.3, "handoff_end": 100.32, "first_token": 100.3, "token_times": [100.3, 100.4, 100.45],
-               "finish": 100.45, "finish_reason": "length"}
+               "handoff_start": 100.3, "handoff_end": 100.32, "first_token": 100.3,
+               "token_times": [100.3, 100.4, 100.45], "finish": 100.45, "finish_reason": "length"}
     timeline = from_service_timeline(spec, service)
     assert timeline.status == "finished" and timeline.ttft == pytest.approx(0.3) and timeline.num_tokens == 3
     assert timeline.handoff_end == 100.32 and timeline.client_id == "alice" and timeline.tbt_slo_s == 0.1
