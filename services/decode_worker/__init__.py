@@ -1,1 +1,2 @@
-"""Decode worker: reserves KV, receives handoffs, continuous-batching decode, streams tokens."""
+"""Entry point of decode workers (``--role decode``), colocated and flex workers; the roles live in
+``services.worker.roles``."""

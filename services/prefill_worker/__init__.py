@@ -1,1 +1,1 @@
-"""Prefill worker: chunked prefill, first token, KV pushed into the decode worker's reservation."""
+"""Entry point of prefill workers; the prefill role lives in ``services.worker.roles.prefill``."""

@@ -1,6 +1,6 @@
 """A shared decode pool frees an aborted reservation only once no GPU-to-GPU push can still write into it."""
 
-from diptych.services.decode_worker.held_blocks import HeldBlocks
+from diptych.services.worker.roles.held_blocks import HeldBlocks
 
 
 def test_abort_then_stop_frees_at_the_stop():

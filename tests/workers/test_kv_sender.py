@@ -9,7 +9,7 @@ import pytest
 
 from diptych.engine.kv_transfer import StreamingHandoff
 from diptych.proto.messages import HANDOFF_CUDA_IPC, HANDOFF_FRAMES
-from diptych.services.prefill_worker.kv_sender import KVSender
+from diptych.services.worker.roles.kv_sender import KVSender
 from tests.engine.test_exactness import GREEDY, NEW_TOKENS
 from tests.hf_reference import hf_greedy
 

@@ -20,6 +20,7 @@ import logging
 import time
 from typing import Any
 
+from diptych.engine.protocol import WorkerEngine
 from diptych.proto.messages import HANDOFF_CUDA_IPC, HANDOFF_FRAMES
 
 log = logging.getLogger("diptych.prefill")
@@ -30,7 +31,7 @@ class KVSender:
     (the worker calls them from ``after_step`` of an output that needs the engine, or through ``engine_call``): they
     read the engine's block tables and issue copies behind its work."""
 
-    def __init__(self, engine: Any) -> None:
+    def __init__(self, engine: WorkerEngine) -> None:
         self.engine = engine
         self._routes: dict[str, tuple[bytes, Any]] = {}
         """Decode worker id -> (the IPC handle it shared, a ``KVPusher`` into its pool or None for frames)."""
@@ -119,7 +120,7 @@ class KVSender:
 
             if select_path(pool.device, share, decode_worker_id)[0] == HANDOFF_CUDA_IPC:
                 try:
-                    pusher = KVPusher(self.engine.kv, share)
+                    pusher = KVPusher(self.engine.kv, share)  # type: ignore[arg-type]  # has tensors: a KVCachePool
                 except Exception as exc:
                     log.error("KV handoff to %s: cannot open its GPU pool (%r); sending frames", decode_worker_id,
                               exc)

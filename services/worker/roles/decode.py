@@ -15,20 +15,24 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Coroutine
 
-import zmq
-
+from diptych.engine.outputs import StepOutput
+from diptych.engine.protocol import WorkerEngine
 from diptych.proto import ProtocolError
 from diptych.proto.messages import (
     HANDOFF_CUDA_IPC, KVHandoff, KVPushAborted, KVReceived, KVReserved, Request, RequestDone, ReserveKV, TokenOutput,
-    TokenReport,
+    TokenReport, WorkerLoad,
 )
-from diptych.services.common.sockets import bind_address, make_socket, recv_message
-from diptych.services.common.worker import Worker
-from diptych.services.decode_worker.held_blocks import HeldBlocks
+from diptych.proto.roles import Pool
+from diptych.services.common.sockets import recv_message
+from diptych.services.worker.links import WorkerLinks
+from diptych.services.worker.roles.held_blocks import HeldBlocks
 
 log = logging.getLogger("diptych.decode")
+
+EXPIRY_CHECK_INTERVAL_S = 1.0
+"""How often held blocks of aborted shared reservations are checked for their timeout (seconds)."""
 
 
 @dataclass
@@ -40,71 +44,77 @@ class DecodeJob:
     pending_events: dict[str, float] = field(default_factory=dict)
 
 
-class DecodeWorker(Worker):
-    role = "decode"
-    can_decode = True
+class DecodeRole:
+    kind = Pool.DECODE
 
-    def __init__(self, args: Any, engine: Any) -> None:
-        super().__init__(args, engine)
-        self._kv_addr: str = args.kv_addr
-        self.kv_in = make_socket(self.ctx, zmq.PULL, bind=bind_address(args.kv_addr))
+    def __init__(self, links: WorkerLinks, kv_addr: str) -> None:
+        """``kv_addr``: this worker's KV ingress address, as prefill workers reach it (bound here)."""
+        self.links = links
+        self.engine = links.engine
+        self._kv_addr = kv_addr
+        self.kv_in = links.bind_pull(kv_addr)
         self._decoding: dict[str, DecodeJob] = {}
-        self._share = _share_pool(engine)
+        self._share = _share_pool(links.engine)
         self._held = HeldBlocks()
 
-    def kv_addr(self) -> str:
-        return self._kv_addr
+    def kv_ingress(self) -> tuple[str, dict[str, Any]] | None:
+        return self._kv_addr, self._share
 
-    def kv_share(self) -> dict:
-        return self._share
-
-    def extra_tasks(self) -> list[asyncio.Task]:
-        tasks = [*super().extra_tasks(), asyncio.create_task(self._kv_loop())]
+    def background(self) -> list[Coroutine[Any, Any, None]]:
+        loops = [self._kv_loop()]
         if self._share:
-            tasks.append(asyncio.create_task(self._free_expired_loop()))
-        return tasks
+            loops.append(self._free_expired_loop())
+        return loops
 
-    async def handle_control(self, msg: Any) -> None:
+    async def handle(self, msg: Any) -> bool:
         if not isinstance(msg, ReserveKV):
-            await super().handle_control(msg)
-            return
+            return False
         ok = self.engine.reserve(msg.request_id, msg.num_blocks)  # safe during an iteration (Engine.reserve)
         if not ok:
             log.warning("req=%s reservation of %d blocks refused (%d free)", msg.request_id, msg.num_blocks,
                         self.engine.kv.allocator.num_free)
         block_ids = self.engine.reserved_blocks(msg.request_id) if ok and self._share else []
-        await self.send_control(KVReserved(msg.request_id, self.worker_id, ok, "" if ok else "not enough free blocks",
-                                           block_ids))
+        await self.links.send_control(KVReserved(request_id=msg.request_id, worker_id=self.links.worker_id, ok=ok,
+                                                 error="" if ok else "not enough free blocks", block_ids=block_ids))
+        return True
 
-    async def abort(self, request_id: str) -> bool:
-        if self._share:  # a prefill worker may be writing into the reservation: keep its blocks until it stops
-            blocks = await self.engine_call(self.engine.take_reservation, request_id)
-            if blocks is not None:
-                await self._free(self._held.hold(request_id, blocks, time.monotonic()))
-                self.forget(request_id)
-                return True
-        return await super().abort(request_id)
+    def adopt(self, request: Request, events: dict[str, float]) -> None:
+        """Take over a request prefilled on this worker at its first token (``roles.colocated``): stream it (with
+        its prefill ``events``) and report it from now on."""
+        self._decoding[request.request_id] = DecodeJob(request.stream_addr, events)
+
+    async def prepare_abort(self, request_id: str) -> bool:
+        if not self._share:
+            return False
+        # a prefill worker may be writing into the reservation: keep its blocks until it stops
+        blocks = await self.links.engine_call(self.engine.take_reservation, request_id)
+        if blocks is None:
+            return False
+        await self._free(self._held.hold(request_id, blocks, time.monotonic()))
+        return True
+
+    async def aborted(self, request_id: str, held: bool) -> None:
+        if held:
+            self._decoding.pop(request_id, None)
+
+    def report(self, load: WorkerLoad) -> None:
+        pass
 
     async def _push_stopped(self, request_id: str) -> None:
         await self._free(self._held.push_stopped(request_id, time.monotonic()))
 
     async def _free(self, blocks: list[int]) -> None:
         if blocks:
-            await self.engine_call(self.engine.free_blocks, blocks)
+            await self.links.engine_call(self.engine.free_blocks, blocks)
 
     async def _free_expired_loop(self) -> None:
         while True:
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(EXPIRY_CHECK_INTERVAL_S)
             blocks = self._held.expired(time.monotonic())
             if blocks:
                 log.warning("freed %d KV blocks of aborted requests whose prefill worker never said it stopped "
                             "pushing", len(blocks))
                 await self._free(blocks)
-
-    def adopt(self, request: Request, events: dict[str, float]) -> None:
-        """Take over a colocated request at its first token: stream it (with its prefill ``events``) and report it
-        from now on."""
-        self._decoding[request.request_id] = DecodeJob(request.stream_addr, events)
 
     async def _kv_loop(self) -> None:
         try:
@@ -119,9 +129,13 @@ class DecodeWorker(Worker):
                         await self._push_stopped(msg.request_id)
                 else:
                     log.warning("dropped unexpected %s on the KV socket", type(msg).__name__)
-                self.wake()
+                self.links.wake()
         finally:
             self.kv_in.close()
+
+    async def _fail(self, request_id: str) -> None:
+        await self.links.send_control(RequestDone(request_id=request_id, worker_id=self.links.worker_id,
+                                                  finish_reason="error"))
 
     async def _on_handoff(self, msg: KVHandoff) -> None:
         request = msg.request
@@ -131,30 +145,34 @@ class DecodeWorker(Worker):
             return
         if msg.layout != self.engine.layout:
             log.error("req=%s KV layout %s does not match ours %s", rid, msg.layout, self.engine.layout)
-            if await self.engine_call(self.engine.abort, rid):
-                await self.send_control(RequestDone(rid, self.worker_id, "error"))
+            if await self.links.engine_call(self.engine.abort, rid):
+                await self._fail(rid)
             return
         started = time.time()
         try:
             frames = None if msg.path == HANDOFF_CUDA_IPC else msg.blocks  # GPU to GPU: already in our blocks
-            await self.engine_call(self.engine.add_prefilled, rid, request.prompt_token_ids, msg.first_token_id,
-                                   request.sampling, frames, msg.num_tokens, arrival_time=request.arrival_time,
-                                   slo=request.slo, first_token_time=msg.first_token_time)
+            await self.links.engine_call(self.engine.add_prefilled, rid, request.prompt_token_ids,
+                                         msg.first_token_id, request.sampling, frames, msg.num_tokens,
+                                         arrival_time=request.arrival_time, slo=request.slo,
+                                         first_token_time=msg.first_token_time)
         except KeyError:
             log.info("req=%s KV dropped: no reservation (cancelled meanwhile)", rid)
             return
         except ValueError as exc:
             log.error("req=%s KV rejected: %s", rid, exc)
-            await self.engine_call(self.engine.abort, rid)
-            await self.send_control(RequestDone(rid, self.worker_id, "error"))
+            await self.links.engine_call(self.engine.abort, rid)
+            await self._fail(rid)
             return
         landed = time.time()
         self._decoding[rid] = DecodeJob(request.stream_addr,
                                         {"handoff_start": msg.sent_time or started, "handoff_end": landed})
-        await self.send_control(KVReceived(rid, self.worker_id, msg.num_tokens, landed - started))
+        await self.links.send_control(KVReceived(request_id=rid, worker_id=self.links.worker_id,
+                                                 num_tokens=msg.num_tokens, transfer_s=landed - started))
 
-    async def after_step(self, output: Any) -> None:
-        await super().after_step(output)  # a colocated request's first token is adopted there first
+    def output_needs_engine(self, output: StepOutput) -> bool:
+        return False
+
+    async def after_step(self, output: StepOutput) -> None:
         streams: dict[str, list[TokenOutput]] = {}
         counts: dict[str, int] = {}
         finish_reasons: dict[str, str] = {}
@@ -163,24 +181,22 @@ class DecodeWorker(Worker):
             if job is None:
                 continue
             events, job.pending_events = job.pending_events, {}
-            streams.setdefault(job.stream_addr, []).append(
-                TokenOutput(tok.request_id, tok.index, [tok.token_id], tok.finish_reason, [tok.time], events))
+            streams.setdefault(job.stream_addr, []).append(TokenOutput(
+                request_id=tok.request_id, index=tok.index, token_ids=[tok.token_id], finish_reason=tok.finish_reason,
+                timestamps=[tok.time], events=events))
             counts[tok.request_id] = counts.get(tok.request_id, 0) + 1
             if tok.finish_reason:
                 finish_reasons[tok.request_id] = tok.finish_reason
-        await self.stream_tokens(streams)
+        await self.links.stream_tokens(streams)
         if counts:
-            await self.send_control(TokenReport(self.worker_id, counts))
+            await self.links.send_control(TokenReport(worker_id=self.links.worker_id, counts=counts))
         for rid in output.finished:
             if self._decoding.pop(rid, None) is not None:
-                await self.send_control(RequestDone(rid, self.worker_id, finish_reasons.get(rid, "stop")))
-
-    def forget(self, request_id: str) -> None:
-        self._decoding.pop(request_id, None)
-        super().forget(request_id)
+                await self.links.send_control(RequestDone(request_id=rid, worker_id=self.links.worker_id,
+                                                          finish_reason=finish_reasons.get(rid, "stop")))
 
 
-def _share_pool(engine: Any) -> dict:
+def _share_pool(engine: WorkerEngine) -> dict[str, Any]:
     """The engine's KV pool shared for GPU-to-GPU pushes (``engine.kv_transfer.share_pool``), or {} when it is not on
     a GPU (CPU engines, ``--engine sim``)."""
     pool = getattr(engine.kv, "pool", None)
@@ -188,6 +204,6 @@ def _share_pool(engine: Any) -> dict:
         return {}
     from diptych.engine.kv_transfer import share_pool  # imports torch: only engines with KV tensors
 
-    share = share_pool(engine.kv)
+    share: dict[str, Any] = share_pool(engine.kv)  # type: ignore[arg-type]  # a pool with tensors: a KVCachePool
     log.info("KV pool shared for GPU-to-GPU pushes (GPU %s, %d blocks)", share["device_uuid"], engine.kv.num_blocks)
     return share

@@ -1,0 +1,1 @@
+"""The roles a worker composes (``services.worker.role.Role``): prefill, decode, colocated."""
