@@ -20,15 +20,18 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from contextlib import closing
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import httpx
 import pytest
 import zmq
+from zmq.auth.thread import ThreadAuthenticator
 
 from diptych import proto
+from diptych.services.common.security import ZAP_DOMAIN, KeySet
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -49,13 +52,24 @@ def free_port() -> int:
 class FakeCluster:
     """The frontend's coordinator and workers. Thread-safe: all socket work happens on its own thread."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, keys: KeySet | None = None) -> None:
+        """With ``keys`` (a CURVE key set) it plays the coordinator and worker ``prefill-0`` over CURVE, admitting the
+        set's keys (pyzmq's own authenticator, reading the set's ``public/`` certificates)."""
         self.address = address
         self.responder: Callable[[proto.Request], list[proto.TokenBatch]] | None = None
         self.answer_status = True
+        self.status_clients: dict[str, Any] = {}
+        """``ClusterStatus.clients`` in the status answers (per-client service)."""
+        self._keys = keys
         self._ctx = zmq.Context()
+        self._auth: ThreadAuthenticator | None = None
         self._router = self._ctx.socket(zmq.ROUTER)
         self._router.setsockopt(zmq.LINGER, 0)
+        if keys is not None:
+            self._auth = ThreadAuthenticator(self._ctx)
+            self._auth.start()
+            self._auth.configure_curve(domain=ZAP_DOMAIN, location=str(keys.directory / "public"))
+            keys.server("coordinator").apply(self._router)
         self._router.bind(address)
         self._pushers: dict[str, zmq.Socket] = {}
         self._frontend: bytes | None = None
@@ -73,6 +87,7 @@ class FakeCluster:
             self._received.clear()
             self.responder = None
             self.answer_status = True
+            self.status_clients = {}
 
     def wait_message(self, kind: type, match: Callable[[Any], bool] = lambda m: True, timeout: float = 10.0) -> Any:
         """Take the first received message of ``kind`` matching ``match``; AssertionError after ``timeout`` s."""
@@ -109,6 +124,8 @@ class FakeCluster:
         self._thread.join(timeout=5)
         for sock in [self._router, *self._pushers.values()]:
             sock.close(linger=0)
+        if self._auth is not None:
+            self._auth.stop()
         self._ctx.term()
 
     # ------------------------------------------------------------ thread
@@ -135,7 +152,7 @@ class FakeCluster:
         if isinstance(msg, proto.StatusQuery):
             if self.answer_status:
                 self._router.send_multipart([self._frontend, *proto.encode(proto.ClusterStatus(
-                    prefill_workers=1, decode_workers=1, waiting=0, in_flight=0))])
+                    prefill_workers=1, decode_workers=1, waiting=0, in_flight=0, clients=self.status_clients))])
             return
         with self._cond:
             self._received.append(msg)
@@ -149,6 +166,8 @@ class FakeCluster:
         if addr not in self._pushers:
             sock = self._ctx.socket(zmq.PUSH)
             sock.setsockopt(zmq.LINGER, 0)
+            if self._keys is not None:
+                self._keys.client("prefill-0", "frontend").apply(sock)
             sock.connect(addr)
             self._pushers[addr] = sock
         return self._pushers[addr]
@@ -168,9 +187,10 @@ class Frontend:
             return f.read()
 
 
-def _launch(model: str, log_dir: str, name: str, *extra: str) -> Frontend:
+def _launch(model: str, log_dir: str, name: str, *extra: str, keys: KeySet | None = None,
+            scheme: str = "http") -> Frontend:
     http, sdk, stream = free_port(), free_port(), free_port()
-    cluster = FakeCluster(f"tcp://127.0.0.1:{free_port()}")
+    cluster = FakeCluster(f"tcp://127.0.0.1:{free_port()}", keys)
     log_path = os.path.join(log_dir, f"{name}.log")
     cmd = [sys.executable, "-m", "diptych.services.frontend", "--model", model, "--served-model-name", "tiny",
            "--http-port", str(http), "--sdk-addr", f"tcp://127.0.0.1:{sdk}",
@@ -178,17 +198,17 @@ def _launch(model: str, log_dir: str, name: str, *extra: str) -> Frontend:
            "--log-level", "DEBUG", *extra]
     with open(log_path, "wb") as out:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
-    return Frontend(proc, f"http://127.0.0.1:{http}", f"tcp://127.0.0.1:{sdk}", f"tcp://127.0.0.1:{stream}",
+    return Frontend(proc, f"{scheme}://127.0.0.1:{http}", f"tcp://127.0.0.1:{sdk}", f"tcp://127.0.0.1:{stream}",
                     cluster, log_path)
 
 
-def _wait_ready(fe: Frontend, timeout_s: float = 60.0) -> None:
+def _wait_ready(fe: Frontend, timeout_s: float = 60.0, verify: str | bool = True) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if fe.proc.poll() is not None:
             raise RuntimeError(f"frontend exited with {fe.proc.returncode}:\n{fe.log()}")
         try:
-            if httpx.get(fe.http_url + "/health", timeout=2).status_code == 200:
+            if httpx.get(fe.http_url + "/health", timeout=2, verify=verify).status_code == 200:
                 return
         except httpx.TransportError:
             pass
