@@ -3,6 +3,8 @@ a comparison of decode attention implementations over the paged pool (the choice
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from diptych.benchmarks import hf_baseline
@@ -24,7 +26,7 @@ def greedy_agreement(engine, mut: ModelUnderTest, new_tokens: int, lengths=(37, 
     rows = []
     for prompt, a, b, s, c in zip(prompts, ours, theirs, scores, control):
         first = _first_difference(a, b)
-        row = {"prompt_tokens": len(prompt), "new_tokens": new_tokens, "first_divergence": first,
+        row: dict[str, Any] = {"prompt_tokens": len(prompt), "new_tokens": new_tokens, "first_divergence": first,
                "hf_eager_vs_sdpa_divergence": _first_difference(c, b)}
         if first is not None:
             logits = s[first]

@@ -16,10 +16,14 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-MISTRAL_7B_SHAPE = dict(
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+MISTRAL_7B_SHAPE: dict[str, Any] = dict(
     hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
     head_dim=128, vocab_size=32000, max_position_embeddings=32768, rope_theta=1e6, sliding_window=None,
     rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
@@ -30,7 +34,7 @@ MISTRAL_7B_SHAPE = dict(
 class ModelUnderTest:
     """A built model plus what the benchmarks report about it."""
 
-    model: torch.nn.Module
+    model: PreTrainedModel
     name: str
     tokenizer_path: str | None
     """Where an ``Engine`` takes its tokenizer (``EngineConfig.model``); None = the built-in tiny one."""
@@ -68,7 +72,8 @@ def build_model(name: str, device: str, dtype: torch.dtype, seed: int = 0) -> Mo
         return ModelUnderTest(model.eval(), name, None)
     path = resolve_model(None if name == "tiny" else name)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=ATTENTION_NAME)
-    return ModelUnderTest(model.to(device).eval(), name, path)
+    # transformers wraps PreTrainedModel.to in functools.wraps(nn.Module.to), which hides its bound signature
+    return ModelUnderTest(model.to(device).eval(), name, path)  # type: ignore[arg-type]
 
 
 def random_prompts(count: int, length: int, vocab: int, seed: int) -> list[list[int]]:

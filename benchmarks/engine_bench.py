@@ -12,6 +12,7 @@ layer).
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -29,8 +30,12 @@ from diptych.benchmarks.common import (
     write_json,
 )
 from diptych.engine import Engine, EngineConfig
+from diptych.engine.model_runner import ModelRunner
 from diptych.policies.batch import SarathiBatching
 from diptych.proto.messages import SamplingParams
+
+if TYPE_CHECKING:
+    from diptych.engine.cuda_runner import CudaExecutor
 
 
 def make_engine(mut: ModelUnderTest, device: str, max_batch: int, kv_gb: float, max_model_len: int,
@@ -56,7 +61,7 @@ def decode_point(engine: Engine, mut: ModelUnderTest, batch: int, context: int, 
     ids = [f"decode-{batch}-{i}" for i in range(batch)]
     for request_id, prompt in zip(ids, random_prompts(batch, context, vocab, seed=batch)):
         engine.add_request(request_id, prompt, sampling)
-    started = set()
+    started: set[str] = set()
     while len(started) < batch:  # prefill (in the policy's token budget), first tokens sampled
         started.update(t.request_id for t in engine.step().tokens)
     for _ in range(warmup):
@@ -76,8 +81,13 @@ def decode_point(engine: Engine, mut: ModelUnderTest, batch: int, context: int, 
             "kv_bytes": batch * avg_context * mut.kv_bytes_per_token}
 
 
+def _cuda_executor(engine: Engine) -> CudaExecutor | None:
+    """The engine's CUDA path; None without one (on CPU, or a model the kernels do not support)."""
+    return engine.runner.cuda if isinstance(engine.runner, ModelRunner) else None
+
+
 def _graph_replay_seconds(engine: Engine, batch: int, repeats: int = 20) -> float | None:
-    cuda = engine.runner.cuda
+    cuda = _cuda_executor(engine)
     if cuda is None or cuda.graphs is None or not cuda.graphs.fits(batch, 1):
         return None
     size = next(b for b in cuda.graphs.batch_sizes if b >= batch)
@@ -95,6 +105,8 @@ def _graph_replay_seconds(engine: Engine, batch: int, repeats: int = 20) -> floa
 def prefill_point(engine: Engine, mut: ModelUnderTest, tokens: int, chunk: int, repeats: int = 5) -> float:
     """Median seconds to prefill one ``tokens``-token prompt in chunks of ``chunk`` (sum of its iterations)."""
     policy = engine.policy
+    if not isinstance(policy, SarathiBatching):
+        raise TypeError(f"prefill_point sets a token budget: needs SarathiBatching, got {type(policy).__name__}")
     saved = policy.token_budget
     policy.token_budget = chunk
     totals = []
@@ -128,7 +140,7 @@ def run(args) -> dict:
     started = time.perf_counter()
     engine = make_engine(mut, device, max_batch, args.kv_gb, max_len, args.prefill_budget, graphs=not args.no_graphs,
                          fused=not args.no_fused_decode)
-    cuda = engine.runner.cuda
+    cuda = _cuda_executor(engine)
     env["decode_forward"] = ("reference (no CUDA path)" if cuda is None else
                              ("fused" if cuda.fused is not None else "HF modules")
                              + (", CUDA graphs for decode" if cuda.graphs is not None else ", no graphs"))

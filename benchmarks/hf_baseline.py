@@ -9,14 +9,18 @@ from __future__ import annotations
 import contextlib
 import signal
 import time
+from typing import TYPE_CHECKING
 
 import torch
 
 from diptych.benchmarks.common import median, sync, time_call
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
 
 @contextlib.contextmanager
-def hf_attention(model: torch.nn.Module, implementation: str = "sdpa"):
+def hf_attention(model: PreTrainedModel, implementation: str = "sdpa"):
     previous = model.config._attn_implementation
     model.set_attn_implementation(implementation)
     try:

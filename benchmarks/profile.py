@@ -18,6 +18,7 @@ import random
 import re
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -76,8 +77,8 @@ class IterationTimer:
 
 
 def sample(prefill: int, decodes: int, context: int, seconds: float) -> dict:
-    out = {"prefill_tokens": prefill, "num_decodes": decodes, "decode_context_tokens": decodes * (context + 1),
-           "seconds": seconds, "context": context}
+    out: dict[str, Any] = {"prefill_tokens": prefill, "num_decodes": decodes,
+                           "decode_context_tokens": decodes * (context + 1), "seconds": seconds, "context": context}
     if prefill:
         out["prefill_chunks"] = [[prefill, 0]]
     return out
@@ -117,7 +118,7 @@ def run(args) -> dict:
     sweep_tokens = list(range(args.sweep_step, args.sweep_max + 1, args.sweep_step))
     sweep = [timer.seconds(t, 0, 0) for t in sweep_tokens]
     steps, quantum = tile_steps(sweep_tokens, sweep)
-    data = {"environment": env, "samples": samples, "held_out_samples": held_samples,
+    data: dict[str, Any] = {"environment": env, "samples": samples, "held_out_samples": held_samples,
             "tile_sweep": {"tokens": sweep_tokens, "seconds": sweep, "steps_at": steps, "tile_quantum": quantum}}
     data["fit"] = fit(samples, held_samples, quantum, env)
     slug = re.sub(r"[^a-z0-9]+", "-", env["device"].lower()).strip("-")

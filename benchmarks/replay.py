@@ -136,7 +136,7 @@ def replay(engine: Any, specs: list, seed: int, label: str) -> list:
             engine.add_request(spec.request_id, [rng.randrange(3, vocab) for _ in range(spec.prompt_len)],
                                SamplingParams(max_tokens=spec.max_tokens, temperature=0.0, ignore_eos=True),
                                arrival_time=arrival,
-                               slo=SLO(spec.tier, spec.ttft_slo_s, spec.tbt_slo_s))
+                               slo=SLO(tier=spec.tier, ttft_s=spec.ttft_slo_s, tbt_s=spec.tbt_slo_s))
             timelines[spec.request_id] = {"arrival": arrival, "token_times": []}
             next_index += 1
         if not engine.has_work():
@@ -177,8 +177,8 @@ def _table(rows: list[dict[str, Any]], variants: list[str], loads: list[float]) 
             if variant == "sarathi-fcfs":
                 continue
             for qps in loads:
-                base, row = by_key.get(("sarathi-fcfs", qps)), by_key.get((variant, qps))
-                if base and row:
-                    change = [row[side]["ttft_p50"] / base[side]["ttft_p50"] - 1 for side in ("engine", "simulator")]
+                base, other = by_key.get(("sarathi-fcfs", qps)), by_key.get((variant, qps))
+                if base and other:
+                    change = [other[side]["ttft_p50"] / base[side]["ttft_p50"] - 1 for side in ("engine", "simulator")]
                     lines.append(f"| {variant} | {qps:g} | {change[0]:+.0%} | {change[1]:+.0%} |")
     return "\n".join(lines)

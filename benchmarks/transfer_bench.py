@@ -17,13 +17,18 @@ from __future__ import annotations
 import dataclasses
 import multiprocessing as mp
 import time
+from typing import TYPE_CHECKING
 
 import torch
 
 from diptych.benchmarks.common import build_model, environment, median, random_prompts, sync, table, write_json
+from diptych.cluster.blocks import blocks_for
 from diptych.engine.kv_cache import KVCachePool
 from diptych.engine.kv_transfer import CUDA_IPC, FRAMES, KVPusher, select_path, share_pool
 from diptych.proto.messages import KVLayout, SamplingParams
+
+if TYPE_CHECKING:
+    import zmq
 
 
 def _receiver(device: str, layout: dict, num_blocks: int, dtype: str, endpoint: str, conn) -> None:
@@ -31,7 +36,7 @@ def _receiver(device: str, layout: dict, num_blocks: int, dtype: str, endpoint: 
     pool = KVCachePool(KVLayout(**layout), num_blocks, getattr(torch, dtype), device)
     share = share_pool(pool) if pool.pool.device.type == "cuda" else None
     conn.send(share)
-    socket = None
+    socket: zmq.Socket[bytes] | None = None
     while True:
         command, arg = conn.recv()
         if command == "stop":
@@ -71,7 +76,7 @@ def run(args) -> dict:
     layout = engine.layout
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
-    decode_blocks = 2 * -(-max_len // layout.block_size)
+    decode_blocks = 2 * blocks_for(max_len, layout.block_size)
     proc = ctx.Process(target=_receiver, args=(args.decode_device, dataclasses.asdict(layout), decode_blocks,
                                                layout.dtype, args.zmq_endpoint, child), daemon=True)
     proc.start()
@@ -80,7 +85,10 @@ def run(args) -> dict:
         path, reason = select_path(device, share)
         env.update(model=args.model, prefill_device=device, decode_device=args.decode_device, path=path,
                    path_reason=reason, chunk=args.chunk)
-        pusher = KVPusher(engine.kv, share) if path == CUDA_IPC else None
+        kv = engine.kv
+        if not isinstance(kv, KVCachePool):
+            raise TypeError(f"the engine's KV pool is a {type(kv).__name__}, not a KVCachePool")
+        pusher = KVPusher(kv, share) if path == CUDA_IPC else None
         zmq_ok = _zmq_setup(parent, args.zmq_endpoint)
         rows = [_point(engine, mut, parent, pusher, zmq_ok, n, args) for n in args.prompts]
         parent.send(("stop", None))
@@ -101,7 +109,7 @@ def _zmq_setup(conn, endpoint: str):
         return None
     conn.send(("zmq", None))
     conn.recv()
-    socket = zmq.Context.instance().socket(zmq.PUSH)
+    socket: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.PUSH)
     socket.setsockopt(zmq.LINGER, 0)
     socket.connect(endpoint)
     return socket
@@ -172,11 +180,12 @@ def _point(engine, mut, conn, pusher, zmq_socket, tokens: int, args) -> dict:
     return row
 
 
-def _plain_copies(nbytes: int, device: torch.device, other: str) -> dict:
+def _plain_copies(nbytes: int, device: torch.device, other_device: str) -> dict:
     src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).normal_()
     same = torch.empty_like(src)
-    out = {"d2d_GBps": nbytes / _time(lambda: same.copy_(src), device) / 1e9, "p2p_GBps": None}
-    other = torch.device(other)
+    out: dict[str, float | None] = {"d2d_GBps": nbytes / _time(lambda: same.copy_(src), device) / 1e9,
+                                    "p2p_GBps": None}
+    other = torch.device(other_device)
     if device.type == "cuda" and other.type == "cuda" and other.index != device.index and \
             (other.index or 0) < torch.cuda.device_count():
         remote = torch.empty(src.shape, dtype=src.dtype, device=other)

@@ -32,7 +32,7 @@ import contextlib
 import dataclasses
 import threading
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -126,8 +126,8 @@ class AsyncClient:
         """Cancel a running request; its stream ends with a chunk whose finish_reason is "abort"."""
         queue = self._pending.get(request_id)
         if queue is not None:
-            self._post(proto.ClientCancel(request_id))
-            queue.put_nowait(proto.ClientChunk(request_id, "", [], "abort"))
+            self._post(proto.ClientCancel(request_id=request_id))
+            queue.put_nowait(proto.ClientChunk(request_id=request_id, text="", token_ids=[], finish_reason="abort"))
 
     async def close(self) -> None:
         """Cancel running requests (their waiters get DiptychError), then close the socket."""
@@ -135,7 +135,7 @@ class AsyncClient:
             return
         self._closed = True
         for request_id, queue in list(self._pending.items()):
-            self._post(proto.ClientCancel(request_id))
+            self._post(proto.ClientCancel(request_id=request_id))
             queue.put_nowait(DiptychError("the client was closed", request_id=request_id))
         for task in self._tasks:
             task.cancel()
@@ -176,7 +176,7 @@ class AsyncClient:
             slo=_slo(slo) if slo else None, stream=stream)
         return msg, timeline
 
-    async def _run(self, msg: proto.ClientGenerate, timeline: bool) -> AsyncIterator[StreamChunk]:
+    async def _run(self, msg: proto.ClientGenerate, timeline: bool) -> AsyncGenerator[StreamChunk, None]:
         """Send ``msg`` and yield its chunks until the last; cancels the request if left before that. ``timeline``
         False drops the final chunk's timeline."""
         if self._closed:
@@ -211,7 +211,7 @@ class AsyncClient:
         finally:
             self._forget(msg.request_id, queue)
             if not finished and not self._closed:
-                self._post(proto.ClientCancel(msg.request_id))
+                self._post(proto.ClientCancel(request_id=msg.request_id))
 
     def _forget(self, request_id: str, queue: asyncio.Queue) -> None:
         if self._pending.get(request_id) is queue:

@@ -235,9 +235,9 @@ def _plot_goodput(plt: Any, out_dir: Path, names: list[str], gpu_counts: list[in
 
 def _plot_shift(plt: Any, out_dir: Path, shift: dict) -> Path:
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 6), sharex=True)
+    styles: dict[str, dict[str, Any]] = {"rad": dict(linewidth=2.2, color="black"), "colocated": dict(linestyle=":")}
     for r in shift["runs"]:
-        style = {"rad": dict(linewidth=2.2, color="black"), "colocated": dict(linestyle=":")}.get(r["config"],
-                                                                                                  dict(linewidth=0.8))
+        style = styles.get(r["config"], dict(linewidth=0.8))
         top.plot(r["edges"], r["rolling"], label=r["config"], **style)
         if r["config"] == "rad" and r["pool_history"]:
             t = [h[0] for h in r["pool_history"]] + [r["edges"][-1]]
@@ -264,7 +264,7 @@ def _report(args: argparse.Namespace, names: list[str], gpu_counts: list[int], b
     for w in names:
         for n in gpu_counts:
             static = {c: by[(w, n, c)]["capacity"] for c in configs(n) if ":" in c}
-            best = max(static, key=static.get)
+            best = max(static, key=static.__getitem__)
             rad, colo = by[(w, n, "rad")]["capacity"], by[(w, n, "colocated")]["capacity"]
             rows.append((w, n, best, static[best], colo, rad,
                          f"{100 * (rad / static[best] - 1):+.0f}%" if static[best] else "-",
@@ -279,11 +279,11 @@ def _report(args: argparse.Namespace, names: list[str], gpu_counts: list[int], b
         text.append(md_table(["workload", *cols], [[w, *(by[(w, n, c)]["capacity"] for c in cols)] for w in names]))
         text.append("")
     if shift is not None:
-        rows = [(r["config"], r["attainment"], r["phase1"], r["phase2"], r["goodput"], r["moves"])
-                for r in shift["runs"]]
+        shift_rows = [(r["config"], r["attainment"], r["phase1"], r["phase2"], r["goodput"], r["moves"])
+                      for r in shift["runs"]]
         text += [f"## Shifting workload at a fixed load ({shift['gpus']} GPUs, {shift['qps']:.1f} req/s, "
                  f"{shift['duration']:.0f} s: conversation, then code)", "",
                  md_table(["config", "SLO attainment", "conversation phase", "code phase", "goodput (req/s)",
-                           "pool moves"], rows), ""]
+                           "pool moves"], shift_rows), ""]
     text.append(f"Figures: `{NAME}.png`" + (f", `{NAME}-shift.png`" if shift is not None else ""))
     return "\n".join(text)

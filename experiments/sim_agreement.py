@@ -148,7 +148,7 @@ def run_services(setting: Setting, specs: list, seed: int, log_dir: str, progres
 
 
 def compare(services: dict, simulator: dict, tolerance: float) -> dict[str, Any]:
-    row = {}
+    row: dict[str, Any] = {}
     for key in ("ttft_p50", "tbt_p99", "ttft_p99", "tbt_p50"):
         row[key] = (services[key], simulator[key], services[key] / simulator[key])
     row["agrees"] = all(abs(row[key][2] - 1) <= tolerance for key in ("ttft_p50", "tbt_p99"))

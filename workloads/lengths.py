@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from typing import Any
 
 import numpy as np
 
@@ -118,7 +119,7 @@ def preset(name: str) -> EmpiricalLengths:
 
     if name not in TABLES:
         raise ValueError(f"unknown length distribution {name!r}; choose one of: {', '.join(sorted(TABLES))}")
-    table = TABLES[name]
+    table: dict[str, Any] = TABLES[name]
     return EmpiricalLengths(name, table["prompt"], table["output"], table["spearman"])
 
 

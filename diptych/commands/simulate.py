@@ -78,11 +78,11 @@ def run(args: argparse.Namespace) -> int:
 
         started = time.perf_counter()
         print(f"capacity search ({args.capacity}) on {workload.name}, {len(specs)} requests per run:")
-        result = capacity_search(one, args.capacity, args.qps_lo, args.qps_hi, args.tolerance, args.max_runs, report)
-        print(f"capacity: {result.qps:.3f} req/s ({len(result.runs)} runs, {time.perf_counter() - started:.1f} s)")
+        found = capacity_search(one, args.capacity, args.qps_lo, args.qps_hi, args.tolerance, args.max_runs, report)
+        print(f"capacity: {found.qps:.3f} req/s ({len(found.runs)} runs, {time.perf_counter() - started:.1f} s)")
         if args.summary_json:
             with open(args.summary_json, "w") as f:
-                json.dump({"capacity_qps": result.qps, "criterion": result.criterion, "runs": result.runs}, f,
+                json.dump({"capacity_qps": found.qps, "criterion": found.criterion, "runs": found.runs}, f,
                           indent=1, default=float)
         return 0
     print(f"workload: {workload.name}, {len(specs)} requests over {specs[-1].arrival_time:.1f} s")

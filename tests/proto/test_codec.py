@@ -34,31 +34,40 @@ SHARE = {"host": "h/boot", "device_uuid": "GPU-1", "device_index": 1, "handle": 
 def make_request(**kw) -> Request:
     base = dict(request_id="r1", client_id="alice", prompt_token_ids=[1, 2, 3],
                 sampling=SamplingParams(max_tokens=8, temperature=0.0, stop=["\n"], seed=7),
-                arrival_time=1700000000.25, stream_addr="tcp://127.0.0.1:5602", slo=SLO("strict", 1.0, 0.1))
+                arrival_time=1700000000.25, stream_addr="tcp://127.0.0.1:5602",
+                slo=SLO(tier="strict", ttft_s=1.0, tbt_s=0.1))
     base.update(kw)
     return Request(**base)
 
 
 @pytest.mark.parametrize("msg", [
-    SubmitRequest(make_request()),
-    CancelRequest("r1", "stop"),
-    TokenReport("decode-0", {"r1": 3, "r2": 1}),
-    TokenBatch([TokenOutput("r1", 0, [5], None, [1.5]), TokenOutput("r2", 3, [6, 7], "length", [2.0, 2.5])]),
-    ClientGenerate("r9", "hi", None, SamplingParams(), api_key=None, slo=None),
-    ClusterStatus(1, 2, 0, 0, {"counters": {"a": 1.5}}),
-    KVReserved("r1", "decode-0", True, block_ids=[7, 3, 9]),
-    PrefillTask(make_request(), "decode-0", "tcp://x:1", 2.0, decode_blocks=[7, 3], decode_kv_share=SHARE),
-    KVHandoff(make_request(), 5, 1.0, 3, KVLayout(2, 2, 16, 16, "bfloat16"), [], 0.5, HANDOFF_CUDA_IPC),
-    KVPushAborted("r1", "prefill-0"),
+    SubmitRequest(request=make_request()),
+    CancelRequest(request_id="r1", reason="stop"),
+    TokenReport(worker_id="decode-0", counts={"r1": 3, "r2": 1}),
+    TokenBatch(outputs=[
+        TokenOutput(request_id="r1", index=0, token_ids=[5], finish_reason=None, timestamps=[1.5]),
+        TokenOutput(request_id="r2", index=3, token_ids=[6, 7], finish_reason="length", timestamps=[2.0, 2.5]),
+    ]),
+    ClientGenerate(request_id="r9", prompt="hi", prompt_token_ids=None, sampling=SamplingParams(), api_key=None,
+                   slo=None),
+    ClusterStatus(prefill_workers=1, decode_workers=2, waiting=0, in_flight=0, admission={"counters": {"a": 1.5}}),
+    KVReserved(request_id="r1", worker_id="decode-0", ok=True, block_ids=[7, 3, 9]),
+    PrefillTask(request=make_request(), decode_worker_id="decode-0", decode_kv_addr="tcp://x:1", admitted_time=2.0,
+                decode_blocks=[7, 3], decode_kv_share=SHARE),
+    KVHandoff(request=make_request(), first_token_id=5, first_token_time=1.0, num_tokens=3,
+              layout=KVLayout(num_layers=2, num_kv_heads=2, head_dim=16, block_size=16, dtype="bfloat16"), blocks=[],
+              sent_time=0.5, path=HANDOFF_CUDA_IPC),
+    KVPushAborted(request_id="r1", worker_id="prefill-0"),
 ])
 def test_round_trip(msg):
     assert proto.decode(proto.encode(msg)) == msg
 
 
 def test_payload_frames_travel_raw_and_in_order():
-    layout = KVLayout(2, 2, 16, 16, "float32")
+    layout = KVLayout(num_layers=2, num_kv_heads=2, head_dim=16, block_size=16, dtype="float32")
     blocks = [bytes([i]) * 100 for i in range(3)]
-    frames = proto.encode(KVHandoff(make_request(), 42, 1.0, 20, layout, blocks))
+    frames = proto.encode(KVHandoff(request=make_request(), first_token_id=42, first_token_time=1.0, num_tokens=20,
+                                    layout=layout, blocks=blocks))
     assert len(frames) == 4 and [bytes(f) for f in frames[1:]] == blocks
     back = proto.decode([memoryview(f) if i else f for i, f in enumerate(frames)])
     assert [bytes(b) for b in back.blocks] == blocks and back.layout == layout and back.first_token_id == 42
