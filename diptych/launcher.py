@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -50,7 +51,11 @@ class ClusterSpec:
     block_size: int = 16
     num_blocks: int | None = None
     api_keys_file: str | None = None
+    admin_keys_file: str | None = None
     slo_tiers_file: str | None = None
+    ssl_certfile: str | None = None
+    """With it the HTTP API is HTTPS (``ssl_keyfile``: its key, if not in the same file)."""
+    ssl_keyfile: str | None = None
     log_level: str = "INFO"
     extra_worker_args: list[str] = field(default_factory=list)
     extra_frontend_args: list[str] = field(default_factory=list)
@@ -74,7 +79,8 @@ class ClusterSpec:
 
     @property
     def http_url(self) -> str:
-        return f"http://{self.host}:{self.http_port}"
+        scheme = "https" if self.ssl_certfile else "http"
+        return f"{scheme}://{self.host}:{self.http_port}"
 
     @property
     def sdk_addr(self) -> str:
@@ -135,6 +141,9 @@ class Cluster:
             *py, "diptych.services.frontend", *model, "--host", s.host, "--http-port", str(s.http_port),
             "--sdk-addr", s.sdk_addr, "--stream-addr", s.addr(s.stream_port), "--coordinator-addr", coordinator,
             "--log-level", s.log_level, *(["--api-keys-file", s.api_keys_file] if s.api_keys_file else []),
+            *(["--admin-keys", s.admin_keys_file] if s.admin_keys_file else []),
+            *(["--ssl-certfile", s.ssl_certfile] if s.ssl_certfile else []),
+            *(["--ssl-keyfile", s.ssl_keyfile] if s.ssl_keyfile else []),
             *(["--slo-tiers", s.slo_tiers_file] if s.slo_tiers_file else []),
             *(["--max-model-len", str(_sim_context_len())] if s.engine == "sim" else []),
             *s.extra_frontend_args,
@@ -161,12 +170,13 @@ class Cluster:
         """Block until the frontend's /health reports every worker registered; raise if a process dies first."""
         deadline = time.time() + timeout_s
         last = None
+        probe = _own_frontend_tls() if self.spec.ssl_certfile else None
         while time.time() < deadline:
             dead = self.dead()
             if dead:
                 raise RuntimeError(f"cluster processes exited during startup: {dead}")
             try:
-                with urllib.request.urlopen(self.spec.http_url + "/health", timeout=2) as resp:
+                with urllib.request.urlopen(self.spec.http_url + "/health", timeout=2, context=probe) as resp:
                     last = json.loads(resp.read())
                 registered = sum(last.get(k) or 0 for k in ("prefill_workers", "decode_workers", "colocated_workers"))
                 if registered == self.spec.num_workers:
@@ -239,6 +249,15 @@ def with_free_ports(spec: ClusterSpec) -> ClusterSpec:
     base = free_port_block(5 + spec.num_workers, spec.host)
     return replace(spec, http_port=base, coordinator_port=base + 1, sdk_port=base + 2, stream_port=base + 3,
                    kv_base_port=base + 4)
+
+
+def _own_frontend_tls() -> ssl.SSLContext:
+    """TLS for the readiness probe of the frontend this launcher started: it sends no credentials and reads only
+    worker counts, and the certificate may name a public host rather than ``host``, so it is not verified."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
 
 
 def _opts(flag: str, values: list[str]) -> list[str]:

@@ -55,6 +55,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-blocks", type=int, default=None, help="KV blocks per worker [from 0.25 GB]")
     p.add_argument("--api-keys-file", default=None,
                    help="JSON file mapping API keys to clients (id, fairness weight, SLO tier) [anonymous]")
+    p.add_argument("--admin-keys", default=None, metavar="FILE",
+                   help="operator API keys, one per line, for /admin/status (or \"admins\" in the API keys file); "
+                        "with any key configured, client keys get 403 there [open only without any keys]")
+    p.add_argument("--ssl-certfile", default=None, metavar="PEM", help="serve the HTTP API over HTTPS [plain HTTP]")
+    p.add_argument("--ssl-keyfile", default=None, metavar="PEM", help="key of --ssl-certfile, if not in that file")
     p.add_argument("--slo-tiers", default=None, help="JSON file of SLO tiers {name: {tbt_s, ttft_s}} "
                    "[default 0.2 s, strict 0.1 s, relaxed 0.5 s TBT]")
     p.add_argument("--log-dir", default=None, help="write each process's log to DIR/<name>.log [stderr]")
@@ -75,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
             policy_opts=args.policy_opt, device=args.device, engine=args.engine, cost_model=args.cost_model,
             num_blocks=args.num_blocks,
             api_keys_file=args.api_keys_file, slo_tiers_file=args.slo_tiers, log_level=args.log_level,
+            admin_keys_file=args.admin_keys, ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile,
         )
     except ValueError as exc:
         print(f"diptych serve: {exc}", file=sys.stderr)

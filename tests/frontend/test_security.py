@@ -4,8 +4,8 @@ coordinator link and token stream (``--keys-dir``)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
-import subprocess
 import time
 
 import httpx
@@ -17,18 +17,10 @@ from diptych import proto
 from diptych.services.common.security import CurveClient, KeyPair, generate_key_set
 from diptych.services.frontend.identity import AdminAccess, ClientDirectory, ClientIdentity, load_access
 from tests.frontend.conftest import _launch, _stop, _wait_ready, replying
+from tests.security.certs import self_signed_certificate
 
 CLIENTS = {"sk-alice": {"client_id": "alice"}, "sk-bob": {"client_id": "bob"}}
 ADMIN_IN_FILE, ADMIN_IN_LIST = "ak-root", "ak-ops"
-
-
-def self_signed_certificate(directory) -> tuple[str, str]:
-    """A certificate for 127.0.0.1 and its key (PEM), made by the openssl command line."""
-    cert, key = directory / "cert.pem", directory / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-                    "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
-                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
-    return str(cert), str(key)
 
 
 @pytest.fixture(scope="module")
@@ -109,10 +101,8 @@ def test_token_stream_refuses_a_key_outside_the_set(secure):
     sock.setsockopt(zmq.LINGER, 0)
     CurveClient(KeyPair("stranger", public, secret), server).apply(sock)
     sock.connect(fe.stream_addr)
-    try:
+    with contextlib.suppress(zmq.Again):  # no connection completes: the handshake is refused
         sock.send_multipart(proto.encode(proto.TokenBatch([])), flags=zmq.NOBLOCK)
-    except zmq.Again:
-        pass  # no connection completed: the handshake was refused
     deadline = time.monotonic() + 10
     while public.decode() not in fe.log() and time.monotonic() < deadline:
         time.sleep(0.1)
