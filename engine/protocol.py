@@ -32,11 +32,6 @@ class KVPoolView(Protocol):
     such a pool to ``engine.kv_transfer``."""
 
     @property
-    def num_blocks(self) -> int:
-        """Size of the pool in blocks."""
-        ...
-
-    @property
     def allocator(self) -> BlockCounter:
         ...
 

@@ -12,9 +12,10 @@ exceptions are ``Engine.reserve`` and ``Engine.reserved_blocks``, which the engi
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Callable, TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -62,7 +63,7 @@ class EngineThread:
                 continue
             try:
                 result = fn()
-            except Exception as exc:  # handed to the caller, which decides
+            except Exception as exc:  # noqa: BLE001  handed to the caller, which decides
                 future.set_exception(exc)
             else:
                 future.set_result(result)

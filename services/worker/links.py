@@ -9,7 +9,8 @@ or directly only from ``Role.after_step`` of an output that needs the engine (``
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import zmq
 import zmq.asyncio

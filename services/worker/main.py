@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 from diptych.proto.roles import WorkerRole
 from diptych.services.common.lifecycle import run_service, setup_logging

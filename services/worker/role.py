@@ -9,7 +9,8 @@ token; a control message goes to the first role that takes it.
 
 from __future__ import annotations
 
-from typing import Any, Coroutine, Protocol
+from collections.abc import Coroutine
+from typing import Any, Protocol
 
 from diptych.engine.outputs import StepOutput
 from diptych.proto.messages import WorkerLoad

@@ -14,14 +14,21 @@ the worker and its roles stay ready.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 from diptych.engine.outputs import StepOutput
 from diptych.proto import ProtocolError
 from diptych.proto.messages import (
-    CancelRequest, Heartbeat, PrefillTask, RegisterAck, RegisterWorker, RequestDone, WorkerLoad,
+    CancelRequest,
+    Heartbeat,
+    PrefillTask,
+    RegisterAck,
+    RegisterWorker,
+    RequestDone,
+    WorkerLoad,
 )
 from diptych.proto.roles import WorkerRole
 from diptych.services.common.sockets import recv_message
@@ -93,10 +100,10 @@ class Worker:
                     await self.links.send_control(RequestDone(request_id=msg.request_id, worker_id=self.worker_id,
                                                               finish_reason="abort"))
             else:
-                await self._dispatch(msg)
+                await self.dispatch(msg)
             self.links.wake()
 
-    async def _dispatch(self, msg: object) -> None:
+    async def dispatch(self, msg: object) -> None:
         """Hand a coordinator message to the first role that takes it."""
         for role in self.roles:
             if await role.handle(msg):
@@ -171,22 +178,20 @@ class Worker:
                         output = await step()
                         if any(role.output_needs_engine(output) for role in self.roles):
                             await self._shipped()
-                            await self._after_step(output)
+                            await self.after_step(output)
                             output = None
                     if output is not None:
                         await self._shipped()
-                        self._shipping = asyncio.create_task(self._after_step(output))
+                        self._shipping = asyncio.create_task(self.after_step(output))
                 else:
                     await self._shipped()
                     self.links.woken.clear()
-                    try:
+                    with contextlib.suppress(asyncio.TimeoutError):
                         await asyncio.wait_for(self.links.woken.wait(), timeout=self.heartbeat_interval_s)
-                    except asyncio.TimeoutError:
-                        pass
         finally:
             await self._shipped()
 
-    async def _after_step(self, output: StepOutput) -> None:
+    async def after_step(self, output: StepOutput) -> None:
         """Ship one iteration's results: each role in ``ROLE_ORDER`` handles the requests it owns."""
         if output.num_prefill_tokens and output.duration_s > 0:
             rate = output.num_prefill_tokens / output.duration_s

@@ -14,15 +14,25 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
-from typing import Any, Coroutine
+from typing import Any
 
 from diptych.engine.outputs import StepOutput
 from diptych.engine.protocol import WorkerEngine
 from diptych.proto import ProtocolError
 from diptych.proto.messages import (
-    HANDOFF_CUDA_IPC, KVHandoff, KVPushAborted, KVReceived, KVReserved, Request, RequestDone, ReserveKV, TokenOutput,
-    TokenReport, WorkerLoad,
+    HANDOFF_CUDA_IPC,
+    KVHandoff,
+    KVPushAborted,
+    KVReceived,
+    KVReserved,
+    Request,
+    RequestDone,
+    ReserveKV,
+    TokenOutput,
+    TokenReport,
+    WorkerLoad,
 )
 from diptych.proto.roles import Pool
 from diptych.services.common.sockets import recv_message
@@ -205,5 +215,5 @@ def _share_pool(engine: WorkerEngine) -> dict[str, Any]:
     from diptych.engine.kv_transfer import share_pool  # imports torch: only engines with KV tensors
 
     share: dict[str, Any] = share_pool(engine.kv)  # type: ignore[arg-type]  # a pool with tensors: a KVCachePool
-    log.info("KV pool shared for GPU-to-GPU pushes (GPU %s, %d blocks)", share["device_uuid"], engine.kv.num_blocks)
+    log.info("KV pool shared for GPU-to-GPU pushes (GPU %s)", share["device_uuid"])
     return share

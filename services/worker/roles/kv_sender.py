@@ -61,7 +61,7 @@ class KVSender:
                 continue  # still waiting for its first chunk
             try:
                 push.advance(table, computed)
-            except Exception as exc:  # CUDA errors surface as RuntimeError; keep serving on the frame path
+            except Exception as exc:  # noqa: BLE001  CUDA errors surface as RuntimeError; keep serving on the frame path
                 self._drop(request_id, exc)
 
     def finish(self, request_id: str, num_tokens: int) -> tuple[str, list[Any]]:
@@ -72,7 +72,7 @@ class KVSender:
         if push is not None:
             try:
                 report = push.finish(self.engine.computed_blocks(request_id)[0], num_tokens)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001  any failure of the push: frames still work
                 log.error("req=%s GPU-to-GPU KV push failed, sending frames instead: %r", request_id, exc)
             else:
                 self.engine.release(request_id)
@@ -89,7 +89,7 @@ class KVSender:
         if push is not None:
             try:
                 push.abandon()
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001  logged; the request is aborted anyway
                 log.error("req=%s waiting for an abandoned KV push failed: %r", request_id, exc)
 
     def snapshot(self) -> dict[str, dict[str, float]]:
@@ -121,7 +121,7 @@ class KVSender:
             if select_path(pool.device, share, decode_worker_id)[0] == HANDOFF_CUDA_IPC:
                 try:
                     pusher = KVPusher(self.engine.kv, share)  # type: ignore[arg-type]  # has tensors: a KVCachePool
-                except Exception as exc:
+                except Exception as exc:  # noqa: BLE001  the peer pool cannot be opened: frames
                     log.error("KV handoff to %s: cannot open its GPU pool (%r); sending frames", decode_worker_id,
                               exc)
         self._routes[decode_worker_id] = (handle, pusher)

@@ -12,12 +12,20 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass
-from typing import Any, Coroutine
+from typing import Any
 
 from diptych.engine.outputs import SampledToken, StepOutput
 from diptych.proto.messages import (
-    KVHandoff, KVPushAborted, PrefillDone, PrefillTask, Request, RequestDone, TokenOutput, WorkerLoad,
+    KVHandoff,
+    KVPushAborted,
+    PrefillDone,
+    PrefillTask,
+    Request,
+    RequestDone,
+    TokenOutput,
+    WorkerLoad,
 )
 from diptych.proto.roles import Pool
 from diptych.services.worker.links import WorkerLinks
@@ -111,21 +119,21 @@ class PrefillRole:
                 timestamps=[tok.time], events=job.events(tok.time)))
         await self.links.stream_tokens(streams)
         for rid in output.prefilled:
-            job = self._jobs.pop(rid, None)
-            if job is not None:
-                await self._hand_off(job, firsts[rid])
+            prefilled = self._jobs.pop(rid, None)
+            if prefilled is not None:
+                await self._hand_off(prefilled, firsts[rid])
                 await self.links.send_control(PrefillDone(
                     request_id=rid, worker_id=self.links.worker_id, handed_off=True,
-                    prefill_start=job.prefill_start, prefill_end=firsts[rid].time))
+                    prefill_start=prefilled.prefill_start, prefill_end=firsts[rid].time))
         for rid in output.finished:
-            job = self._jobs.get(rid)
-            if job is not None:  # finished with its first token: nothing to hand off
+            finished = self._jobs.get(rid)
+            if finished is not None:  # finished with its first token: nothing to hand off
                 self._sender.abandon(rid)
-                await self.links.push(job.decode_kv_addr, KVPushAborted(request_id=rid,
-                                                                        worker_id=self.links.worker_id))
+                await self.links.push(finished.decode_kv_addr, KVPushAborted(request_id=rid,
+                                                                             worker_id=self.links.worker_id))
                 await self.links.send_control(PrefillDone(
                     request_id=rid, worker_id=self.links.worker_id, handed_off=False,
-                    prefill_start=job.prefill_start, prefill_end=firsts[rid].time))
+                    prefill_start=finished.prefill_start, prefill_end=firsts[rid].time))
         for rid in firsts:
             self._jobs.pop(rid, None)
 
