@@ -190,8 +190,10 @@ class ZapAuthenticator:
     """The ZAP handler of one asyncio ZeroMQ context: admits CURVE clients whose public key is in ``keys`` (user id:
     the key's name) and refuses everything else, logging each refusal with the peer's address.
 
-    ``start()`` before any ``CurveServer`` socket binds; ``stop()`` before the context terminates. One per context
-    (ZeroMQ allows one handler on ``inproc://zeromq.zap.01``)."""
+    ``start()`` (in the running loop) before any ``CurveServer`` socket binds; or, where sockets are made before the
+    loop runs, ``bind()`` first and run ``serve()`` as a task later: handshakes wait in the queue meanwhile.
+    ``stop()`` before the context terminates. One per context (ZeroMQ allows one handler on
+    ``inproc://zeromq.zap.01``)."""
 
     def __init__(self, ctx: zmq.asyncio.Context, keys: KeySet, domain: str = ZAP_DOMAIN) -> None:
         self._ctx = ctx
@@ -202,12 +204,18 @@ class ZapAuthenticator:
         self.refused = 0
         """Refused handshakes so far (tests and metrics)."""
 
+    def bind(self) -> None:
+        """Take the context's ZAP endpoint (no event loop needed); idempotent."""
+        if self._sock is None:
+            sock = self._ctx.socket(zmq.ROUTER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.bind(ZAP_ENDPOINT)
+            self._sock = sock
+
     def start(self) -> None:
-        sock = self._ctx.socket(zmq.ROUTER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.bind(ZAP_ENDPOINT)
-        self._sock = sock
-        self._task = asyncio.get_running_loop().create_task(self._serve(), name="zap")
+        """``bind()`` and answer requests in a task of the running loop."""
+        self.bind()
+        self._task = asyncio.get_running_loop().create_task(self.serve(), name="zap")
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -225,7 +233,9 @@ class ZapAuthenticator:
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
-    async def _serve(self) -> None:
+    async def serve(self) -> None:
+        """Answer ZAP requests until cancelled (after ``bind()``)."""
+        self.bind()
         assert self._sock is not None
         while True:
             frames = await self._sock.recv_multipart()

@@ -128,3 +128,28 @@ def test_plain_sockets_carry_no_user_id():
     received, plain = asyncio.run(main())
     assert received.user_id is None and isinstance(received.message, proto.StatusQuery)
     assert plain[0] is None and isinstance(plain[1], proto.StatusQuery)
+
+
+def test_an_authenticator_bound_before_the_loop_admits_once_it_serves(keys):
+    ctx = zmq.asyncio.Context()
+    auth = ZapAuthenticator(ctx, keys)
+    auth.bind()  # as a service does when it makes its sockets before its loop runs
+    server = make_socket(ctx, zmq.ROUTER, bind="tcp://127.0.0.1:0", security=keys.server("coordinator"))
+    client = make_socket(ctx, zmq.DEALER, connect=server.getsockopt(zmq.LAST_ENDPOINT).decode(), identity="p",
+                         security=keys.client("prefill-0", "coordinator"))
+
+    async def main():
+        serving = asyncio.create_task(auth.serve())
+        await send_message(client, proto.StatusQuery())
+        received = await asyncio.wait_for(recv_authenticated(server, routed=True), 5)
+        serving.cancel()
+        await auth.stop()
+        return received
+
+    try:
+        received = asyncio.run(main())
+    finally:
+        client.close(linger=0)
+        server.close(linger=0)
+        ctx.term()
+    assert received.user_id == "prefill-0"
