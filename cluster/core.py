@@ -21,7 +21,7 @@ from diptych.policies.admission import AdmissionPolicy, PendingRequest, Rejectio
 from diptych.proto.roles import Pool, RequestPhase
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Dispatch:
     """Request ``request_id`` was admitted: it prefills on ``prefill_worker`` and decodes on ``decode_worker``
     (the same worker when ``colocated``), which holds ``decode_blocks`` KV blocks for it."""

@@ -30,7 +30,10 @@ class ServiceLedger:
         self.clients: dict[str, ClientService] = {}
 
     def _client(self, client_id: str) -> ClientService:
-        return self.clients.setdefault(client_id, ClientService())
+        entry = self.clients.get(client_id)
+        if entry is None:
+            entry = self.clients[client_id] = ClientService()
+        return entry
 
     def on_dispatch(self, client_id: str, prompt_tokens: int) -> None:
         entry = self._client(client_id)

@@ -14,11 +14,12 @@ from __future__ import annotations
 from collections.abc import Collection
 from dataclasses import dataclass
 
+from diptych.cluster.blocks import blocks_for
 from diptych.cluster.workers import WorkerRegistry, WorkerState
 from diptych.proto.roles import Pool, WorkerRole
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Placement:
     """Worker ids and block counts for one request. ``prefill_worker == decode_worker`` for a colocated placement
     (no handoff; ``prefill_blocks`` is then 0 because the decode reservation covers the prompt).
@@ -61,10 +62,11 @@ class Placer:
         self.waiting_for: Pool | None = None
 
     def place(self, prompt_tokens: int, max_tokens: int) -> Placement | None:
-        colocated = self._pick_colocated(prompt_tokens, max_tokens)
-        if colocated is not None:
-            self.waiting_for = None
-            return colocated
+        if self.registry.colocated_workers:
+            colocated = self._pick_colocated(prompt_tokens, max_tokens)
+            if colocated is not None:
+                self.waiting_for = None
+                return colocated
         decode, decode_blocks = self._pick_decode(prompt_tokens + max_tokens)
         prefill = self._pick_prefill(prompt_tokens)
         if decode is None or prefill is None:
@@ -76,39 +78,61 @@ class Placer:
 
     def fits_anywhere(self, prompt_tokens: int, max_tokens: int) -> bool:
         """Whether some registered worker (or pair) could ever hold this request, its pools being empty."""
-        workers = self.registry.workers.values()
         total = prompt_tokens + max_tokens
-        if any(w.role == WorkerRole.COLOCATED and w.blocks_for(total) <= w.total_blocks for w in workers):
-            return True
         movable = self.movable_roles
-        prefills = [w for w in workers if w.role == WorkerRole.PREFILL or w.role in movable]
-        decodes = [w for w in workers if w.role == WorkerRole.DECODE or w.role in movable]
-        return (any(w.blocks_for(prompt_tokens) <= w.total_blocks for w in prefills)
-                and any(w.blocks_for(total) <= w.total_blocks for w in decodes))
+        prefill_fits = decode_fits = False
+        size = prompt_blocks = total_blocks = 0
+        for w in self.registry.workers.values():
+            if w.block_size != size:
+                size = w.block_size
+                prompt_blocks, total_blocks = blocks_for(prompt_tokens, size), blocks_for(total, size)
+            role = w.role
+            if role is WorkerRole.COLOCATED:
+                if total_blocks <= w.total_blocks:
+                    return True
+                continue
+            if not prefill_fits and (role is WorkerRole.PREFILL or role in movable):
+                prefill_fits = prompt_blocks <= w.total_blocks
+            if not decode_fits and (role is WorkerRole.DECODE or role in movable):
+                decode_fits = total_blocks <= w.total_blocks
+        return prefill_fits and decode_fits
 
-    def _has_backlog_room(self, worker: WorkerState, prompt_tokens: int) -> bool:
-        limit = self.max_backlog_tokens
-        return worker.backlog_tokens == 0 or limit is None or worker.backlog_tokens + prompt_tokens <= limit
+    # The pickers run for every admission attempt of the simulator: plain loops over the registry, block counts
+    # computed once per block size, no intermediate lists.
 
     def _pick_prefill(self, prompt_tokens: int) -> WorkerState | None:
         """The worker with the least queued prompt tokens among those with backlog room and KV for the prompt."""
         best = None
-        for worker in self.registry.accepting(Pool.PREFILL):
-            if (worker.blocks_for(prompt_tokens) <= worker.unreserved_blocks
-                    and self._has_backlog_room(worker, prompt_tokens)
-                    and (best is None or worker.backlog_tokens < best.backlog_tokens)):
+        limit = self.max_backlog_tokens
+        size = blocks = 0
+        for worker in self.registry.workers.values():
+            if worker.pool is not Pool.PREFILL or worker.draining_to is not None:
+                continue
+            if worker.block_size != size:
+                size = worker.block_size
+                blocks = blocks_for(prompt_tokens, size)
+            backlog = worker.backlog_tokens
+            if (blocks <= worker.total_blocks - worker.reserved_blocks - worker.backlog_blocks
+                    and (backlog == 0 or limit is None or backlog + prompt_tokens <= limit)
+                    and (best is None or backlog < best.backlog_tokens)):
                 best = worker
         return best
 
     def _pick_decode(self, tokens: int) -> tuple[WorkerState | None, int]:
         """The decode worker with the most unreserved blocks among those that can reserve ``tokens`` and hold fewer
         than ``max_decode_sequences`` requests, with the blocks it reserves."""
-        best, need = None, 0
-        for worker in self.registry.accepting(Pool.DECODE):
-            blocks = worker.blocks_for(tokens)
-            if (blocks <= worker.unreserved_blocks and worker.decode_requests < self.max_decode_sequences
-                    and (best is None or worker.unreserved_blocks > best.unreserved_blocks)):
-                best, need = worker, blocks
+        best, need, most = None, 0, 0
+        cap = self.max_decode_sequences
+        size = blocks = 0
+        for worker in self.registry.workers.values():
+            if worker.pool is not Pool.DECODE or worker.draining_to is not None or worker.decode_requests >= cap:
+                continue
+            if worker.block_size != size:
+                size = worker.block_size
+                blocks = blocks_for(tokens, size)
+            free = worker.total_blocks - worker.reserved_blocks - worker.backlog_blocks
+            if blocks <= free and (best is None or free > most):
+                best, need, most = worker, blocks, free
         return best, need
 
     def _pick_colocated(self, prompt_tokens: int, max_tokens: int) -> Placement | None:
@@ -116,10 +140,18 @@ class Placer:
         reserving, KV for the whole request)."""
         best, need = None, 0
         reserve = self.colocated_reserve
-        for worker in self.registry.accepting(Pool.COLOCATED):
-            blocks = worker.blocks_for(prompt_tokens + max_tokens)
-            if ((not reserve or blocks <= worker.unreserved_blocks) and self._has_backlog_room(worker, prompt_tokens)
-                    and (best is None or worker.backlog_tokens < best.backlog_tokens)):
+        limit = self.max_backlog_tokens
+        size = blocks = 0
+        for worker in self.registry.workers.values():
+            if worker.pool is not Pool.COLOCATED or worker.draining_to is not None:
+                continue
+            if worker.block_size != size:
+                size = worker.block_size
+                blocks = blocks_for(prompt_tokens + max_tokens, size)
+            backlog = worker.backlog_tokens
+            if ((not reserve or blocks <= worker.total_blocks - worker.reserved_blocks - worker.backlog_blocks)
+                    and (backlog == 0 or limit is None or backlog + prompt_tokens <= limit)
+                    and (best is None or backlog < best.backlog_tokens)):
                 best, need = worker, blocks
         if best is None:
             return None

@@ -63,6 +63,8 @@ class WorkerRegistry:
         self.workers: dict[str, WorkerState] = {}
         self.model: str | None = None
         self.layout: object | None = None
+        self.colocated_workers = 0
+        """Registered workers of role ``colocated``."""
 
     def register(self, worker_id: str, role: str, total_blocks: int, block_size: int, now: float,
                  model: str = "", layout: object | None = None) -> str | None:
@@ -82,6 +84,7 @@ class WorkerRegistry:
         pool = self._smaller_pool() if worker_role is WorkerRole.FLEX else Pool(worker_role.value)
         self.workers[worker_id] = WorkerState(worker_id, worker_role, pool, total_blocks, block_size,
                                               last_heartbeat=now)
+        self.colocated_workers += worker_role is WorkerRole.COLOCATED
         return None
 
     def _smaller_pool(self) -> Pool:
@@ -104,6 +107,8 @@ class WorkerRegistry:
 
     def remove(self, worker_id: str) -> WorkerState | None:
         worker = self.workers.pop(worker_id, None)
+        if worker is not None:
+            self.colocated_workers -= worker.role is WorkerRole.COLOCATED
         if not self.workers:
             self.model, self.layout = None, None
         return worker

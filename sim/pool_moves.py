@@ -1,65 +1,69 @@
-"""The simulator's pool moves: ``PoolStats`` built as ``services/coordinator/pools.py`` builds them, the pool
-policy's decisions carried out with a drain, and the role switch once the worker is empty. A mixin of
-``sim.simulator.Simulator`` (it uses the simulator's workers, cost model, queues and event heap).
+"""The simulator's pool moves: the inputs of the cluster core's ``PoolStats`` that only the simulator knows, the
+pool policy's decisions carried out through the core's drains, and the role switch once a worker is empty.
 
-Beyond the services' statistics the simulator fills the decode pool's token rate and capacity (the services' workers
-do not report a decode capacity yet): ``decode_tokens_per_s`` is the decode tokens produced over the last 30 s, and
-``decode_capacity_tps`` the cost model's decode tokens/s of the pool at a full batch (the placement cap on sequences
-per decode worker, or the decode batch policy's ``max_decodes`` if smaller) of sequences at the mean context of the
-tokens of that window (so that a change of workload changes both together).
+The core (``diptych.cluster.pools``) builds the statistics as the services do; the simulator passes in the cost
+model's prefill throughput per worker (the services measure theirs) and fills the decode pool's token rate and
+capacity (the services' workers do not report a decode capacity yet): ``decode_tokens_per_s`` is the decode tokens
+produced over the last 30 s, and ``decode_capacity_tps`` the cost model's decode tokens/s of the pool at a full batch
+(the placement cap on sequences per decode worker, or the decode batch policy's ``max_decodes`` if smaller) of
+sequences at the mean context of the tokens of that window (so that a change of workload changes both together).
+Every simulated worker may move (the core's ``movable_roles`` are prefill and decode); a moving worker drains in the
+core, and switches role here once its engine is empty too.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from typing import TYPE_CHECKING, Any
 
-from diptych.policies.pool import DECODE as POOL_DECODE
+from diptych.cluster.pools import RATE_WINDOW_S
 from diptych.policies.pool import PoolStats
-from diptych.sim.worker import DECODE, PREFILL, Worker
+from diptych.proto.roles import Pool
+from diptych.sim.worker import DECODE, Worker
+
+if TYPE_CHECKING:
+    from diptych.sim.simulator import Simulator
 
 EV_POOL = 2
 """Event kind of a pool tick on the simulator's heap (after worker iterations, 0, and KV landings, 1)."""
-RATE_WINDOW_S = 30.0  # prompt arrival and decode token rate window (services/coordinator/pools.py)
 
 
 class PoolMoves:
-    decode_samples: deque[tuple[float, int, int]]  # (tick time, decode tokens and their context tokens by then)
+    sim: Simulator
+    decode_samples: deque[tuple[float, int, int]]
+    """(tick time, decode tokens and their context tokens by then) over the last ``RATE_WINDOW_S``."""
+    history: list[tuple[float, int, int]]
+    """(time, prefill workers, decode workers) at the start and after every role switch."""
+    moves: list[dict[str, Any]]
+    """Every move started, as ``RunResult.meta["pool_moves"]`` lists them."""
 
-    def _count(self, role: str) -> int:
-        return sum(1 for w in self.workers if w.role == role)
+    def __init__(self, sim: Simulator) -> None:
+        self.sim = sim
+        self.decode_samples = deque()
+        self.history = []
+        self.moves = []
 
-    def _pool_stats(self, now: float) -> PoolStats:
-        prefill = [w for w in self.workers if w.role == PREFILL]
-        decode = [w for w in self.workers if w.role == DECODE]
-        while self.recent_prompts and self.recent_prompts[0][0] < now - RATE_WINDOW_S:
-            self.recent_prompts.popleft()
-        window = min(RATE_WINDOW_S, now) if now > 0 else RATE_WINDOW_S
-        arrival_tps = sum(p for _, p in self.recent_prompts) / window
+    def count(self, pool: Pool) -> int:
+        return len(self.sim.core.workers.in_pool(pool))
+
+    def stats(self, now: float) -> PoolStats | None:
+        sim = self.sim
+        core = sim.core
+        prefill = [sim.worker_of[w.worker_id] for w in core.workers.in_pool(Pool.PREFILL)]
+        decode = [sim.worker_of[w.worker_id] for w in core.workers.in_pool(Pool.DECODE)]
         budget = getattr(prefill[0].policy if prefill else None, "token_budget", 2048)
-        per_worker = self.cost.prefill_throughput_tps(budget, int(self.prompt_mean))
-        total = sum(w.total_blocks for w in decode)
-        queued = self.queued_prompt
-        waiting_kv = 0.0
-        if self.waiting_for_kv:  # the coordinator's queue waits for decode KV, not for prefill
-            queued = 0
-            waiting_kv = -(-self.queued_prompt // self.block_size) / total if total else 0.0
+        per_worker = sim.cost.prefill_throughput_tps(budget, int(sim.prompt_mean))
         decode_rate, decode_capacity = self._decode_rate_and_capacity(now, decode)
-        return PoolStats(  # as services/coordinator/pools.py builds them (no TBT slack there either)
-            prefill_workers=len(prefill), decode_workers=len(decode),
-            queued_prompt_tokens=queued + sum(w.backlog_tokens for w in prefill),
-            prefill_throughput_tps=per_worker * len(prefill),
-            decode_kv_utilization=sum(w.reserved_blocks for w in decode) / total if total else 1.0,
-            running_decodes=sum(len(w.running) for w in decode), prompt_arrival_tps=arrival_tps,
-            kv_waiting=waiting_kv, decode_tokens_per_s=decode_rate, decode_capacity_tps=decode_capacity,
-            draining_workers=sum(1 for w in self.workers if w.draining_to is not None),
-        )
+        return core.pools.stats(now, core.queued_prompt_tokens, core.waiting_for_kv, per_worker,
+                                sum(len(w.running) for w in decode), decode_rate, decode_capacity)
 
     def _decode_rate_and_capacity(self, now: float, decode: list[Worker]) -> tuple[float, float]:
         """Decode tokens/s produced over the last ``RATE_WINDOW_S`` (since the start while shorter), and the cost
         model's decode tokens/s of the ``decode`` workers, each at a full batch of sequences at the mean context of
         those tokens."""
+        sim = self.sim
         tokens = context = 0
-        for w in self.workers:
+        for w in sim.workers:
             in_flight = w.completed_iterations(now) if w.busy and w.stretch and w.role == DECODE else 0
             worker_tokens, worker_context = w.decode_work(in_flight)
             tokens += worker_tokens
@@ -71,44 +75,45 @@ class PoolMoves:
         start, start_tokens, start_context = samples[0] if len(samples) > 1 else (0.0, 0, 0)
         produced = tokens - start_tokens
         rate = produced / (now - start) if now > start else 0.0
-        mean_context = (context - start_context) / produced if produced else self.prompt_mean
-        batch = self.config.max_decode_sequences
+        mean_context = (context - start_context) / produced if produced else sim.prompt_mean
+        batch = sim.config.max_decode_sequences
         policy_limit = getattr(decode[0].policy, "max_decodes", None) if decode else None
         if policy_limit is not None:
             batch = min(batch, policy_limit)
-        return rate, len(decode) * batch / self.cost.iteration_time(0, batch, int(batch * mean_context))
+        return rate, len(decode) * batch / sim.cost.iteration_time(0, batch, int(batch * mean_context))
 
-    def _pool_tick(self, now: float, arrivals_left: bool) -> None:
-        stats = self._pool_stats(now)
-        decision = self.pool_policy.decide(stats, now)
-        if decision is not None:
-            donors = [w for w in self.workers if w.role == decision.from_pool and w.draining_to is None]
-            key = ((lambda w: (w.reserved_blocks, w.index)) if decision.from_pool == POOL_DECODE
-                   else (lambda w: (w.backlog_tokens, w.index)))
-            for worker in sorted(donors, key=key)[:min(decision.workers, len(donors) - 1)]:
-                worker.draining_to = decision.to_pool
-                self._refresh_pools()
-                self.pool_moves.append({"time": now, "worker": worker.worker_id, "from": decision.from_pool,
-                                        "to": decision.to_pool, "reason": decision.reason})
-                self._maybe_switch(worker, now)
-        busy = any(w.busy or w.num_requests for w in self.workers) or len(self.admission)
+    def tick(self, now: float, arrivals_left: bool) -> None:
+        """Ask the pool policy (every tick: the event queue spaces them), start the move it decides, switch the
+        moved workers that are empty already, and schedule the next tick while work remains."""
+        sim = self.sim
+        moved = []
+        for move in sim.core.pools.decide(self.stats(now), now):
+            worker = sim.worker_of[move.worker_id]
+            worker.draining_to = move.to_pool
+            moved.append(worker)
+            self.moves.append({"time": now, "worker": worker.worker_id, "from": move.from_pool, "to": move.to_pool,
+                               "reason": move.reason})
+        for worker in moved:
+            self.maybe_switch(worker, now)
+        busy = any(w.busy or w.num_requests for w in sim.workers) or len(sim.admission)
         if arrivals_left or busy:
-            self._push(now + self.config.pool_tick_s, EV_POOL, 0, 0)
+            sim.push(now + sim.config.pool_tick_s, EV_POOL, 0, 0)
 
-    def _maybe_switch(self, worker: Worker, now: float) -> None:
+    def maybe_switch(self, worker: Worker, now: float) -> None:
         if worker.draining_to is not None and worker.is_empty():
             self.switch_role(worker, now)
 
     def switch_role(self, worker: Worker, now: float) -> None:
+        """The drained ``worker`` joins its new pool: new role, name and batch policy, all its blocks free."""
+        sim = self.sim
         role = worker.draining_to
         assert role is not None
+        sim.core.pools.complete_drain(sim.core_id[worker.index], now)
         worker.role = role
         worker.worker_id = f"{role}-{worker.index}"
         worker.draining_to = None
-        worker.set_policy(self._new_policy(role))
-        worker.reserved_blocks = worker.backlog_tokens = worker.backlog_blocks = 0
+        worker.set_policy(sim.new_policy(role))
         worker.free_blocks = worker.total_blocks
         worker.plan_all_decodes = False
-        self._refresh_pools()
-        self.pool_history.append((now, self._count(PREFILL), self._count(DECODE)))
-        self._admit(now)
+        self.history.append((now, self.count(Pool.PREFILL), self.count(Pool.DECODE)))
+        sim.admit(now)

@@ -1,18 +1,20 @@
-"""Discrete-event simulation of a Diptych cluster in virtual time, running the services' policy objects.
+"""Discrete-event simulation of a Diptych cluster in virtual time, running the services' policy objects and the
+cluster core (``diptych.cluster``) the coordinator runs.
 
 What is simulated, and which service it mirrors:
 
-- **Coordinator** (``services/coordinator``): every arrival goes to the admission policy (``add``; a ``Rejection``
-  refuses it). After every event that adds work or frees capacity (arrival, prefill done, request done, a worker
-  changing pool) the admission loop runs: ``peek()`` the head, place it or stop at the first request that cannot be
-  placed (the policy's order is never bypassed), ``pop(now)``, dispatch. Placement (``Placer``): the prefill worker
-  with the least queued prompt tokens among those whose queue stays within ``max_prefill_backlog_tokens`` (an idle
-  one always takes a request) and whose KV pool holds its queued prompts; the decode worker with the most unreserved
-  blocks that can reserve ``ceil((prompt + max_tokens) / block_size)`` blocks up front and holds fewer than
-  ``max_decode_sequences`` requests (so none waits beyond its batch policy's decodes per iteration). Requests
-  larger than any worker's pool are refused at arrival. Output tokens are charged to the admission policy as workers
-  report them (the first token when the prefill ends, then every decode token); before each admission decision the
-  counters are brought up to the current time.
+- **Coordinator** (``services/coordinator``, ``cluster.core``): every arrival goes to the admission policy
+  (``add``; a ``Rejection`` refuses it). After every event that adds work or frees capacity (arrival, prefill done,
+  request done, a worker changing pool) the core's admission loop runs: ``peek()`` the head, place it or stop at the
+  first request that cannot be placed (the policy's order is never bypassed), ``pop(now)``, account, dispatch.
+  Placement (``cluster.placement``): the prefill worker with the least queued prompt tokens among those whose queue
+  stays within ``max_prefill_backlog_tokens`` (an idle one always takes a request) and whose KV pool holds its
+  queued prompts; the decode worker with the most unreserved blocks that can reserve
+  ``blocks_for(prompt + max_tokens)`` blocks up front and holds fewer than ``max_decode_sequences`` requests (so none
+  waits beyond its batch policy's decodes per iteration). Requests larger than any worker's pool are refused at
+  arrival. Output tokens are charged to the admission policy as workers report them (the first token when the
+  prefill ends, then every decode token); before each admission decision the counters are brought up to the current
+  time. The core's ledger counts input tokens only (output tokens go to the admission policy from the hot loop).
 - **Workers** (``engine/engine.py``, ``sim.worker``): the batch policy composes each iteration from ``waiting`` and
   ``running`` ``SequenceState``s and the KV state; the iteration takes the cost model's time; the first token is
   sampled when the last prompt chunk ends; each decode yields one token per iteration. Work that reaches a busy
@@ -20,14 +22,14 @@ What is simulated, and which service it mirrors:
 - **KV handoff**: when a prefill ends, its blocks are freed, the first token is out, and the KV reaches the decode
   worker after ``handoff_latency_s + bytes / handoff_bandwidth_Bps`` (bytes = whole prompt blocks x KV bytes per
   token); the sequence joins the decode worker's next iteration.
-- **Pools** (``policies.pool``, ``services/coordinator/pools.py``): every ``pool_tick_s`` the pool policy gets
-  ``PoolStats`` built as the services build them (queued prompt tokens of the coordinator plus the prefill pool's
-  backlog, or, while the queue's head waits for decode KV, the queue's prompt blocks as KV waiting; decode KV reserved
-  / total, running decodes, prompt tokens arrived over the last 30 s; no TBT slack), except that prefill throughput
-  is the cost model's estimate rather than a measurement and the decode token rate and capacity are filled too
-  (``sim.pool_moves``). A move drains the donor workers with the least outstanding work (no new placements; each
-  finishes or hands off what it holds), then switches their role and batch policy. Every worker may move (the
-  services move only ``flex`` workers).
+- **Pools** (``policies.pool``, ``cluster.pools``): every ``pool_tick_s`` the pool policy gets ``PoolStats``
+  built by the core as for the services (queued prompt tokens of the coordinator plus the prefill pool's backlog,
+  or, while the queue's head waits for decode KV, the queue's prompt blocks as KV waiting; decode KV reserved /
+  total, running decodes, prompt tokens arrived over the last 30 s, divided by the time elapsed while shorter; no
+  TBT slack), except that prefill throughput is the cost model's estimate rather than a measurement and the decode
+  token rate and capacity are filled too (``sim.pool_moves``). A move drains the donor workers with the least
+  outstanding work (no new placements; each finishes or hands off what it holds), then switches their role and
+  batch policy. Every worker may move (the services move only ``flex`` workers).
 - **Colocated workers** (prefill and decode in one engine): placed as the services place them (least queued prompt
   tokens within the backlog limit, whole KV reserved at placement, backlog released with the first token). With
   ``colocated_reserve=False`` [simulator only] nothing is reserved at placement and the worker's batch policy admits
@@ -46,18 +48,21 @@ from __future__ import annotations
 import gc
 import heapq
 import math
-from collections import deque
 from typing import Any
 
-
-from diptych.metrics.histogram import LogHistogram
+from diptych.cluster.core import ClusterCore, Dispatch
+from diptych.cluster.placement import Placer
+from diptych.cluster.pools import ArrivalRate, PoolManager
+from diptych.cluster.requests import RequestRecord
+from diptych.cluster.workers import WorkerRegistry, WorkerState
 from diptych.metrics.results import STATUS_CODES, RunResult
 from diptych.policies.admission import ADMISSION_POLICIES, AdmissionPolicy, PendingRequest
 from diptych.policies.batch import BATCH_POLICIES, BatchPolicy
 from diptych.policies.pool import POOL_POLICIES
+from diptych.proto.roles import Pool
 from diptych.sim.config import ClusterConfig, PolicySpec
 from diptych.sim.pool_moves import EV_POOL, PoolMoves
-from diptych.sim.result_assembly import NAN, ResultAssembly
+from diptych.sim.result_assembly import NAN, assemble_result
 from diptych.sim.token_accounting import TokenAccounting
 from diptych.sim.worker import COLOCATED, DECODE, PREFILL, SimSeq, Worker
 from diptych.workloads.spec import RequestSpec
@@ -66,7 +71,20 @@ EV_WORKER, EV_HANDOFF = 0, 1
 EV_DISPATCH = 3  # a dispatched request reaches its worker's queue (after EV_POOL = 2 on ties)
 
 
-class Simulator(PoolMoves, ResultAssembly, TokenAccounting):
+class Simulator:
+    """The event queue and the per-request arrays around the cluster core, the simulated workers, the token
+    accounting (``tokens``) and the pool moves (``pool_moves``). ``sim.worker`` calls back into it (``first_token``,
+    ``prefilled``, ``finished``, ``switch_role``, ``schedule_worker``, ...) and updates the token arrays in place."""
+
+    core: ClusterCore
+    tokens: TokenAccounting
+    pool_moves: PoolMoves
+    workers: list[Worker]
+    worker_of: dict[str, Worker]
+    """Simulated worker by core worker id."""
+    core_id: list[str]
+    """Core worker id by worker index."""
+
     def __init__(self, config: ClusterConfig, specs: list[RequestSpec], until: float | None = None,
                  progress: bool = False) -> None:
         config.validate()
@@ -82,65 +100,82 @@ class Simulator(PoolMoves, ResultAssembly, TokenAccounting):
         self.progress = progress
         self.admission: AdmissionPolicy = ADMISSION_POLICIES.create(config.admission.name, **config.admission.knobs)
         self.tracks_tokens = type(self.admission).on_output_tokens is not AdmissionPolicy.on_output_tokens
-        self.pool_policy = POOL_POLICIES.create(config.pool_policy.name, **config.pool_policy.knobs)
+        self.core = self._new_core(config)
         blocks = config.blocks_per_worker()
-        self.workers: list[Worker] = []
+        self.workers = []
+        self.worker_of = {}
+        self.core_id = []
         for role, count in ((PREFILL, config.prefill_workers), (DECODE, config.decode_workers),
                             (COLOCATED, config.colocated_workers)):
             for _ in range(count):
-                self.workers.append(Worker(self, len(self.workers), role, self._new_policy(role), blocks))
-        self._refresh_pools()
+                worker = Worker(self, len(self.workers), role, self._new_policy(role), blocks)
+                core_id = str(worker.index)
+                self.core.workers.register(core_id, role, blocks, self.block_size, 0.0)
+                self.workers.append(worker)
+                self.worker_of[core_id] = worker
+                self.core_id.append(core_id)
+        self.colocated = config.colocated_workers > 0
         n = len(self.specs)
         self.tier_names = sorted({s.tier for s in self.specs}) or ["default"]
         tier_index = {name: i for i, name in enumerate(self.tier_names)}
         self.tier_of = [tier_index[s.tier] for s in self.specs]
-        self.hists = [LogHistogram() for _ in self.tier_names]
-        self.pending_gaps: list[list[float]] = [[] for _ in self.tier_names]  # binned by flush_gaps
+        self.tokens = TokenAccounting(n, len(self.tier_names), config.record_tokens)
+        # sim.worker updates these in place (its hot loop reads them off the simulator)
+        self.pending_gaps, self.max_tbt = self.tokens.pending_gaps, self.tokens.max_tbt
+        self.violations, self.num_gaps = self.tokens.violations, self.tokens.num_gaps
+        self.token_times = self.tokens.token_times
+        self.token, self.stretch_tokens = self.tokens.token, self.tokens.stretch_tokens
+        self.pending_count, self.flush_gaps = self.tokens.pending_count, self.tokens.flush_gaps
+        self.pool_moves = PoolMoves(self)
         self.slo = [s.tbt_slo_s if s.tbt_slo_s is not None else math.inf for s in self.specs]
         self.times = {phase: [NAN] * n for phase in ("admitted", "prefill_start", "prefill_end", "handoff_start",
                                                      "handoff_end", "first_token", "finish")}
         self.status = [STATUS_CODES["unfinished"]] * n
         self.num_tokens = [0] * n
-        self.max_tbt = [0.0] * n
-        self.violations = [0] * n
-        self.num_gaps = [0] * n
-        self.token_times: list[list[float]] | None = [[] for _ in range(n)] if config.record_tokens else None
         self.req_prefill = [-1] * n
         self.req_decode = [-1] * n
-        self.req_blocks = [0] * n  # decode (or colocated) reservation
+        self.req_blocks = [0] * n  # blocks the decoding (or colocated) worker holds for the request
         self.req_seq: list[SimSeq | None] = [None] * n
+        self.req_record: list[RequestRecord | None] = [None] * n
         self.index_of = {s.request_id: i for i, s in enumerate(self.specs)}
         self.heap: list[tuple] = []
         self.counter = 0
         self.now = 0.0
-        self.queued_prompt = 0
         self.synced_at = -math.inf
         self.done = 0
-        self.pool_history: list[tuple[float, int, int]] = []
-        self.pool_moves: list[dict[str, Any]] = []
-        self.recent_prompts: deque[tuple[float, int]] = deque()
-        self.decode_samples = deque()
-        self.waiting_for_kv = False  # the admission queue's head waits for decode KV (not for a prefill worker)
         self.prompt_mean = 2048.0
         self.arrived = 0
         self.events = 0
-        self._bar = None
+        self._bar: Any = None
 
     # ------------------------------------------------------------------ setup helpers
+
+    def _new_core(self, config: ClusterConfig) -> ClusterCore:
+        """The cluster core with the simulator's parameters: every worker may move between the prefill and decode
+        pools, colocated reservation as configured, the arrival rate divided by the time elapsed while under the
+        window (the run starts at 0)."""
+        movable = (PREFILL, DECODE)
+        registry = WorkerRegistry()
+        placer = Placer(registry, config.max_prefill_backlog_tokens, config.max_decode_sequences,
+                        colocated_reserve=config.colocated_reserve, movable_roles=movable)
+        policy = POOL_POLICIES.create(config.pool_policy.name, **config.pool_policy.knobs)
+        pools = PoolManager(registry, policy, config.pool_tick_s, movable_roles=movable,
+                            arrivals=ArrivalRate(divide_by_elapsed=True))
+        return ClusterCore(self.admission, registry, placer, pools)
 
     def _policy_spec(self, role: str) -> PolicySpec:
         return {PREFILL: self.config.prefill_policy, DECODE: self.config.decode_policy,
                 COLOCATED: self.config.colocated_policy}[role]
 
-    def _new_policy(self, role: str) -> BatchPolicy:
+    def new_policy(self, role: str) -> BatchPolicy:
         spec = self._policy_spec(role)
         return BATCH_POLICIES.create(spec.name, **spec.knobs)
 
-    def _refresh_pools(self) -> None:
-        self.prefill_pool = [w for w in self.workers if w.role == PREFILL and w.draining_to is None]
-        self.decode_pool = [w for w in self.workers if w.role == DECODE and w.draining_to is None]
-        self.colocated_pool = [w for w in self.workers if w.role == COLOCATED]
-        self.max_blocks = max(w.total_blocks for w in self.workers)
+    _new_policy = new_policy
+
+    def core_state(self, worker: Worker) -> WorkerState:
+        """The core's view of ``worker`` (its reservations and backlog)."""
+        return self.core.workers.workers[self.core_id[worker.index]]
 
     # ------------------------------------------------------------------ event loop
 
@@ -165,8 +200,9 @@ class Simulator(PoolMoves, ResultAssembly, TokenAccounting):
         workers = self.workers
         until = self.until if self.until is not None else math.inf
         if self.config.pool_policy.name != "static":
-            self._push(self.config.pool_tick_s, EV_POOL, 0, 0)
-            self.pool_history.append((0.0, self._count(PREFILL), self._count(DECODE)))
+            self.push(self.config.pool_tick_s, EV_POOL, 0, 0)
+            self.pool_moves.history.append((0.0, self.pool_moves.count(Pool.PREFILL),
+                                            self.pool_moves.count(Pool.DECODE)))
         if self.progress:
             from tqdm import tqdm
 
@@ -191,9 +227,11 @@ class Simulator(PoolMoves, ResultAssembly, TokenAccounting):
                 elif kind == EV_HANDOFF:
                     self._land(a, workers[b], t)
                 elif kind == EV_DISPATCH:
-                    self._enqueue(workers[b], self.req_seq[a], t)
+                    seq = self.req_seq[a]
+                    assert seq is not None
+                    self._enqueue(workers[b], seq, t)
                 else:
-                    self._pool_tick(t, ptr < n)
+                    self.pool_moves.tick(t, ptr < n)
             elif next_arrival < math.inf:
                 if next_arrival > until:
                     stopped = True
@@ -206,9 +244,9 @@ class Simulator(PoolMoves, ResultAssembly, TokenAccounting):
         end = until if stopped else self.now
         if self._bar is not None:
             self._bar.close()
-        return self._result(end)
+        return assemble_result(self, end)
 
-    def _push(self, t: float, kind: int, a: int, b: int) -> None:
+    def push(self, t: float, kind: int, a: int, b: int) -> None:
         self.counter += 1
         heapq.heappush(self.heap, (t, self.counter, kind, a, b))
 
@@ -222,28 +260,25 @@ class Simulator(PoolMoves, ResultAssembly, TokenAccounting):
     def _arrive(self, i: int, now: float) -> None:
         spec = self.specs[i]
         self.arrived += 1
-        self.recent_prompts.append((now, spec.prompt_len))
+        self.core.pools.on_arrival(spec.prompt_len, now)  # every arrival, refused or not
         self.prompt_mean += (spec.prompt_len - self.prompt_mean) / self.arrived
-        if not self._fits_anywhere(spec):
-            self.status[i] = STATUS_CODES["rejected"]
-            self.times["finish"][i] = now
-            self._tick_progress()
+        if not self.core.fits_anywhere(spec.prompt_len, spec.max_tokens):
+            self._reject(i, now)
             return
         self._sync(now)
         pending = PendingRequest(spec.request_id, spec.client_id, spec.prompt_len, spec.max_tokens, spec.arrival_time,
                                  weight=spec.weight, tier=spec.tier)
-        if self.admission.add(pending, now) is not None:
-            self.status[i] = STATUS_CODES["rejected"]
-            self.times["finish"][i] = now
-            self._tick_progress()
+        record = RequestRecord(spec.request_id, spec.client_id, spec.prompt_len, spec.max_tokens, payload=i)
+        if self.core.submit(record, pending, now) is not None:
+            self._reject(i, now)
             return
-        self.queued_prompt += spec.prompt_len
-        self._admit(now)
+        self.req_record[i] = record
+        self.admit(now)
 
-    def _fits_anywhere(self, spec: RequestSpec) -> bool:
-        bs = self.block_size
-        total = -(-(spec.prompt_len + spec.max_tokens) // bs)
-        return total <= self.max_blocks
+    def _reject(self, i: int, now: float) -> None:
+        self.status[i] = STATUS_CODES["rejected"]
+        self.times["finish"][i] = now
+        self._tick_progress()
 
     def _sync(self, now: float) -> None:
         """Charge the admission policy for every token produced by ``now``."""
@@ -253,66 +288,12 @@ class Simulator(PoolMoves, ResultAssembly, TokenAccounting):
                 if worker.busy and worker.stretch:
                     worker.sync_tokens(now)
 
-    def _admit(self, now: float) -> None:
-        policy = self.admission
+    def admit(self, now: float) -> None:
         self._sync(now)
-        bs = self.block_size
-        while (head := policy.peek()) is not None:
-            i = self.index_of[head.request_id]
-            need = -(-(head.prompt_tokens + head.max_tokens) // bs)
-            if self.colocated_pool:
-                target = self._place_colocated(head.prompt_tokens, need)
-                if target is None:
-                    return
-                policy.pop(now)
-                self.queued_prompt -= head.prompt_tokens
-                self._dispatch_colocated(i, target, need, now)
-            else:
-                decode = self._pick_decode(need)
-                self.waiting_for_kv = decode is None
-                prefill = self._pick_prefill(head.prompt_tokens)
-                if decode is None or prefill is None:
-                    return
-                policy.pop(now)
-                self.queued_prompt -= head.prompt_tokens
-                self._dispatch(i, prefill, decode, need, now)
-        self.waiting_for_kv = False
+        for dispatch in self.core.admit(now):
+            self._dispatch(dispatch, now)
 
-    def _pick_decode(self, need: int) -> Worker | None:
-        """The decode worker with the most unreserved blocks among those that can reserve ``need`` blocks and hold
-        fewer than ``max_decode_sequences`` requests."""
-        cap = self.config.max_decode_sequences
-        best = None
-        for worker in self.decode_pool:
-            free = worker.total_blocks - worker.reserved_blocks
-            if (need <= free and worker.num_requests < cap
-                    and (best is None or free > best.total_blocks - best.reserved_blocks)):
-                best = worker
-        return best
-
-    def _pick_prefill(self, prompt: int) -> Worker | None:
-        limit = self.config.max_prefill_backlog_tokens
-        blocks = -(-prompt // self.block_size)
-        best = None
-        for worker in self.prefill_pool:
-            fits_memory = worker.backlog_blocks + blocks <= worker.total_blocks
-            fits_backlog = worker.backlog_tokens == 0 or limit is None or worker.backlog_tokens + prompt <= limit
-            if fits_memory and fits_backlog and (best is None or worker.backlog_tokens < best.backlog_tokens):
-                best = worker
-        return best
-
-    def _place_colocated(self, prompt: int, need: int) -> Worker | None:
-        limit = self.config.max_prefill_backlog_tokens
-        reserve = self.config.colocated_reserve
-        best = None
-        for worker in self.colocated_pool:
-            if reserve and need > worker.total_blocks - worker.reserved_blocks:
-                continue
-            if not (worker.backlog_tokens == 0 or limit is None or worker.backlog_tokens + prompt <= limit):
-                continue
-            if best is None or worker.backlog_tokens < best.backlog_tokens:
-                best = worker
-        return best
+    _admit = admit
 
     def _new_seq(self, i: int, blocks_to_admit: int) -> SimSeq:
         spec = self.specs[i]
@@ -321,39 +302,30 @@ class Simulator(PoolMoves, ResultAssembly, TokenAccounting):
                       tier=spec.tier, idx=i, target=spec.output_len, client=spec.client_id, tier_idx=self.tier_of[i],
                       slo=self.slo[i], blocks=blocks_to_admit)
 
-    def _dispatch(self, i: int, prefill: Worker, decode: Worker, need: int, now: float) -> None:
-        prompt = self.specs[i].prompt_len
+    def _dispatch(self, dispatch: Dispatch, now: float) -> None:
+        """Send an admitted request to its worker(s); the core has accounted it."""
+        i = self.index_of[dispatch.request_id]
+        prefill = self.worker_of[dispatch.prefill_worker]
+        decode = self.worker_of[dispatch.decode_worker]
+        need = dispatch.decode_blocks
         self.times["admitted"][i] = now
-        decode.reserved_blocks += need
-        decode.free_blocks -= need  # the decode engine allocates the reservation (Engine.reserve)
-        decode.num_requests += 1
-        blocks = -(-prompt // self.block_size)
-        prefill.backlog_tokens += prompt
-        prefill.backlog_blocks += blocks
-        prefill.num_requests += 1
         self.req_prefill[i], self.req_decode[i], self.req_blocks[i] = prefill.index, decode.index, need
-        seq = self._new_seq(i, blocks)
+        decode.num_requests += 1
+        if dispatch.colocated:
+            seq = self._new_seq(i, need)
+        else:
+            decode.free_blocks -= need  # the decode engine allocates the reservation (Engine.reserve)
+            prefill.num_requests += 1
+            seq = self._new_seq(i, dispatch.prefill_blocks)
         self.req_seq[i] = seq
-        self._send_to(prefill, i, now)
+        self._send_to(prefill, i, seq, now)
 
-    def _dispatch_colocated(self, i: int, worker: Worker, need: int, now: float) -> None:
-        self.times["admitted"][i] = now
-        if self.config.colocated_reserve:
-            worker.reserved_blocks += need
-        worker.backlog_tokens += self.specs[i].prompt_len
-        worker.num_requests += 1
-        self.req_prefill[i] = self.req_decode[i] = worker.index
-        self.req_blocks[i] = need
-        seq = self._new_seq(i, need)
-        self.req_seq[i] = seq
-        self._send_to(worker, i, now)
-
-    def _send_to(self, worker: Worker, i: int, now: float) -> None:
+    def _send_to(self, worker: Worker, i: int, seq: SimSeq, now: float) -> None:
         """Request ``i`` reaches ``worker``'s queue after the control path's ``dispatch_latency_s``."""
         if self.config.dispatch_latency_s > 0:
-            self._push(now + self.config.dispatch_latency_s, EV_DISPATCH, i, worker.index)
+            self.push(now + self.config.dispatch_latency_s, EV_DISPATCH, i, worker.index)
         else:
-            self._enqueue(worker, self.req_seq[i], now)
+            self._enqueue(worker, seq, now)
 
     def _enqueue(self, worker: Worker, seq: SimSeq, now: float) -> None:
         worker.add_waiting(seq)
@@ -373,7 +345,7 @@ class Simulator(PoolMoves, ResultAssembly, TokenAccounting):
             self.times["prefill_start"][seq.idx] = now
 
     def first_token(self, worker: Worker, seq: SimSeq, t: float) -> None:
-        """The last prompt chunk ended at ``t``: the first token is sampled."""
+        """The last prompt chunk ended at ``t``: the first token is sampled and the prompt leaves the backlog."""
         i = seq.idx
         seq.num_output = 1
         seq.last_token_time = t
@@ -381,14 +353,15 @@ class Simulator(PoolMoves, ResultAssembly, TokenAccounting):
         self.times["prefill_end"][i] = t
         if self.token_times is not None:
             self.token_times[i].append(t)
-        worker.backlog_tokens -= seq.prompt_len
+        record = self.req_record[i]
+        assert record is not None
+        self.core.release_prefill(record)
         if worker.role == PREFILL:
-            worker.backlog_blocks -= seq.blocks
             worker.num_requests -= 1
             if self.tracks_tokens:
                 self.admission.on_output_tokens(seq.client, 1)
         else:  # the prompt left a colocated worker's backlog: the coordinator retries admission (its TokenReport)
-            self._admit(t)
+            self.admit(t)
 
     def prefilled(self, worker: Worker, seq: SimSeq, t: float) -> None:
         """A prefill worker exported ``seq``'s KV at ``t``: it travels to the decode worker that reserved room."""
@@ -399,8 +372,8 @@ class Simulator(PoolMoves, ResultAssembly, TokenAccounting):
         arrive = t + self.config.handoff_latency_s + nbytes / self.config.handoff_bandwidth_Bps
         self.times["handoff_start"][i] = t
         self.times["handoff_end"][i] = arrive
-        self._push(arrive, EV_HANDOFF, i, self.req_decode[i])
-        self._admit(t)
+        self.push(arrive, EV_HANDOFF, i, self.req_decode[i])
+        self.admit(t)
 
     def _land(self, i: int, decode: Worker, t: float) -> None:
         spec = self.specs[i]
@@ -420,21 +393,24 @@ class Simulator(PoolMoves, ResultAssembly, TokenAccounting):
         self.status[i] = STATUS_CODES["finished"]
         self.num_tokens[i] = seq.num_output
         self._tick_progress()
-        need = self.req_blocks[i]
+        record = self.req_record[i]
+        assert record is not None
+        self.core.release_decode(record)
+        record.decode_holds = record.prefill_holds = False
+        self.core.end(record)
+        self.req_record[i] = None
         if worker.role == PREFILL:  # finished with its first token: release the decode reservation
             decode = self.workers[self.req_decode[i]]
-            decode.reserved_blocks -= need
-            decode.free_blocks += need
+            decode.free_blocks += self.req_blocks[i]
             decode.num_requests -= 1
-            self._maybe_switch(decode, t)
-        elif worker.role == DECODE:
-            worker.reserved_blocks -= need
-            worker.num_requests -= 1
+            self.pool_moves.maybe_switch(decode, t)
         else:
-            if self.config.colocated_reserve:
-                worker.reserved_blocks -= need
             worker.num_requests -= 1
-        self._admit(t)
+        self.admit(t)
+
+    def switch_role(self, worker: Worker, now: float) -> None:
+        """``sim.worker``: a draining worker is empty."""
+        self.pool_moves.switch_role(worker, now)
 
 
 def simulate(config: ClusterConfig, specs: list[RequestSpec], until: float | None = None,

@@ -1,6 +1,6 @@
 """Per-token accounting of the simulator: token times, gaps between tokens (TBT histograms per tier, the largest
-gap, SLO violations), including the gaps of stationary decode stretches counted in bulk. A mixin of
-``sim.simulator.Simulator`` (it uses the simulator's per-request arrays)."""
+gap, SLO violations), including the gaps of stationary decode stretches counted in bulk. Arrays are indexed by
+request index (``SimSeq.idx``); ``sim.worker`` updates them in place in its hot loop."""
 
 from __future__ import annotations
 
@@ -8,10 +8,29 @@ import math
 
 import numpy as np
 
+from diptych.metrics.histogram import LogHistogram
 from diptych.sim.worker import SimSeq
 
 
 class TokenAccounting:
+    hists: list[LogHistogram]
+    """TBT histogram per tier index."""
+    pending_gaps: list[list[float]]
+    """Gaps (seconds) per tier index not binned yet (``flush_gaps``)."""
+    max_tbt: list[float]
+    violations: list[int]
+    num_gaps: list[int]
+    token_times: list[list[float]] | None
+    """Every token time per request, when recorded."""
+
+    def __init__(self, num_requests: int, num_tiers: int, record_tokens: bool) -> None:
+        self.hists = [LogHistogram() for _ in range(num_tiers)]
+        self.pending_gaps = [[] for _ in range(num_tiers)]
+        self.max_tbt = [0.0] * num_requests
+        self.violations = [0] * num_requests
+        self.num_gaps = [0] * num_requests
+        self.token_times = [[] for _ in range(num_requests)] if record_tokens else None
+
     def token(self, seq: SimSeq, t: float) -> None:
         """One decode token of ``seq`` at ``t`` (``Worker._finish_plan`` inlines this)."""
         i = seq.idx
@@ -46,7 +65,8 @@ class TokenAccounting:
         over: dict[float, int] = {}
         tier_counts: dict[int, int] = {}
         times = None
-        if self.token_times is not None:
+        token_times = self.token_times
+        if token_times is not None:
             times = [t0 + (j + 1) * a + b * j * (j + 1) / 2 for j in range(k)]
         for seq in running:
             i = seq.idx
@@ -65,8 +85,8 @@ class TokenAccounting:
             seq.num_output += k
             seq.last_token_time = last_end
             tier_counts[seq.tier_idx] = tier_counts.get(seq.tier_idx, 0) + 1
-            if times is not None:
-                self.token_times[i].extend(times)
+            if token_times is not None and times is not None:
+                token_times[i].extend(times)
         if k >= 2:
             for tier, count in tier_counts.items():
                 hists[tier].add_linear(a, b, 1, k, count)

@@ -37,16 +37,16 @@ def test_a_queue_waiting_for_decode_kv_is_decode_pressure_not_prefill_backlog():
     workload = [request("big1", 0.0, 700, 740), request("big2", 0.01, 700, 740)]
     sim = Simulator(disaggregated(1, 1, kv_blocks=100), workload, until=0.5)
     sim.run()
-    stats = sim._pool_stats(0.5)
-    assert sim.waiting_for_kv
+    stats = sim.pool_moves.stats(0.5)
+    assert sim.core.waiting_for_kv
     assert stats.kv_waiting == pytest.approx(44 / 100) and stats.decode_kv_utilization == pytest.approx(0.9)
     assert stats.queued_prompt_tokens == 0  # big1's prefill is done; big2's prompt is not prefill backlog
     # the same queue waiting for a prefill worker (the backlog limit) stays prefill backlog
     workload = [request(f"r{i}", 0.0, 3000, 8) for i in range(3)]
     sim = Simulator(disaggregated(1, 1, max_prefill_backlog_tokens=4096), workload, until=0.01)
     sim.run()
-    stats = sim._pool_stats(0.01)
-    assert not sim.waiting_for_kv and stats.kv_waiting == 0.0
+    stats = sim.pool_moves.stats(0.01)
+    assert not sim.core.waiting_for_kv and stats.kv_waiting == 0.0
     assert stats.queued_prompt_tokens == 9000
 
 
@@ -65,7 +65,7 @@ def test_decode_token_count_is_the_same_with_stretches_and_in_exact_mode():
 def test_decode_rate_and_capacity_statistics():
     sim = Simulator(disaggregated(1, 2, kv_blocks=3000), specs(200, qps=10), until=20.0)
     sim.run()
-    stats = sim._pool_stats(20.0)
+    stats = sim.pool_moves.stats(20.0)
     produced = sum(w.decode_tokens for w in sim.workers)  # iterations ended by 20 s (a stretch may be in flight)
     assert produced > 0 and stats.decode_tokens_per_s == pytest.approx(produced / 20.0, rel=0.1)
     # two workers at a full batch (the default sarathi decode policy: 128 decodes per iteration) of sequences at

@@ -50,7 +50,7 @@ def test_single_token_request_finishes_at_prefill_and_frees_the_reservation():
     r = sim.run()
     assert r.status[0] == STATUS_CODES["finished"] and np.isnan(r.times["handoff_start"][0])
     decode = sim.workers[1]
-    assert decode.reserved_blocks == 0 and decode.free_blocks == decode.total_blocks
+    assert sim.core_state(decode).reserved_blocks == 0 and decode.free_blocks == decode.total_blocks
 
 
 @pytest.mark.parametrize("cluster", ["disaggregated", "colocated"])
@@ -61,7 +61,8 @@ def test_everything_finishes_and_every_block_comes_back(cluster):
     r = sim.run()
     assert r.finished.all() and (r.num_tokens == r.output_len).all()
     for w in sim.workers:
-        assert w.free_blocks == w.total_blocks and w.reserved_blocks == 0 and w.backlog_tokens == 0
+        assert w.free_blocks == w.total_blocks
+        assert sim.core_state(w).reserved_blocks == 0 and sim.core_state(w).backlog_tokens == 0
         assert not w.running and not w.waiting and w.num_requests == 0
     t = r.times
     assert (t["admitted"] >= t["arrival"]).all() and (t["prefill_start"] >= t["admitted"]).all()
