@@ -19,8 +19,9 @@ Every criterion also fails a run with unfinished or rejected requests.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 Summary = dict[str, Any]
 Criterion = Callable[[Summary], tuple[bool, str]]

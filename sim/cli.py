@@ -40,7 +40,8 @@ def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--pool-policy", default="static", choices=POOL_POLICIES.names(),
                    help="prefill/decode split policy [%(default)s]")
     g.add_argument("--pool-opt", action="append", metavar="KEY=VALUE", help="pool policy knob, repeatable")
-    g.add_argument("--pool-tick", type=float, default=d.pool_tick_s, help="seconds between pool decisions [%(default)s]")
+    g.add_argument("--pool-tick", type=float, default=d.pool_tick_s,
+                   help="seconds between pool decisions [%(default)s]")
     g.add_argument("--handoff-latency", type=float, default=d.handoff_latency_s * 1e3,
                    help="KV handoff latency, ms [%(default)s]")
     g.add_argument("--handoff-bandwidth", type=float, default=d.handoff_bandwidth_Bps / 1e9,

@@ -105,7 +105,8 @@ class ClusterConfig:
             except TypeError as exc:
                 raise ValueError(f"bad option for {registry.kind} policy {spec.name!r}: {exc}") from None
         if self.pool_policy.name != "static" and self.colocated_workers:
-            raise ValueError("pool policies move workers between prefill and decode pools; a colocated cluster has none")
+            raise ValueError("pool policies move workers between prefill and decode pools; "
+                             "a colocated cluster has none")
         self.blocks_per_worker()
 
     def blocks_per_worker(self) -> int:

@@ -108,7 +108,7 @@ class Simulator:
         for role, count in ((PREFILL, config.prefill_workers), (DECODE, config.decode_workers),
                             (COLOCATED, config.colocated_workers)):
             for _ in range(count):
-                worker = Worker(self, len(self.workers), role, self._new_policy(role), blocks)
+                worker = Worker(self, len(self.workers), role, self.new_policy(role), blocks)
                 core_id = str(worker.index)
                 self.core.workers.register(core_id, role, blocks, self.block_size, 0.0)
                 self.workers.append(worker)
@@ -171,7 +171,6 @@ class Simulator:
         spec = self._policy_spec(role)
         return BATCH_POLICIES.create(spec.name, **spec.knobs)
 
-    _new_policy = new_policy
 
     def core_state(self, worker: Worker) -> WorkerState:
         """The core's view of ``worker`` (its reservations and backlog)."""
@@ -262,13 +261,15 @@ class Simulator:
         self.arrived += 1
         self.core.pools.on_arrival(spec.prompt_len, now)  # every arrival, refused or not
         self.prompt_mean += (spec.prompt_len - self.prompt_mean) / self.arrived
-        if not self.core.fits_anywhere(spec.prompt_len, spec.max_tokens):
+        max_tokens = spec.max_tokens
+        assert max_tokens is not None  # RequestSpec fills it
+        if not self.core.fits_anywhere(spec.prompt_len, max_tokens):
             self._reject(i, now)
             return
         self._sync(now)
-        pending = PendingRequest(spec.request_id, spec.client_id, spec.prompt_len, spec.max_tokens, spec.arrival_time,
+        pending = PendingRequest(spec.request_id, spec.client_id, spec.prompt_len, max_tokens, spec.arrival_time,
                                  weight=spec.weight, tier=spec.tier)
-        record = RequestRecord(spec.request_id, spec.client_id, spec.prompt_len, spec.max_tokens, payload=i)
+        record = RequestRecord(spec.request_id, spec.client_id, spec.prompt_len, max_tokens, payload=i)
         if self.core.submit(record, pending, now) is not None:
             self._reject(i, now)
             return
@@ -293,7 +294,6 @@ class Simulator:
         for dispatch in self.core.admit(now):
             self._dispatch(dispatch, now)
 
-    _admit = admit
 
     def _new_seq(self, i: int, blocks_to_admit: int) -> SimSeq:
         spec = self.specs[i]

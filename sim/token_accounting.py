@@ -34,6 +34,7 @@ class TokenAccounting:
     def token(self, seq: SimSeq, t: float) -> None:
         """One decode token of ``seq`` at ``t`` (``Worker._finish_plan`` inlines this)."""
         i = seq.idx
+        assert seq.last_token_time is not None  # set with the first token
         gap = t - seq.last_token_time
         self.pending_gaps[seq.tier_idx].append(gap)
         if gap > self.max_tbt[i]:
@@ -70,6 +71,7 @@ class TokenAccounting:
             times = [t0 + (j + 1) * a + b * j * (j + 1) / 2 for j in range(k)]
         for seq in running:
             i = seq.idx
+            assert seq.last_token_time is not None  # a decoding sequence has its first token
             gap0 = first_end - seq.last_token_time
             pending[seq.tier_idx].append(gap0)
             worst = gap0 if (k == 1 or gap0 > last_gap) else last_gap

@@ -102,6 +102,7 @@ class Coordinator:
             if isinstance(msg, ProtocolError):
                 log.warning("dropped a malformed message from %r: %s", identity, msg)
                 continue
+            assert identity is not None  # a ROUTER socket names every sender
             await self.handle(identity, msg)
 
     async def handle(self, identity: bytes, msg: Any) -> None:

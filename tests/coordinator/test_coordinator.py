@@ -11,9 +11,25 @@ import zmq
 import zmq.asyncio
 
 from diptych.proto.messages import (
-    CancelRequest, ClusterStatus, Heartbeat, KVLayout, KVReceived, KVReserved, PrefillDone, PrefillTask, RegisterAck,
-    RegisterWorker, Request, RequestDone, RequestFailed, ReserveKV, SamplingParams, StatusQuery, SubmitRequest,
-    TokenReport, WorkerLoad,
+    CancelRequest,
+    ClusterStatus,
+    Heartbeat,
+    KVLayout,
+    KVReceived,
+    KVReserved,
+    PrefillDone,
+    PrefillTask,
+    RegisterAck,
+    RegisterWorker,
+    Request,
+    RequestDone,
+    RequestFailed,
+    ReserveKV,
+    SamplingParams,
+    StatusQuery,
+    SubmitRequest,
+    TokenReport,
+    WorkerLoad,
 )
 from diptych.services.common.sockets import make_socket, recv_message, send_message
 from diptych.services.coordinator.config import CoordinatorConfig
@@ -52,8 +68,9 @@ async def cluster():
     peers = {name: Peer(ctx, addr, name) for name in ("frontend", "prefill-0", "decode-0")}
 
     async def register(name, role, blocks=64, layout=LAYOUT, model="m"):
-        await peers[name].send(RegisterWorker(name, role, model, layout, "tcp://127.0.0.1:1" if role == "decode" else "",
-                                              WorkerLoad(blocks, blocks, 0, 0, 0), 512))
+        kv_addr = "tcp://127.0.0.1:1" if role == "decode" else ""
+        load = WorkerLoad(blocks, blocks, 0, 0, 0)
+        await peers[name].send(RegisterWorker(name, role, model, layout, kv_addr, load, 512))
         return await peers[name].recv()
 
     assert (await register("prefill-0", "prefill")).ok
@@ -96,7 +113,7 @@ async def drive_to_decoding(peers, rid):
 
 
 async def test_happy_path_releases_all_accounting(cluster):
-    coordinator, peers, *_ = cluster
+    _coordinator, peers, *_ = cluster
     await peers["frontend"].send(SubmitRequest(request("r1")))
     reserve = await drive_to_decoding(peers, "r1")
     assert reserve.num_blocks == 2  # ceil((20 + 12) / 16)
@@ -110,7 +127,7 @@ async def test_happy_path_releases_all_accounting(cluster):
 
 
 async def test_never_over_commits_decode_kv(cluster):
-    coordinator, peers, register, _ = cluster
+    _coordinator, peers, _register, _ = cluster
     # decode-0 has 64 blocks; each request needs ceil((200 + 300) / 16) = 32 blocks
     for rid in ("a", "b", "c"):
         await peers["frontend"].send(SubmitRequest(request(rid, prompt=200, max_tokens=300)))
@@ -126,7 +143,7 @@ async def test_never_over_commits_decode_kv(cluster):
 
 
 async def test_cancel_reaches_every_holder(cluster):
-    coordinator, peers, *_ = cluster
+    _coordinator, peers, *_ = cluster
     await peers["frontend"].send(SubmitRequest(request("r1")))
     await drive_to_decoding(peers, "r1")
     await peers["frontend"].send(CancelRequest("r1", "abort"))
@@ -139,7 +156,7 @@ async def test_cancel_reaches_every_holder(cluster):
 
 
 async def test_cancel_while_queued_frees_the_queue_place(cluster):
-    coordinator, peers, register, _ = cluster
+    _coordinator, peers, _register, _ = cluster
     await peers["frontend"].send(SubmitRequest(request("big", prompt=200, max_tokens=800)))
     await peers["frontend"].send(SubmitRequest(request("queued", prompt=200, max_tokens=800)))
     await peers["decode-0"].recv()
@@ -199,7 +216,7 @@ async def test_handoff_timeout_fails_the_request(cluster):
 
 
 async def test_malformed_frames_are_dropped_and_service_goes_on(cluster):
-    coordinator, peers, *_ = cluster
+    _coordinator, peers, *_ = cluster
     await peers["frontend"].sock.send_multipart([b"\x93garbage"])
     await peers["frontend"].sock.send_multipart([b"\x83\xa1v\x07\xa1t\xa6cancel\xa1b\x80"])  # version 7
     st = await status(peers)
@@ -207,14 +224,14 @@ async def test_malformed_frames_are_dropped_and_service_goes_on(cluster):
 
 
 async def test_request_too_large_for_any_worker_is_refused(cluster):
-    coordinator, peers, *_ = cluster
+    _coordinator, peers, *_ = cluster
     await peers["frontend"].send(SubmitRequest(request("huge", prompt=500, max_tokens=1000)))
     failed = await peers["frontend"].recv()
     assert isinstance(failed, RequestFailed) and failed.code == 400
 
 
 async def test_gpu_pool_share_and_reserved_blocks_reach_the_prefill_worker(cluster):
-    coordinator, peers, register, ctx = cluster
+    _coordinator, peers, _register, ctx = cluster
     share = {"host": "h", "device_uuid": "GPU-x", "device_index": 1, "handle": b"\x01ipc"}
     peers["decode-1"] = Peer(ctx, peers["frontend"].sock.getsockopt_string(zmq.LAST_ENDPOINT), "decode-1")
     await peers["decode-1"].send(RegisterWorker("decode-1", "decode", "m", LAYOUT, "tcp://127.0.0.1:3",

@@ -8,6 +8,7 @@ import pytest
 
 from diptych.metrics.summary import summarize
 from diptych.sim.capacity import capacity_search, goodput_criterion, sarathi_criterion, slai_criterion
+from diptych.sim.cost_model import PRESETS
 from diptych.sim.simulator import simulate
 from tests.sim.helpers import colocated, specs
 
@@ -69,7 +70,7 @@ def test_criteria():
 
 
 def test_simulated_search_is_monotone_in_its_runs():
-    config = colocated(1, "sarathi", cost_model=__import__("diptych.sim.cost_model").sim.cost_model.PRESETS["rtx6000ada-mistral-7b"])
+    config = colocated(1, "sarathi", cost_model=PRESETS["rtx6000ada-mistral-7b"])
 
     def run(qps: float) -> dict:
         return summarize(simulate(config, specs(150, qps=qps)), fairness_metrics=False)

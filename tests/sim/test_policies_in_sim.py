@@ -4,17 +4,15 @@ VTC's bounded service difference vs FCFS's growing one, and RAD pool moves with 
 from __future__ import annotations
 
 import numpy as np
-import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 from diptych.metrics.fairness import service_difference
 from diptych.policies.batch import BATCH_POLICIES, KVState, SequenceState
 from diptych.sim.config import PolicySpec
 from diptych.sim.cost_model import PRESETS
 from diptych.sim.simulator import Simulator, simulate
-from tests.sim.helpers import colocated, disaggregated, specs
 from diptych.workloads.vtc import vtc_scenario
+from tests.sim.helpers import colocated, disaggregated, specs
 
 
 def _decodes(lasts: list[float], tbts: list[float | None]) -> list[SequenceState]:
@@ -40,7 +38,7 @@ def test_all_decode_plans_are_stationary(name, n, budget, max_decodes, util, dat
     policy.on_iteration_end(0.01, now + 0.01)
     if plan.prefill_chunks or plan.preempt or len(plan.decodes) != n:
         return
-    for step in range(1, 4):
+    for _ in range(1, 4):
         duration = data.draw(st.floats(0.001, 0.2))
         now += duration
         for seq in running:

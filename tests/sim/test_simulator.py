@@ -3,8 +3,6 @@ admission, handoff time, conservation of KV, the stretch fast-forward against ex
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 
