@@ -15,10 +15,10 @@ class FrontendConfig:
     """Addresses are ZeroMQ endpoints; ``stream_addr`` is the token-stream address *as workers connect to it* (the
     frontend binds that interface; ``services.common.sockets.bind_address``). ``max_model_len`` (tokens) defaults to
     the model's ``max_position_embeddings``. ``request_timeout_s``: a request that receives no output for this long is
-    cancelled and fails with 504. ``slo_tiers_file``: JSON tiers map (``services.frontend.identity`` describes both files).
-    ``admin_keys_file``: operator API keys, one per line. ``ssl_certfile``/``ssl_keyfile``: PEM files; with them the
-    HTTP API is HTTPS. ``keys_dir``: a CURVE key set (``services.common.security``); with it the coordinator link and
-    the token stream use CURVE as ``key_name``, else they are plaintext."""
+    cancelled and fails with 504. ``slo_tiers_file``: JSON tiers map (``services.frontend.identity`` describes both
+    files). ``admin_keys_file``: operator API keys, one per line. ``ssl_certfile``/``ssl_keyfile``: PEM files; with
+    them the HTTP API is HTTPS. ``keys_dir``: a CURVE key set (``services.common.security``); with it the coordinator
+    link and the token stream use CURVE as ``key_name``, else they are plaintext."""
 
     model: str | None = None
     served_model_name: str | None = None
@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_config(argv: list[str] | None = None) -> FrontendConfig:  # type: ignore[return]
+def parse_config(argv: list[str] | None = None) -> FrontendConfig:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

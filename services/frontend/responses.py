@@ -49,9 +49,9 @@ class OpenAIFormatter:
                       "finish_reason": finish_reason}
         else:
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
-        obj = {"id": self.id, "object": "chat.completion" if self.chat else "text_completion",
-               "created": self.created, "model": self.model, "choices": [choice],
-               "usage": usage(prompt_tokens, completion_tokens)}
+        obj: dict[str, Any] = {"id": self.id, "object": "chat.completion" if self.chat else "text_completion",
+                               "created": self.created, "model": self.model, "choices": [choice],
+                               "usage": usage(prompt_tokens, completion_tokens)}
         if self.include_timeline:
             obj["timeline"] = timeline
         return obj
@@ -79,8 +79,8 @@ class OpenAIFormatter:
         return sse_event(obj)
 
     def _envelope(self, choices: list[dict], usage_block: dict | None) -> dict[str, Any]:
-        obj = {"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
-               "created": self.created, "model": self.model, "choices": choices}
+        obj: dict[str, Any] = {"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
+                               "created": self.created, "model": self.model, "choices": choices}
         if self.include_usage:
             obj["usage"] = usage_block
         return obj

@@ -45,6 +45,7 @@ class SdkEndpoint:
         """Receive loop: never returns, never dies on bad input."""
         while True:
             peer, msg = await recv_message(self._sock, routed=True)
+            assert peer is not None  # a ROUTER socket always names the peer
             try:
                 await self._dispatch(peer, msg)
             except Exception:  # a bug handling one message must not take the endpoint down

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import socket
 import ssl
+from collections.abc import Generator
 
 import uvicorn
 import zmq
@@ -31,15 +32,16 @@ from diptych.services.frontend.tracker import RequestTracker
 
 log = logging.getLogger(__name__)
 
-HTTP_GRACE_S = 5.0
+HTTP_GRACE_S = 5
 """Seconds uvicorn waits for open connections at shutdown (their requests have already been failed)."""
 
 
 class _EmbeddedServer(uvicorn.Server):
     """uvicorn without its own signal handlers: ``run_service`` owns SIGTERM/SIGINT and sets the stop event."""
 
-    def capture_signals(self) -> contextlib.AbstractContextManager[None]:
-        return contextlib.nullcontext()
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
 
 
 def resolve_model_path(model: str | None) -> str:
@@ -55,6 +57,7 @@ async def serve(config: FrontendConfig, directory: ClientDirectory, slo_policy: 
     """Run until ``stop`` is set, with clients and SLO tiers from ``identity.load_access``; returns the process exit
     status (0, or 1 when a component failed)."""
     try:
+        assert config.served_model_name is not None  # set by FrontendConfig.__post_init__
         info = ModelInfo.load(resolve_model_path(config.model), config.served_model_name, config.max_model_len)
         if config.ssl_certfile:  # fail here, not at the first connection
             ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(config.ssl_certfile,

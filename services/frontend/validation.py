@@ -22,7 +22,7 @@ _UNSUPPORTED = ("logprobs", "top_logprobs", "echo", "suffix", "best_of", "logit_
                 "frequency_penalty", "repetition_penalty", "tools", "tool_choice", "response_format")
 """OpenAI parameters this server does not implement; sending one with a non-neutral value is a 400."""
 
-_NEUTRAL = (None, False, 0, "", [], {})
+_NEUTRAL: tuple[object, ...] = (None, False, 0, "", [], {})
 
 
 @dataclass

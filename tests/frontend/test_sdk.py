@@ -15,9 +15,15 @@ import zmq.asyncio
 from diptych import proto
 from diptych.client import AsyncClient, Client
 from diptych.errors import (
-    BadRequestError, DiptychError, RateLimitError, RequestTimeoutError, ServerError, ServiceUnavailableError,
+    BadRequestError,
+    DiptychError,
+    RateLimitError,
+    RequestTimeoutError,
+    ServerError,
+    ServiceUnavailableError,
 )
 from tests.frontend.conftest import replying, text_ids
+
 
 def out(request: proto.Request, index: int, ids: list[int], finish: str | None = None) -> proto.TokenOutput:
     return proto.TokenOutput(request.request_id, index, ids, finish)

@@ -35,7 +35,7 @@ def test_builtin_tiers_without_files():
     directory, policy = load_access(None)
     assert policy.tiers == BUILTIN_TIERS and not policy.client_tiers_fixed
     assert directory.authenticate(None) is ANONYMOUS
-    assert BUILTIN_TIERS == {"default": Tier(0.2), "strict": Tier(0.1), "relaxed": Tier(0.5)}
+    assert {"default": Tier(0.2), "strict": Tier(0.1), "relaxed": Tier(0.5)} == BUILTIN_TIERS
 
 
 def test_tiers_from_the_keys_file_replace_the_builtins_but_keep_default(tmp_path):
@@ -86,7 +86,8 @@ def test_frontend_refuses_to_start_with_a_bad_tier_configuration(tmp_path):
         "bad_tiers_file": ["--slo-tiers", write(tmp_path, "t.json", {"gold": {"tbt_s": -1}})],
         "unreadable_tiers_file": ["--slo-tiers", write(tmp_path, "u.json", "{not json")],
     }
-    procs = {name: subprocess.Popen([sys.executable, "-m", "diptych.services.frontend", "--model", "/nonexistent", *args],
+    cmd = [sys.executable, "-m", "diptych.services.frontend", "--model", "/nonexistent"]
+    procs = {name: subprocess.Popen([*cmd, *args],
                                     cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for name, args in cases.items()}
     outputs = {name: proc.communicate(timeout=60)[0] for name, proc in procs.items()}
@@ -149,7 +150,7 @@ def test_http_bad_diptych_extension_is_400(anon, diptych, message):
 
 @pytest.mark.parametrize("value", ["NaN", "Infinity", "1e999"])
 def test_http_non_finite_target_is_400(anon, value):
-    raw = '{"model": "tiny", "prompt": "hi", "diptych": {"tbt_s": %s}}' % value
+    raw = '{"model": "tiny", "prompt": "hi", "diptych": {"tbt_s": ' + value + "}}"
     resp = httpx.post(anon.http_url + "/v1/completions", content=raw, timeout=10,
                       headers={"Content-Type": "application/json"})
     assert resp.status_code == 400 and resp.json()["error"]["param"] == "diptych", resp.text

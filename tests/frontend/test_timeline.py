@@ -39,7 +39,7 @@ class TimedWorkers:
         steps = 5 + n  # admitted, prefill_start, prefill_end = token 0, handoff start/end, decode tokens
         at = [start + span * (k + 1) / (steps + 1) for k in range(steps)]
         phases = dict(zip(["admitted", "prefill_start", "prefill_end"], at[:3]))
-        token_times = [at[2]] + at[5:5 + n - 1]
+        token_times = [at[2], *at[5:5 + n - 1]]
         first = proto.TokenOutput(request.request_id, 0, self.ids[:1], None if n > 1 else "length",
                                   token_times[:1], dict(phases))
         outputs = [first]

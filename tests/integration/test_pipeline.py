@@ -86,12 +86,13 @@ def test_cancelled_and_completed_requests_free_every_block(pd_cluster):
     asyncio.run(burst())
 
     # an HTTP client that disconnects mid-stream
-    with httpx.Client(base_url=pd_cluster.spec.http_url, timeout=30) as http:
-        with http.stream("POST", "/v1/completions", json={"model": http.get("/v1/models").json()["data"][0]["id"],
-                         "prompt": "x" * 40, "max_tokens": 300, "stream": True, "ignore_eos": True}) as resp:
-            for line in resp.iter_lines():
-                if line.startswith("data:"):
-                    break
+    body = {"prompt": "x" * 40, "max_tokens": 300, "stream": True, "ignore_eos": True}
+    with httpx.Client(base_url=pd_cluster.spec.http_url, timeout=30) as http, \
+            http.stream("POST", "/v1/completions",
+                        json={"model": http.get("/v1/models").json()["data"][0]["id"], **body}) as resp:
+        for line in resp.iter_lines():
+            if line.startswith("data:"):
+                break
     after = wait_until_idle(pd_cluster)
     assert {k: w["free_blocks"] for k, w in after["workers"].items()} == \
         {k: w["free_blocks"] for k, w in before["workers"].items()}
