@@ -48,8 +48,14 @@ def pd_cluster(tiny_llama, tmp_path_factory):
     cluster.stop()
 
 
-def cluster_status(cluster: Cluster) -> dict:
-    return httpx.get(cluster.spec.http_url + "/admin/status", timeout=5).json()
+ADMIN_KEY = "ak-test-operator"
+"""An operator key for clusters started with an API keys file: list it under ``"admins"`` in that file."""
+
+
+def cluster_status(cluster: Cluster, admin_key: str | None = None) -> dict:
+    """``/admin/status``; ``admin_key`` is needed when the cluster has API keys (open without any)."""
+    headers = {"Authorization": f"Bearer {admin_key}"} if admin_key else {}
+    return httpx.get(cluster.spec.http_url + "/admin/status", headers=headers, timeout=5).json()
 
 
 def wait_until_idle(cluster: Cluster, timeout_s: float = 30.0) -> dict:
