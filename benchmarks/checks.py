@@ -9,6 +9,7 @@ import torch
 
 from diptych.benchmarks import hf_baseline
 from diptych.benchmarks.common import ModelUnderTest, random_prompts, table
+from diptych.cluster.blocks import blocks_for
 from diptych.proto.messages import SamplingParams
 
 BF16_EPS = 2.0**-8
@@ -73,7 +74,7 @@ def attention_variants(batch: int, context: int, mut: ModelUnderTest, device) ->
     heads, kv_heads = c.num_attention_heads, c.num_key_value_heads
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
     block_size = 16
-    per_seq = -(-context // block_size)
+    per_seq = blocks_for(context, block_size)
     cache = torch.randn(batch * per_seq + 8, 2, block_size, kv_heads, head_dim, device=device, dtype=torch.bfloat16)
     tables = torch.randperm(batch * per_seq + 8, device=device)[: batch * per_seq].view(batch, per_seq)
     lens = torch.full((batch,), context, device=device)

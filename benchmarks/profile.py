@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from diptych.benchmarks.common import build_model, environment, median, sync, table
+from diptych.cluster.blocks import blocks_for
 from diptych.engine.model_runner import ForwardItem
 
 GRID_PREFILL = (0, 128, 512, 1024, 2048)
@@ -41,7 +42,7 @@ class IterationTimer:
         self.num_blocks = engine.num_blocks
 
     def _table(self, first: int, positions: int) -> list[int]:
-        count = -(-positions // self.block_size)
+        count = blocks_for(positions, self.block_size)
         if first + count > self.num_blocks:
             raise ValueError(f"the KV pool of {self.num_blocks} blocks is too small for this grid point")
         return list(range(first, first + count))

@@ -133,7 +133,7 @@ def _prefill(engine, prompt: list[int], request_id: str, handoff=None) -> tuple[
 def _point(engine, mut, conn, pusher, zmq_socket, tokens: int, args) -> dict:
     device = engine.kv.pool.device
     prompt = random_prompts(1, tokens, mut.model.config.vocab_size, seed=tokens)[0]
-    n_blocks = -(-tokens // engine.block_size)
+    n_blocks = blocks_for(tokens, engine.block_size)
     nbytes = n_blocks * engine.kv.bytes_per_block
     row: dict = {"tokens": tokens, "kv_bytes": nbytes}
     ttfts, tails, added, raw, zmq_times, checks = [], [], [], [], [], []
