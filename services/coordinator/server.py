@@ -24,7 +24,7 @@ from diptych.cluster.pools import PoolManager
 from diptych.cluster.requests import RequestRecord
 from diptych.cluster.workers import WorkerRegistry
 from diptych.policies.admission import ADMISSION_POLICIES, PendingRequest
-from diptych.policies.pool import POOL_POLICIES
+from diptych.policies.pool import POOL_POLICIES, PoolStats
 from diptych.proto import ProtocolError
 from diptych.proto.messages import (
     CancelRequest,
@@ -135,7 +135,7 @@ class Coordinator:
             self.pools.decide(self._pool_stats(now), now)
         await self._admit()
 
-    def _pool_stats(self, now: float) -> Any:
+    def _pool_stats(self, now: float) -> PoolStats | None:
         """``PoolStats`` from the workers' heartbeats: measured prefill throughput (unmeasured workers are assumed
         as fast as the measured ones; None until one is measured) and running decodes; no decode capacity."""
         measured = [self.endpoints[w.worker_id].load.prefill_tps for w in self.workers.in_pool(Pool.PREFILL)
