@@ -1,13 +1,14 @@
-"""A simulated worker: the engine's state machine (``engine/engine.py``) in virtual time.
+"""A simulated worker: the engine's request state machine (``engine.scheduler``) in virtual time.
 
-Mirrors the engine: a request is *waiting* (no KV) until the batch policy admits it, when it takes
-``ceil((prompt + max_tokens) / block_size)`` blocks (``ceil(prompt / block_size)`` on a prefill worker, whose
-requests are prefill-only); it is then *running*. The policy sees ``SequenceState``s with the same fields the
-engine's ``Sequence.to_state`` fills (``blocks_to_step = 0``: the reservation rule means a running sequence never
-needs a block, and a plan that preempts is an error, as in the engine). The first token is sampled at the end of
-the iteration that computes the last prompt chunk; each decode yields one token per iteration. A decode worker
-holds the blocks the coordinator reserved from admission on and gets the sequence, with its first token, when the
-KV handoff lands.
+As in the engine, a request is *waiting* (no KV) until the batch policy admits it, when it takes its blocks
+(``blocks_to_reserve``: prompt plus max_tokens, the prompt only on a prefill worker, whose requests are
+prefill-only) from the worker's pool (``engine.block_pool.BlockCounter``, the count-only allocator); it is then
+*running*. The policy sees ``SequenceState``s with the same fields the engine's ``Sequence.to_state`` fills
+(``blocks_to_step = 0``: the reservation rule means a running sequence never needs a block), and each plan passes
+the engine's ``check_plan`` (a plan that preempts is refused, as in the engine). The first token is sampled at the
+end of the iteration that computes the last prompt chunk; each decode yields one token per iteration; a request
+finishes with its ``target``-th output token (its output length). A decode worker holds the blocks the coordinator
+reserved from admission on and gets the sequence, with its first token, when the KV handoff lands.
 
 Iterations take ``CostModel.iteration_time`` of the plan. Stationary decode stretches (see ``sim.simulator``) are
 run as one event: ``stretch_*`` fields describe ``iterations`` consecutive pure-decode iterations of the same
@@ -20,6 +21,8 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from diptych.engine.block_pool import BlockCounter
+from diptych.engine.scheduler import check_plan
 from diptych.policies.batch import BatchPlan, BatchPolicy, KVState, SequenceState
 
 if TYPE_CHECKING:
@@ -53,7 +56,7 @@ class Worker:
         self.role = role
         self.policy = policy
         self.total_blocks = total_blocks
-        self.free_blocks = total_blocks  # engine view: blocks not allocated
+        self.blocks = BlockCounter(total_blocks)  # engine view: blocks allocated to sequences and reservations
         # coordinator view (services/coordinator/workers.py)
         self.reserved_blocks = 0
         self.backlog_tokens = 0
@@ -104,6 +107,15 @@ class Worker:
         self.tracks_iterations = type(policy).on_iteration_end is not BatchPolicy.on_iteration_end
         self.dirty = True
 
+    @property
+    def free_blocks(self) -> int:
+        """Blocks not allocated (engine view)."""
+        return self.blocks.num_free
+
+    @free_blocks.setter
+    def free_blocks(self, value: int) -> None:
+        self.blocks.num_free = value
+
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
@@ -119,26 +131,21 @@ class Worker:
             self._start_stretch(now)
             return
         running = self.running
-        plan = self.policy.schedule(self.waiting, running, KVState(self.free_blocks, self.total_blocks,
-                                                                   self.sim.block_size), now)
+        blocks = self.blocks
+        plan = self.policy.schedule(self.waiting, running,  # type: ignore[arg-type]  # SimSeq lists: read-only there
+                                    KVState(blocks.num_free, self.total_blocks, self.sim.block_size), now)
         self.dirty = False
-        if plan.preempt:
-            raise RuntimeError(f"{type(self.policy).__name__} asked to preempt {plan.preempt}; Diptych's engine "
-                               "reserves all blocks at admission and never preempts")
-        if not plan.prefill_chunks and not plan.decodes:
+        if not plan.prefill_chunks and not plan.decodes and not plan.preempt:
             self.plan_all_decodes = False
             return
         by_id = self.by_id
+        check_plan(plan, by_id, blocks.num_free, type(self.policy).__name__)
         prefill_tokens = 0
         pairs = 0.0
         for request_id, tokens in plan.prefill_chunks:
             seq = by_id[request_id]
-            if seq.blocks_held == 0:  # admitted now: take its blocks (Engine._admit)
-                if seq.blocks_to_admit > self.free_blocks:
-                    raise RuntimeError(f"{type(self.policy).__name__} admitted {request_id} needing "
-                                       f"{seq.blocks_to_admit} blocks with {self.free_blocks} free")
-                self.free_blocks -= seq.blocks_to_admit
-                seq.blocks_held = seq.blocks_to_admit
+            if seq.blocks_held == 0:  # admitted now: take its blocks (Scheduler._admit)
+                seq.blocks_held = blocks.allocate(seq.blocks_to_admit)
                 seq.blocks_to_admit = 0
                 self.waiting.remove(seq)
                 running.append(seq)
@@ -281,7 +288,7 @@ class Worker:
         for request_id in plan.decodes:
             seq = by_id[request_id]
             i = seq.idx
-            gap = t - seq.last_token_time
+            gap = t - seq.last_token_time  # type: ignore[operator]  # a decoding sequence has its last token's time
             gaps[seq.tier_idx].append(gap)
             if gap > max_tbt[i]:
                 max_tbt[i] = gap
@@ -342,7 +349,7 @@ class Worker:
 
     def _release(self, seq: SimSeq) -> None:
         """The request leaves this engine: free its blocks, forget it."""
-        self.free_blocks += seq.blocks_held
+        self.blocks.free(seq.blocks_held)
         seq.blocks_held = 0
         self.running.remove(seq)
         del self.by_id[seq.request_id]
