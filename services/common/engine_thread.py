@@ -17,11 +17,13 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
+from diptych.engine.protocol import WorkerEngine
+
 T = TypeVar("T")
 
 
 class EngineThread:
-    def __init__(self, engine: Any, name: str) -> None:
+    def __init__(self, engine: WorkerEngine, name: str) -> None:
         self.engine = engine
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"engine-{name}")
         self._step: asyncio.Future | None = None

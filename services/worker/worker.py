@@ -56,7 +56,6 @@ class Worker:
         self.roles: list[Role] = sorted(roles, key=lambda r: ROLE_ORDER.index(r.kind))
         self.heartbeat_interval_s = heartbeat_interval_s
         self._last_heartbeat = 0.0
-        self._registered = False
         self._prefill_tps = 0.0
         """Recent prompt tokens per second while prefilling (exponential average over iterations)."""
         self._shipping: asyncio.Task[None] | None = None
@@ -119,7 +118,6 @@ class Worker:
 
     async def _on_register_ack(self, msg: RegisterAck) -> None:
         if msg.ok:
-            self._registered = True
             log.info("worker %s registered", self.worker_id)
         elif msg.error == UNKNOWN_WORKER:  # the coordinator restarted or evicted us: start over
             log.warning("coordinator does not know worker %s; re-registering", self.worker_id)
