@@ -58,7 +58,7 @@ def test_rad_moves_a_flex_worker_to_the_prefill_pool(tiny_llama, tmp_path):
         assert (start["prefill_workers"], start["decode_workers"]) == (2, 2)
         batch = prompts([200] * 40, seed=3)
         deadline = time.time() + 60
-        moves = []
+        moves: list[dict] = []
         while not moves and time.time() < deadline:
             results = asyncio.run(complete_all(spec.sdk_addr, batch, 1))
             assert all(len(r.token_ids) == 1 for r in results)

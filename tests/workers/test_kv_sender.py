@@ -23,7 +23,7 @@ class CpuPusher:
         self.synchronized = 0
 
     def start(self, dst_blocks):
-        return StreamingHandoff(self, dst_blocks)
+        return StreamingHandoff(self, dst_blocks)  # type: ignore[arg-type]  # KVPusher's interface
 
     def copy(self, src_blocks, dst_blocks):
         if self.fail_at is not None and len(self.copies) == self.fail_at:
@@ -43,7 +43,7 @@ def hand_over(tiny_llama, make_engine, prompt, pusher_factory=None, share=None):
     sender = KVSender(prefill)
     pusher = pusher_factory(prefill, decode) if pusher_factory else None
     if pusher is not None:
-        sender._pusher = lambda worker_id, share: pusher
+        sender._pusher = lambda decode_worker_id, share: pusher  # type: ignore[method-assign]
     prefill.add_request("r", prompt, GREEDY, prefill_only=True)
     assert decode.reserve("r", decode.blocks_needed(len(prompt), GREEDY.max_tokens))
     sender.begin("r", "decode-0", share if share is not None else {"handle": b"h"}, decode.reserved_blocks("r"))
@@ -100,7 +100,7 @@ def test_abandon_waits_for_issued_copies_and_stops(tiny_llama, make_engine, rand
     prefill, decode = make_engine(tiny_llama, token_budget=8), make_engine(tiny_llama)
     pusher = CpuPusher(prefill, decode)
     sender = KVSender(prefill)
-    sender._pusher = lambda worker_id, share: pusher
+    sender._pusher = lambda decode_worker_id, share: pusher  # type: ignore[method-assign]
     prompt = random_prompts([29])[0]
     prefill.add_request("r", prompt, GREEDY, prefill_only=True)
     decode.reserve("r", decode.blocks_needed(len(prompt), GREEDY.max_tokens))

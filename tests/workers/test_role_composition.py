@@ -163,7 +163,7 @@ def test_a_role_appears_once():
     log: list[str] = []
     links = RecordingLinks(SimEngine(EngineConfig(block_size=16, num_blocks=64), cost=FAST))
     with pytest.raises(ValueError, match="at most once"):
-        Worker(links, WorkerRole.FLEX, [Probe(Pool.DECODE, log), Probe(Pool.DECODE, log)], 0.5)  # type: ignore[list-item]
+        Worker(links, WorkerRole.FLEX, [Probe(Pool.DECODE, log), Probe(Pool.DECODE, log)], 0.5)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("old_signal", [False, True])
