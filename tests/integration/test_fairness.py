@@ -46,14 +46,15 @@ async def offered_load(address: str, api_key: str, concurrency: int, deadline: f
 
 
 def served(http_url: str) -> dict[str, float]:
-    status = httpx.get(http_url + "/admin/status", headers={"Authorization": "Bearer key-a"}, timeout=5).json()
+    status = httpx.get(http_url + "/admin/status", headers={"Authorization": "Bearer key-admin"}, timeout=5).json()
     return {cid: c["service"] for cid, c in status["clients"].items()}
 
 
 def run_scenario(tiny_llama, tmp_path, admission: str, weights: tuple[float, float]) -> tuple[float, float]:
     keys = tmp_path / f"keys-{admission}.json"
     keys.write_text(json.dumps({"clients": {"key-a": {"client_id": "heavy", "weight": weights[0]},
-                                            "key-b": {"client_id": "light", "weight": weights[1]}}}))
+                                            "key-b": {"client_id": "light", "weight": weights[1]}},
+                                "admins": ["key-admin"]}))
     spec = cluster_spec(tiny_llama, prefill_workers=1, decode_workers=1, num_blocks=BLOCKS, admission=admission,
                         api_keys_file=str(keys), extra_coordinator_args=["--max-prefill-backlog", str(PROMPT)])
     cluster = start_cluster(spec, tmp_path / f"logs-{admission}")
