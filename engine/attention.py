@@ -52,7 +52,7 @@ class PagedAttentionContext:
     block_tables: list[torch.Tensor]
     chunk_sequences: list[int]
     """Indices of the sequences with more than one new token (attended one by one)."""
-    single_query: "SingleQueryBatch | None"
+    single_query: SingleQueryBatch | None
     """The sequences with exactly one new token, batched; None if there are none."""
 
 

@@ -8,7 +8,8 @@ never names a block (its handle of ``n`` blocks is the int ``n``). Both satisfy 
 
 from __future__ import annotations
 
-from typing import Iterable, Protocol, TypeVar
+from collections.abc import Iterable
+from typing import Protocol, TypeVar
 
 Held = TypeVar("Held")
 

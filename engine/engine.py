@@ -69,11 +69,12 @@ class Engine:
         runner = ModelRunner(config, model_name, model)
         self._compose(config, policy, model_name=model_name, kv=runner.kv, executor=runner,
                       sampler=Sampler(config.seed), eos_token_ids=runner.eos_token_ids,
-                      max_model_len=_resolve_max_model_len(config.max_model_len, runner.max_position_embeddings))
-        self.tokenizer = runner.tokenizer
+                      max_model_len=_resolve_max_model_len(config.max_model_len, runner.max_position_embeddings),
+                      tokenizer=runner.tokenizer)
 
     def _compose(self, config: EngineConfig, policy: BatchPolicy | None, *, model_name: str, kv: KVPool,
-                 executor: Executor, sampler: TokenSampler, eos_token_ids: set[int], max_model_len: int) -> None:
+                 executor: Executor, sampler: TokenSampler, eos_token_ids: set[int], max_model_len: int,
+                 tokenizer: Any = None) -> None:
         """Set up the engine around an executor (the model engine's or the sim engine's) and one ``Scheduler``."""
         self.config = config
         self.model_name = model_name
@@ -83,7 +84,7 @@ class Engine:
         self.sampler = sampler
         self.block_size = kv.layout.block_size
         self.num_blocks = kv.allocator.num_blocks
-        self.tokenizer: Any = None
+        self.tokenizer = tokenizer
         self.scheduler = Scheduler(
             policy if policy is not None else SarathiBatching(), kv.allocator, block_size=self.block_size,
             vocab_size=executor.vocab_size, max_model_len=max_model_len, eos_token_ids=eos_token_ids,
@@ -156,14 +157,11 @@ class Engine:
         GPU-to-GPU push, ``engine.kv_transfer``). ``KeyError`` without a reservation; ``ValueError`` (reservation
         kept, nothing written) for mismatched sizes, a too small reservation, or a first token that already
         finishes the request."""
-        kv = self.kv
-
-        def write_kv(block_ids: list[int]) -> None:
-            kv.import_blocks(block_ids, frames)
-
+        kv, received = self.kv, frames
         self.scheduler.add_prefilled(
             request_id, prompt_token_ids, first_token_id, sampling, num_tokens, arrival_time=arrival_time, slo=slo,
-            first_token_time=first_token_time, write_kv=None if frames is None else write_kv,
+            first_token_time=first_token_time,
+            write_kv=None if received is None else lambda block_ids: kv.import_blocks(block_ids, received),
         )
 
     # ------------------------------------------------------------------ KV out, cancellation

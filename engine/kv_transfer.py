@@ -140,7 +140,7 @@ class KVPusher:
         self._src = torch.empty(shape, dtype=local.pool.dtype, device=self.device)
         self._dst = torch.empty(shape, dtype=local.pool.dtype, device=self.remote_device)
 
-    def start(self, dst_blocks: list[int]) -> "StreamingHandoff":
+    def start(self, dst_blocks: list[int]) -> StreamingHandoff:
         return StreamingHandoff(self, dst_blocks)
 
     def copy(self, src_blocks: list[int], dst_blocks: list[int]) -> int:

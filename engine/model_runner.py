@@ -51,7 +51,7 @@ class ModelRunner:
         elif model.dtype != self.dtype:
             raise ValueError(f"the given model is {model.dtype}, the engine is configured for {self.dtype}")
         self.model = model
-        self.model.to(self.device).eval()
+        self.model.to(self.device).eval()  # type: ignore[arg-type]  # transformers types .to as a method wrapper
         check_supported(self.model)
         model_config = self.model.config
         self.vocab_size: int = model_config.vocab_size

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Callable, Mapping
 
 from diptych.cluster.blocks import blocks_for
 from diptych.engine.block_pool import Blocks

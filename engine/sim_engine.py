@@ -27,13 +27,13 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from diptych.engine.config import EngineConfig
 from diptych.engine.block_pool import BlockAllocator
+from diptych.engine.config import EngineConfig
 from diptych.engine.engine import Engine
 from diptych.engine.outputs import StepOutput
 from diptych.engine.sampler import SamplingRequest
 from diptych.engine.scheduler import ForwardItem
-from diptych.policies.batch import BatchPolicy, SarathiBatching
+from diptych.policies.batch import BatchPolicy
 from diptych.proto.messages import KVLayout
 from diptych.sim.cost_model import CostModel
 
@@ -180,14 +180,15 @@ class SimEngine(Engine):
     def step(self) -> StepOutput:
         runner = self.executor
         runner.step_started = time.perf_counter()
-        back_to_back = self._last_step_end is not None
+        last_step_end = self._last_step_end
         self._land_arrivals()
         if not self.scheduler.has_work():  # only transfers in flight: wait for the next to land
             time.sleep(max(0.0, min(ready for ready, _, _ in self._arriving.values()) - time.time()))
             self._land_arrivals()
             runner.step_started = time.perf_counter()
-            back_to_back = False
-        gap = runner.step_started - self._last_step_end if back_to_back else 0.0
+            last_step_end = None
+        back_to_back = last_step_end is not None
+        gap = runner.step_started - last_step_end if last_step_end is not None else 0.0
         output = super().step()
         ended = time.perf_counter()
         if output.duration_s > 0 and back_to_back:

@@ -160,11 +160,11 @@ def _reduce_kernel(
     valid = s < NUM_SPLITS
     row = (seq * num_heads + head) * NUM_SPLITS + s
     m = tl.load(part_ml_ptr + row * 2, mask=valid, other=float("-inf"))
-    l = tl.load(part_ml_ptr + row * 2 + 1, mask=valid, other=0.0)
+    denom = tl.load(part_ml_ptr + row * 2 + 1, mask=valid, other=0.0)
     m_max = tl.max(m, 0)
     m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
-    w = tl.where(valid & (l > 0), tl.exp(m - m_max), 0.0)
-    total = tl.sum(w * l, 0)
+    w = tl.where(valid & (denom > 0), tl.exp(m - m_max), 0.0)
+    total = tl.sum(w * denom, 0)
     acc = tl.load(part_acc_ptr + row[:, None] * HEAD_DIM + d[None, :], mask=valid[:, None], other=0.0)
     out = tl.sum(acc * w[:, None], 0) / tl.where(total > 0, total, 1.0)
     tl.store(out_ptr + seq * stride_ot + head * stride_oh + d, out.to(out_ptr.dtype.element_ty))

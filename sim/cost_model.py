@@ -51,9 +51,10 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -125,7 +126,7 @@ class CostModel:
         q = self.tile_quantum
         return -(-tokens // q) * q
 
-    def iteration_time(self, prefill_tokens: int = 0, num_decodes: int = 0, decode_context_tokens: int = 0,
+    def iteration_time(self, prefill_tokens: int = 0, num_decodes: int = 0, decode_context_tokens: float = 0,
                        prefill_attn_pairs: float | None = None, num_seqs: int | None = None) -> float:
         """Seconds for one iteration. ``prefill_attn_pairs`` None: the prefill tokens are one prompt from position
         0 (``p*(p+1)/2`` pairs). ``num_seqs`` None: ``num_decodes`` plus one prefill sequence if any."""
@@ -270,7 +271,7 @@ def _features(samples: Iterable[dict[str, Any]]) -> np.ndarray:
     return np.array(rows, dtype=float).reshape(-1, 6)
 
 
-def _fit_params(rows: np.ndarray, tile_quantum: int) -> dict[str, float]:
+def _fit_params(rows: np.ndarray, tile_quantum: int) -> dict[str, Any]:
     tokens = rows[:, 0] + rows[:, 1]
     quantized = np.ceil(tokens / tile_quantum) * tile_quantum
     seconds = rows[:, 5]

@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from diptych.engine.sim_engine import SimEngine
 from diptych.engine.config import EngineConfig
+from diptych.engine.sim_engine import SimEngine
 from diptych.proto.messages import SamplingParams
 from diptych.services.common.engine_thread import EngineThread
 from diptych.sim.cost_model import resolve

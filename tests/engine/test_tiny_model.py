@@ -6,8 +6,7 @@ import threading
 
 import pytest
 import torch
-from hypothesis import assume, given, settings
-from hypothesis import strategies as st
+from hypothesis import assume, given, settings, strategies as st
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from diptych.engine import build_tiny_model, default_model_path
