@@ -53,7 +53,7 @@ class ColocatedRole:
             await self.links.send_control(RequestDone(request_id=rid, worker_id=self.links.worker_id,
                                                       finish_reason="error"))
             return True
-        self._jobs[rid] = PrefillJob(request, "", msg.admitted_time or time.time())
+        self._jobs[rid] = PrefillJob(request=request, decode_kv_addr="", admitted_time=msg.admitted_time or time.time())
         log.debug("req=%s colocated request queued (%d prompt tokens)", rid, len(request.prompt_token_ids))
         return True
 

@@ -91,7 +91,7 @@ class DecodeRole:
     def adopt(self, request: Request, events: dict[str, float]) -> None:
         """Take over a request prefilled on this worker at its first token (``roles.colocated``): stream it (with
         its prefill ``events``) and report it from now on."""
-        self._decoding[request.request_id] = DecodeJob(request.stream_addr, events)
+        self._decoding[request.request_id] = DecodeJob(stream_addr=request.stream_addr, pending_events=events)
 
     async def prepare_abort(self, request_id: str) -> bool:
         if not self._share:
@@ -174,8 +174,8 @@ class DecodeRole:
             await self._fail(rid)
             return
         landed = time.time()
-        self._decoding[rid] = DecodeJob(request.stream_addr,
-                                        {"handoff_start": msg.sent_time or started, "handoff_end": landed})
+        self._decoding[rid] = DecodeJob(stream_addr=request.stream_addr, pending_events={
+            "handoff_start": msg.sent_time or started, "handoff_end": landed})
         await self.links.send_control(KVReceived(request_id=rid, worker_id=self.links.worker_id,
                                                  num_tokens=msg.num_tokens, transfer_s=landed - started))
 

@@ -94,7 +94,8 @@ class PrefillRole:
             await self.links.send_control(RequestDone(request_id=rid, worker_id=self.links.worker_id,
                                                       finish_reason="error"))
             return True
-        self._jobs[rid] = PrefillJob(request, msg.decode_kv_addr, msg.admitted_time or time.time())
+        self._jobs[rid] = PrefillJob(request=request, decode_kv_addr=msg.decode_kv_addr,
+                                    admitted_time=msg.admitted_time or time.time())
         path = await self.links.engine_call(self._sender.begin, rid, msg.decode_worker_id, msg.decode_kv_share,
                                             msg.decode_blocks)
         log.debug("req=%s prefill queued (%d tokens) %s", rid, len(request.prompt_token_ids), path)
