@@ -60,7 +60,7 @@ def check_plan(plan: BatchPlan, states: Mapping[str, SequenceState], free_blocks
     waiting, one holding blocks is running (a running request always holds at least one). ``RuntimeError`` for a
     preemption, a request scheduled twice, a prefill chunk for a request not in prefill, a decode for one not
     decoding, or admissions needing more than ``free_blocks``."""
-    if plan.preempt:
+    if plan.preempt:  # refused until "KV memory on demand" (allocation per token, preemption by recompute)
         raise RuntimeError(f"{policy_name} asked to preempt {plan.preempt}; this engine reserves all blocks at "
                            "admission and never preempts")
     ids = [request_id for request_id, _ in plan.prefill_chunks] + list(plan.decodes)

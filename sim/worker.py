@@ -83,7 +83,6 @@ class Worker:
         self.reported = 0  # stretch iterations whose tokens were reported to the admission policy
         self.stretch_clients: dict[str, int] = {}
         self.stretch_seqs: list[SimSeq] = []  # the sequences a stretch runs (later arrivals join after it)
-        self.last_duration = 0.0
         # decode tokens produced while in the decode pool, and the sum of their context lengths (pool statistics)
         self.decode_tokens = 0
         self.decode_context_tokens = 0
@@ -255,10 +254,8 @@ class Worker:
         t = self.t_end
         if self.stretch:  # still busy while applying: work placed meanwhile waits for the next iteration
             self._finish_stretch(t)
-            self.last_duration = self.stretch_a + self.stretch_b * (self.iterations - 1)
         else:
             self._finish_plan(t)
-            self.last_duration = self.duration
         self.busy = False
         if self.draining_to is not None and self.is_empty():
             self.sim.switch_role(self, t)
@@ -354,8 +351,3 @@ class Worker:
         self.running.remove(seq)
         del self.by_id[seq.request_id]
         self.dirty = True
-
-    def abort_all(self) -> None:
-        self.waiting.clear()
-        self.running.clear()
-        self.by_id.clear()
