@@ -57,10 +57,7 @@ class Worker:
         self.policy = policy
         self.total_blocks = total_blocks
         self.blocks = BlockCounter(total_blocks)  # engine view: blocks allocated to sequences and reservations
-        # coordinator view (services/coordinator/workers.py)
-        self.reserved_blocks = 0
-        self.backlog_tokens = 0
-        self.backlog_blocks = 0
+        # requests the coordinator placed here and has not released (reservations and backlog: the cluster core)
         self.num_requests = 0
         self.waiting: list[SimSeq] = []
         self.running: list[SimSeq] = []
