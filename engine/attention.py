@@ -21,6 +21,7 @@ cannot be used).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -144,11 +145,11 @@ def paged_attention_forward(
     at inference. Returns ``([1, T, heads, head_dim], None)``."""
     if paged_context is None:
         raise RuntimeError(f"attn_implementation={ATTENTION_NAME!r} needs the forward kwarg paged_context")
-    scale = scaling if scaling is not None else module.head_dim**-0.5
+    scale = scaling if scaling is not None else cast(int, module.head_dim) ** -0.5  # attribute of HF attention
     if isinstance(paged_context, CudaAttentionContext):
         return cuda_attention_forward(module, query, key, value, paged_context, scale, sliding_window), None
     ctx = paged_context
-    layer_cache = ctx.pool[:, module.layer_idx]
+    layer_cache = ctx.pool[:, cast(int, module.layer_idx)]
     layer_cache[ctx.slot_blocks, 0, ctx.slot_offsets] = key[0].transpose(0, 1).to(layer_cache.dtype)
     layer_cache[ctx.slot_blocks, 1, ctx.slot_offsets] = value[0].transpose(0, 1).to(layer_cache.dtype)
 

@@ -108,7 +108,7 @@ class CudaExecutor:
                  np.asarray(decode_lens, dtype=np.int64), table_block.reshape(-1)]
         parts += [meta[3] for meta in chunk_meta]
         device_parts = self._stage(parts)
-        ids, pos, slot_tensor, keep_tensor, rows, lens, flat_tables = device_parts[:7]
+        ids, pos_tensor, slot_tensor, keep_tensor, rows, lens, flat_tables = device_parts[:7]
         chunks = [ChunkSpan(s, e, c, table) for (s, e, c, _), table in zip(chunk_meta, device_parts[7:])]
         context = CudaAttentionContext(
             pool=self.pool, slots=slot_tensor,
@@ -120,9 +120,9 @@ class CudaExecutor:
         if not chunks and len(decode_rows) == total:
             context.decode_rows = None  # every token is a decode, in order
         if self.fused is not None:
-            return self.fused.forward_packed(ids, pos, context, keep_tensor)
+            return self.fused.forward_packed(ids, pos_tensor, context, keep_tensor)
         output = self.model(
-            input_ids=ids.view(1, total), position_ids=pos.view(1, total), use_cache=False,
+            input_ids=ids.view(1, total), position_ids=pos_tensor.view(1, total), use_cache=False,
             logits_to_keep=keep_tensor, paged_context=context,
         )
         return output.logits[0].float()

@@ -17,6 +17,9 @@ layer; otherwise ``FastDecoder.supports`` is False and the decode graphs capture
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, cast
+
 import torch
 import torch.nn.functional as F
 
@@ -24,7 +27,60 @@ from diptych.engine.fused_kernels import add_rmsnorm, rotary_store, silu_mul
 from diptych.engine.paged_attention_cuda import CudaAttentionContext, paged_attention
 from diptych.engine.triton_kernels import decode_attention
 
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
 SUPPORTED_TYPES = {"llama", "mistral", "qwen2"}
+
+# The Llama-family module tree the fused forward reads (torch types every submodule only as ``Module``).
+
+
+class _RMSNorm(Protocol):
+    weight: torch.Tensor
+    variance_epsilon: float
+
+
+class _Attention(Protocol):
+    q_proj: torch.nn.Linear
+    k_proj: torch.nn.Linear
+    v_proj: torch.nn.Linear
+    o_proj: torch.nn.Linear
+
+
+class _MLP(Protocol):
+    gate_proj: torch.nn.Linear
+    up_proj: torch.nn.Linear
+    down_proj: torch.nn.Linear
+
+
+class _DecoderLayer(Protocol):
+    self_attn: _Attention
+    mlp: _MLP
+    input_layernorm: _RMSNorm
+    post_attention_layernorm: _RMSNorm
+
+
+class _RotaryEmbedding(Protocol):
+    inv_freq: torch.Tensor
+
+
+class _Decoder(Protocol):
+    embed_tokens: torch.nn.Embedding
+    norm: _RMSNorm
+    rotary_emb: _RotaryEmbedding
+    layers: Sequence[_DecoderLayer]
+
+
+class _CausalLM(Protocol):
+    """A Hugging Face ``LlamaForCausalLM`` / ``MistralForCausalLM`` / ``Qwen2ForCausalLM``."""
+
+    config: PretrainedConfig
+    model: _Decoder
+    lm_head: torch.nn.Linear
+
+
+Attend = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""Attention of a layer's queries ``[T, heads, D]`` over its cache (K/V already stored); returns ``[T, heads, D]``."""
 
 
 class FastDecoder:
@@ -32,7 +88,7 @@ class FastDecoder:
 
     @staticmethod
     def supports(model: torch.nn.Module) -> bool:
-        config = model.config
+        config = cast("PretrainedConfig", model.config)
         if config.model_type not in SUPPORTED_TYPES or getattr(config, "hidden_act", "silu") != "silu":
             return False
         rope = getattr(config, "rope_scaling", None) or getattr(config, "rope_parameters", None) or {}
@@ -46,22 +102,23 @@ class FastDecoder:
         return getattr(config, "sliding_window", None) is None
 
     def __init__(self, model: torch.nn.Module) -> None:
-        config = model.config
+        lm = cast(_CausalLM, model)
+        config = lm.config
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads or self.num_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
         self.scale = self.head_dim**-0.5
-        decoder = model.model
+        decoder = lm.model
         self.embed = decoder.embed_tokens.weight
         self.norm = (decoder.norm.weight, decoder.norm.variance_epsilon)
-        self.lm_head = model.lm_head.weight
+        self.lm_head = lm.lm_head.weight
         rotary = decoder.rotary_emb
         self.inv_freq = rotary.inv_freq.float().contiguous()
         self.attention_scaling = float(getattr(rotary, "attention_scaling", 1.0))
         self.layers = [self._fuse(layer) for layer in decoder.layers]
 
     @staticmethod
-    def _fuse(layer: torch.nn.Module) -> dict:
+    def _fuse(layer: _DecoderLayer) -> dict[str, Any]:
         attn, mlp = layer.self_attn, layer.mlp
         qkv = _concatenate([attn.q_proj, attn.k_proj, attn.v_proj])
         qkv_bias = _concatenate([attn.q_proj, attn.k_proj, attn.v_proj], "bias")
@@ -92,13 +149,15 @@ class FastDecoder:
             return paged_attention(q, layer_cache, context, self.scale)
 
         hidden, residual = self._layers(input_ids, positions, context.pool, context.slots, attend)
+        assert residual is not None, "the model has no decoder layers"
         x, _ = add_rmsnorm(hidden.index_select(0, keep), residual.index_select(0, keep), *self.norm)
         return F.linear(x, self.lm_head).float()
 
-    def _layers(self, input_ids, positions, pool, slots, attend) -> tuple[torch.Tensor, torch.Tensor]:
+    def _layers(self, input_ids: torch.Tensor, positions: torch.Tensor, pool: torch.Tensor, slots: torch.Tensor,
+                attend: Attend) -> tuple[torch.Tensor, torch.Tensor | None]:
         n = input_ids.shape[0]
         hidden = F.embedding(input_ids, self.embed)
-        residual = None
+        residual: torch.Tensor | None = None
         for index, layer in enumerate(self.layers):
             x, residual = add_rmsnorm(hidden, residual, *layer["input_norm"])
             qkv = F.linear(x, layer["qkv"], layer["qkv_bias"])

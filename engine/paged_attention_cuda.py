@@ -15,6 +15,7 @@ Every tensor a decode-only pass reads lives in the context, so the pass can be c
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -70,21 +71,21 @@ def cuda_attention_forward(
     """``query`` ``[1, heads, T, D]``, ``key``/``value`` ``[1, kv_heads, T, D]``; returns ``[1, T, heads, D]``."""
     from diptych.engine.triton_kernels import decode_attention, store_kv
 
-    layer_cache = ctx.pool[:, module.layer_idx]
+    layer_cache = ctx.pool[:, cast(int, module.layer_idx)]  # the HF attention module's layer number
     keys = key[0].transpose(0, 1)
     values = value[0].transpose(0, 1)
     store_kv(layer_cache, keys, values, ctx.slots)
 
     queries = query[0].transpose(0, 1)  # [T, heads, D]
     if ctx.decode_rows is None and not ctx.chunks:
-        out = decode_attention(queries, layer_cache, ctx.decode_tables, ctx.decode_context_lens, scale,
-                               sliding_window, ctx.num_splits)
+        tables, context_lens = _decode_tables(ctx)
+        out = decode_attention(queries, layer_cache, tables, context_lens, scale, sliding_window, ctx.num_splits)
         return out.unsqueeze(0)
     output = torch.empty_like(queries)
     if ctx.decode_rows is not None and ctx.decode_rows.numel():
         selected = queries.index_select(0, ctx.decode_rows)
-        out = decode_attention(selected, layer_cache, ctx.decode_tables, ctx.decode_context_lens, scale,
-                               sliding_window, ctx.num_splits)
+        tables, context_lens = _decode_tables(ctx)
+        out = decode_attention(selected, layer_cache, tables, context_lens, scale, sliding_window, ctx.num_splits)
         output.index_copy_(0, ctx.decode_rows, out)
     for chunk in ctx.chunks:
         output[chunk.start:chunk.end] = _attend_chunk(
@@ -101,17 +102,24 @@ def paged_attention(queries: torch.Tensor, layer_cache: torch.Tensor, ctx: CudaA
     from diptych.engine.triton_kernels import decode_attention
 
     if ctx.decode_rows is None and not ctx.chunks:
-        return decode_attention(queries, layer_cache, ctx.decode_tables, ctx.decode_context_lens, scale, None,
-                                ctx.num_splits)
+        tables, context_lens = _decode_tables(ctx)
+        return decode_attention(queries, layer_cache, tables, context_lens, scale, None, ctx.num_splits)
     output = torch.empty_like(queries)
     if ctx.decode_rows is not None and ctx.decode_rows.numel():
-        out = decode_attention(queries.index_select(0, ctx.decode_rows), layer_cache, ctx.decode_tables,
-                               ctx.decode_context_lens, scale, None, ctx.num_splits)
+        tables, context_lens = _decode_tables(ctx)
+        out = decode_attention(queries.index_select(0, ctx.decode_rows), layer_cache, tables, context_lens, scale,
+                               None, ctx.num_splits)
         output.index_copy_(0, ctx.decode_rows, out)
     for chunk in ctx.chunks:
         output[chunk.start:chunk.end] = _attend_chunk(queries[chunk.start:chunk.end], None, None, layer_cache, chunk,
                                                       scale, None)
     return output
+
+
+def _decode_tables(ctx: CudaAttentionContext) -> tuple[torch.Tensor, torch.Tensor]:
+    """The decode rows' ``decode_tables`` and ``decode_context_lens``, set whenever some packed token is a decode."""
+    assert ctx.decode_tables is not None and ctx.decode_context_lens is not None, "decode rows without their tables"
+    return ctx.decode_tables, ctx.decode_context_lens
 
 
 def _attend_chunk(
@@ -128,6 +136,7 @@ def _attend_chunk(
     num_queries = queries.shape[0]
     context_len = chunk.context_len
     if context_len == num_queries and fresh_keys is not None:
+        assert fresh_values is not None, "fresh keys come with fresh values"
         keys, values = fresh_keys, fresh_values
     else:
         blocks = layer_cache.index_select(0, chunk.table)  # [n, 2, block_size, kv_heads, D]

@@ -18,6 +18,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
@@ -52,7 +53,7 @@ _FAMILY_CONFIGS: dict[str, type[PretrainedConfig]] = {
 _FAMILY_EXTRA_SPECIAL_TOKENS: dict[str, tuple[str, ...]] = {"qwen2": ("<|endoftext|>",)}
 """Tokens the family's forced transformers tokenizer class registers; in the vocabulary so every id embeds."""
 
-_TINY_SHAPE = dict(
+_TINY_SHAPE: dict[str, Any] = dict(
     hidden_size=64,
     intermediate_size=128,
     num_hidden_layers=2,
@@ -107,7 +108,7 @@ def tiny_config(family: str, vocab_size: int, **config_overrides) -> PretrainedC
     """The tiny config of ``family`` ("llama", "qwen2", "mistral"); ``config_overrides`` replace any field."""
     if family not in _FAMILY_CONFIGS:
         raise ValueError(f"unknown tiny model family {family!r}; choose one of {sorted(_FAMILY_CONFIGS)}")
-    fields = dict(
+    fields: dict[str, Any] = dict(
         _TINY_SHAPE,
         vocab_size=vocab_size,
         pad_token_id=SPECIAL_TOKENS.index(PAD),
