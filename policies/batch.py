@@ -10,6 +10,7 @@ Units: times in seconds, lengths in tokens, memory in KV blocks.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from diptych.policies.kv_planner import KVPlanner
@@ -85,7 +86,7 @@ class BatchPolicy(ABC):
 
     @abstractmethod
     def schedule(
-        self, waiting: list[SequenceState], running: list[SequenceState], kv: KVState, now: float
+        self, waiting: Sequence[SequenceState], running: Sequence[SequenceState], kv: KVState, now: float
     ) -> BatchPlan:
         """Compose the next iteration. ``waiting`` hold no KV yet (arrival order); ``running`` hold KV (admission
         order, oldest first)."""
@@ -93,7 +94,7 @@ class BatchPolicy(ABC):
     def on_iteration_end(self, duration_s: float, now: float) -> None:  # noqa: B027 (an optional hook: no-op by default)
         """The iteration just executed took ``duration_s`` wall seconds and ended at ``now``."""
 
-    def order_handoffs(self, pending: list[SequenceState], now: float) -> list[str]:
+    def order_handoffs(self, pending: Sequence[SequenceState], now: float) -> list[str]:
         """The order in which a decode worker admits incoming KV handoffs (``pending``, in the order they reached
         the worker), most urgent first. Default: FIFO."""
         return [seq.request_id for seq in pending]
@@ -126,7 +127,7 @@ class SarathiBatching(BatchPolicy):
         self.max_decodes = max_decodes
 
     def schedule(
-        self, waiting: list[SequenceState], running: list[SequenceState], kv: KVState, now: float
+        self, waiting: Sequence[SequenceState], running: Sequence[SequenceState], kv: KVState, now: float
     ) -> BatchPlan:
         plan = BatchPlan()
         blocks = KVPlanner(kv.free_blocks, plan)
@@ -137,14 +138,14 @@ class SarathiBatching(BatchPolicy):
         return plan
 
 
-def schedule_all_decodes(running: list[SequenceState], blocks: KVPlanner, max_decodes: int) -> None:
+def schedule_all_decodes(running: Sequence[SequenceState], blocks: KVPlanner, max_decodes: int) -> None:
     """Every running decode, oldest first, up to ``max_decodes``; out of blocks, the most recently admitted running
     sequence is preempted (possibly the decode itself)."""
     decodes = [seq for seq in running if not seq.in_prefill]
     schedule_decodes(decodes, running[::-1], blocks, max_decodes)
 
 
-def schedule_decodes(decodes: list[SequenceState], victims: list[SequenceState], blocks: KVPlanner,
+def schedule_decodes(decodes: Sequence[SequenceState], victims: Sequence[SequenceState], blocks: KVPlanner,
                      max_decodes: int) -> None:
     """``decodes`` in order, until the plan holds ``max_decodes``; each preempts ``victims`` in order if its block
     does not fit (see ``KVPlanner.step_or_preempt``)."""
@@ -155,7 +156,7 @@ def schedule_decodes(decodes: list[SequenceState], victims: list[SequenceState],
             blocks.step_or_preempt(seq, victims)
 
 
-def continue_prefills(running: list[SequenceState], blocks: KVPlanner, budget: int) -> int:
+def continue_prefills(running: Sequence[SequenceState], blocks: KVPlanner, budget: int) -> int:
     """Next chunks of the running partial prefills, FIFO, each ``min(remaining prompt, budget left)``, skipping
     those preempted in this plan. Returns the budget left."""
     for seq in running:
@@ -169,7 +170,7 @@ def continue_prefills(running: list[SequenceState], blocks: KVPlanner, budget: i
     return budget
 
 
-def admit_prefills(candidates: list[SequenceState], blocks: KVPlanner, budget: int, slots: int) -> int:
+def admit_prefills(candidates: Sequence[SequenceState], blocks: KVPlanner, budget: int, slots: int) -> int:
     """Admit ``candidates`` in order, each with a first chunk of ``min(prompt, budget left)``, until the budget or
     the ``slots`` (sequences that may still take KV) run out or one's blocks do not fit (head of line: no skipping).
     Returns the budget left."""

@@ -15,6 +15,8 @@ Running decodes stall for the whole prefill iteration: the TBT cost Sarathi-Serv
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from diptych.policies.batch import BATCH_POLICIES, BatchPlan, BatchPolicy, KVState, SequenceState, schedule_all_decodes
 from diptych.policies.kv_planner import KVPlanner
 
@@ -34,7 +36,7 @@ class PrefillFirstBatching(BatchPolicy):
         self.max_decodes = max_decodes
 
     def schedule(
-        self, waiting: list[SequenceState], running: list[SequenceState], kv: KVState, now: float
+        self, waiting: Sequence[SequenceState], running: Sequence[SequenceState], kv: KVState, now: float
     ) -> BatchPlan:
         plan = self._prefill_iteration(waiting, running, kv)
         if not plan.is_empty():
@@ -43,7 +45,9 @@ class PrefillFirstBatching(BatchPolicy):
         schedule_all_decodes(running, KVPlanner(kv.free_blocks, plan), self.max_decodes)
         return plan
 
-    def _prefill_iteration(self, waiting: list[SequenceState], running: list[SequenceState], kv: KVState) -> BatchPlan:
+    def _prefill_iteration(
+        self, waiting: Sequence[SequenceState], running: Sequence[SequenceState], kv: KVState
+    ) -> BatchPlan:
         plan = BatchPlan()
         blocks = KVPlanner(kv.free_blocks, plan)
         budget = self.max_num_batched_tokens

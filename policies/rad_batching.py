@@ -25,6 +25,8 @@ of step 2). Lengths in tokens.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from diptych.policies.batch import (
     BATCH_POLICIES,
     BatchPlan,
@@ -58,7 +60,7 @@ class RADBatching(BatchPolicy):
         self.decode_tile = decode_tile
 
     def schedule(
-        self, waiting: list[SequenceState], running: list[SequenceState], kv: KVState, now: float
+        self, waiting: Sequence[SequenceState], running: Sequence[SequenceState], kv: KVState, now: float
     ) -> BatchPlan:
         plan = BatchPlan()
         blocks = KVPlanner(kv.free_blocks, plan)

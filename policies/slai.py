@@ -33,6 +33,8 @@ Times in seconds, lengths in tokens, memory in KV blocks.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from diptych.policies.batch import (
     BATCH_POLICIES,
     BatchPlan,
@@ -81,7 +83,7 @@ class SLAIBatching(BatchPolicy):
         self.urgency.timer.observe(duration_s)
 
     def schedule(
-        self, waiting: list[SequenceState], running: list[SequenceState], kv: KVState, now: float
+        self, waiting: Sequence[SequenceState], running: Sequence[SequenceState], kv: KVState, now: float
     ) -> BatchPlan:
         plan = BatchPlan()
         blocks = KVPlanner(kv.free_blocks, plan)
@@ -116,7 +118,7 @@ class SLAIBatching(BatchPolicy):
         tier = self.urgency.tbt(seq) if self.strict_tier_first else 0.0
         return (1, tier, seq.remaining_prompt, seq.arrival_time)
 
-    def order_handoffs(self, pending: list[SequenceState], now: float) -> list[str]:
+    def order_handoffs(self, pending: Sequence[SequenceState], now: float) -> list[str]:
         def deadline(seq: SequenceState) -> float:
             if seq.last_token_time is None:
                 return float("-inf")

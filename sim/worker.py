@@ -128,7 +128,7 @@ class Worker:
             return
         running = self.running
         blocks = self.blocks
-        plan = self.policy.schedule(self.waiting, running,  # type: ignore[arg-type]  # SimSeq lists: read-only there
+        plan = self.policy.schedule(self.waiting, running,
                                     KVState(blocks.num_free, self.total_blocks, self.sim.block_size), now)
         self.dirty = False
         if not plan.prefill_chunks and not plan.decodes and not plan.preempt:
