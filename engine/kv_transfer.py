@@ -18,7 +18,7 @@ GPU path ("push into a reservation", streamed chunk by chunk):
 
 The decode worker must keep a reservation's blocks until the sender reports the push finished or abandoned, even if
 the request is aborted meanwhile: the sender writes into them. Every selected path is logged with its reason; the
-prefill worker counts handoffs per path (``services.prefill_worker.kv_sender``), so no slow path is silent.
+prefill worker counts handoffs per path (``services.worker.roles.kv_sender``), so no slow path is silent.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ import torch
 from diptych.client import AsyncClient
 from diptych.proto.messages import HANDOFF_CUDA_IPC, HANDOFF_FRAMES
 from tests.hf_reference import hf_greedy
-from tests.integration.conftest import cluster_status, cluster_spec, start_cluster, wait_until_idle
+from tests.integration.conftest import cluster_spec, cluster_status, start_cluster, wait_until_idle
 from tests.integration.test_pipeline import PROMPT_LENGTHS, random_prompts, run_concurrently
 
 pytestmark = [pytest.mark.integration,

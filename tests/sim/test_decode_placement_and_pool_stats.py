@@ -1,4 +1,4 @@
-"""The simulator's decode placement cap (``max_decode_sequences``, as ``services/coordinator/placement.py``) and the
+"""The simulator's decode placement cap (``max_decode_sequences``, as ``cluster/placement.py``) and the
 pool statistics it gives the pool policy: a queue waiting for decode KV counts as decode KV, not prefill backlog;
 the decode token count is the same with stretches fast-forwarded as in exact mode."""
 

@@ -83,10 +83,10 @@ def request(rid: str = "r1", prompt_len: int = 40, max_tokens: int = 4) -> Reque
                    stream_addr=STREAM)
 
 
-def colocated_task(rid: str = "r1", max_tokens: int = 4, *, old_signal: bool = False) -> PrefillTask:
-    """A colocated task as the coordinator sends it (``old_signal``: as one that predates ``colocated``)."""
+def colocated_task(rid: str = "r1", max_tokens: int = 4) -> PrefillTask:
+    """A colocated task as the coordinator sends it."""
     return PrefillTask(request=request(rid, max_tokens=max_tokens), decode_worker_id=WORKER_ID, decode_kv_addr="",
-                       admitted_time=1.0, colocated=not old_signal)
+                       admitted_time=1.0, colocated=True)
 
 
 def handoff_task(rid: str = "r1") -> PrefillTask:
@@ -166,10 +166,9 @@ def test_a_role_appears_once():
         Worker(links, WorkerRole.FLEX, [Probe(Pool.DECODE, log), Probe(Pool.DECODE, log)], 0.5)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("old_signal", [False, True])
-async def test_colocated_request_is_handed_to_the_decode_role_at_its_first_token(old_signal):
+async def test_colocated_request_is_handed_to_the_decode_role_at_its_first_token():
     worker, links = make_worker(WorkerRole.COLOCATED)
-    await worker.dispatch(colocated_task(max_tokens=4, old_signal=old_signal))
+    await worker.dispatch(colocated_task(max_tokens=4))
     await run_until_idle(worker)
     outputs = links.streamed()
     assert [out.index for out in outputs] == [0, 1, 2, 3]  # the first token streamed once, by the decode role

@@ -41,7 +41,7 @@ class ColocatedRole:
         return []
 
     async def handle(self, msg: Any) -> bool:
-        if not isinstance(msg, PrefillTask) or not is_colocated(msg, self.links.worker_id):
+        if not isinstance(msg, PrefillTask) or not is_colocated(msg):
             return False
         request = msg.request
         rid = request.request_id

@@ -48,10 +48,9 @@ class PrefillJob:
         return {"admitted": self.admitted_time, "prefill_start": self.prefill_start, "prefill_end": prefill_end}
 
 
-def is_colocated(task: PrefillTask, worker_id: str) -> bool:
-    """Whether ``task`` runs its request from prompt to last token on this worker. The coordinator says so with
-    ``PrefillTask.colocated``; a coordinator that predates the flag names this worker as the decode worker."""
-    return task.colocated or task.decode_worker_id == worker_id
+def is_colocated(task: PrefillTask) -> bool:
+    """Whether ``task`` runs its request from prompt to last token on this worker (``PrefillTask.colocated``)."""
+    return task.colocated
 
 
 def first_tokens(output: StepOutput, jobs: dict[str, PrefillJob]) -> dict[str, SampledToken]:
@@ -79,7 +78,7 @@ class PrefillRole:
         return []
 
     async def handle(self, msg: Any) -> bool:
-        if not isinstance(msg, PrefillTask) or is_colocated(msg, self.links.worker_id):
+        if not isinstance(msg, PrefillTask) or is_colocated(msg):
             return False
         request = msg.request
         rid = request.request_id
