@@ -140,8 +140,8 @@ class SimEngine(Engine):
     def __init__(self, config: EngineConfig, policy: BatchPolicy | None = None, *, cost: CostModel,
                  handoff: SimHandoff | None = None) -> None:
         shape = cost.model
-        layout = KVLayout(shape.num_layers, shape.num_kv_heads, shape.head_dim, config.block_size,
-                          f"sim-{shape.dtype}")
+        layout = KVLayout(num_layers=shape.num_layers, num_kv_heads=shape.num_kv_heads, head_dim=shape.head_dim,
+                          block_size=config.block_size, dtype=f"sim-{shape.dtype}")
         executor = CostModelExecutor(cost)
         self._compose(config, policy, model_name=f"sim:{shape.name}",
                       kv=SimKVPool(layout, config.num_blocks or cost.kv_capacity_tokens() // config.block_size),

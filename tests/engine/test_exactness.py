@@ -23,8 +23,10 @@ GREEDY = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
 
 def over_the_wire(engine, request_id: str, prompt: list[int], first_token_id: int) -> list:
     """The request's exported KV blocks after a trip through the wire codec, as a decode worker receives them."""
-    request = Request(request_id, "client", prompt, GREEDY, 0.0, "inproc://tokens")
-    handoff = KVHandoff(request, first_token_id, 0.0, len(prompt), engine.layout, engine.export_kv(request_id))
+    request = Request(request_id=request_id, client_id="client", prompt_token_ids=prompt, sampling=GREEDY,
+                      arrival_time=0.0, stream_addr="inproc://tokens")
+    handoff = KVHandoff(request=request, first_token_id=first_token_id, first_token_time=0.0, num_tokens=len(prompt),
+                        layout=engine.layout, blocks=engine.export_kv(request_id))
     received = decode([bytes(frame) for frame in encode(handoff)])
     assert received.layout == engine.layout
     return received.blocks
