@@ -1,7 +1,8 @@
 """Engine configuration: which model, where it runs, and how large the paged KV pool is.
 
 Units: ``block_size`` is tokens per KV block, ``num_blocks`` is blocks, ``kv_memory_gb`` is GiB (2**30 bytes) of
-KV pool, ``max_model_len`` is tokens (prompt plus generated).
+KV pool, ``gpu_memory_utilization`` a fraction of the GPU's total memory, ``max_model_len`` is tokens (prompt plus
+generated).
 """
 
 from __future__ import annotations
@@ -18,6 +19,11 @@ DTYPES: dict[str, torch.dtype] = {
 }
 """Accepted explicit ``EngineConfig.dtype`` names; "auto" picks float32 on CPU and bfloat16 on CUDA."""
 
+CPU_KV_MEMORY_GB = 0.25
+"""KV pool GiB on CPU when neither ``num_blocks`` nor ``kv_memory_gb`` is set."""
+ACTIVATION_RESERVE = 0.05
+"""Fraction of the GPU's total memory kept out of the KV pool for activations, logits and CUDA graphs."""
+
 _DEVICE_PATTERN = re.compile(r"^(cpu|cuda|cuda:\d+)$")
 
 
@@ -26,8 +32,10 @@ class EngineConfig:
     """How to build an ``Engine``. Every field is validated on construction (``ValueError`` with the reason).
 
     ``model`` is a Hugging Face hub id or a local directory; None selects the built-in tiny random Llama (built
-    once into the local cache). ``num_blocks`` None derives the pool size from ``kv_memory_gb`` and the model's
-    KV layout. ``max_model_len`` None takes the model config's ``max_position_embeddings``.
+    once into the local cache). Pool size: ``num_blocks`` if set, else ``kv_memory_gb`` GiB if set, else on CUDA
+    what is left of ``gpu_memory_utilization`` of the GPU once the weights are loaded, less ``ACTIVATION_RESERVE``
+    (``kv_pool_blocks``), and on CPU ``CPU_KV_MEMORY_GB``. ``max_model_len`` None takes the model config's
+    ``max_position_embeddings``.
     """
 
     model: str | None = None
@@ -35,7 +43,8 @@ class EngineConfig:
     dtype: str = "auto"
     block_size: int = 16
     num_blocks: int | None = None
-    kv_memory_gb: float = 0.25
+    kv_memory_gb: float | None = None
+    gpu_memory_utilization: float = 0.9
     max_model_len: int | None = None
     seed: int = 0
     cuda_graph_max_batch: int = 128
@@ -55,8 +64,10 @@ class EngineConfig:
             raise ValueError(f"block_size must be a positive number of tokens, got {self.block_size!r}")
         if self.num_blocks is not None and (not isinstance(self.num_blocks, int) or self.num_blocks <= 0):
             raise ValueError(f"num_blocks must be a positive integer or None, got {self.num_blocks!r}")
-        if not self.kv_memory_gb > 0:
-            raise ValueError(f"kv_memory_gb must be positive, got {self.kv_memory_gb!r}")
+        if self.kv_memory_gb is not None and not self.kv_memory_gb > 0:
+            raise ValueError(f"kv_memory_gb must be positive or None, got {self.kv_memory_gb!r}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
         if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len <= 1):
             raise ValueError(f"max_model_len must be an integer > 1 or None, got {self.max_model_len!r}")
         if not isinstance(self.seed, int):
@@ -74,7 +85,24 @@ class EngineConfig:
 
     def kv_pool_blocks(self, bytes_per_block: int) -> int:
         """Pool size in blocks: ``num_blocks`` if set, else as many blocks of ``bytes_per_block`` as fit in
-        ``kv_memory_gb`` GiB (at least one)."""
+        ``kv_pool_bytes()`` (at least one). Call it once the model's weights are on the device."""
         if self.num_blocks is not None:
             return self.num_blocks
-        return max(1, int(self.kv_memory_gb * 2**30) // bytes_per_block)
+        return max(1, self.kv_pool_bytes() // bytes_per_block)
+
+    def kv_pool_bytes(self) -> int:
+        """Bytes for the KV pool: ``kv_memory_gb`` GiB if set; on CPU ``CPU_KV_MEMORY_GB``; on CUDA
+        ``gpu_memory_utilization`` of the device's total memory, less what is already in use on it (this process's
+        weights, other processes, the CUDA context) and less ``ACTIVATION_RESERVE`` of the total for activations
+        and CUDA graphs. ``ValueError`` when nothing is left."""
+        if self.kv_memory_gb is not None:
+            return int(self.kv_memory_gb * 2**30)
+        if self.device == "cpu":
+            return int(CPU_KV_MEMORY_GB * 2**30)
+        free, total = torch.cuda.mem_get_info(torch.device(self.device))
+        budget = int(total * (self.gpu_memory_utilization - ACTIVATION_RESERVE)) - (total - free)
+        if budget <= 0:
+            raise ValueError(f"no GPU memory left for the KV pool on {self.device}: {(total - free) / 2**30:.1f} of "
+                             f"{total / 2**30:.1f} GiB in use, gpu_memory_utilization {self.gpu_memory_utilization} "
+                             f"(raise it, or set kv_memory_gb / num_blocks)")
+        return budget

@@ -15,6 +15,7 @@ pass.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import uuid
@@ -30,6 +31,15 @@ from diptych.engine.sequence import blocks_to_reserve
 from diptych.engine.tiny_model import resolve_model
 from diptych.policies.batch import BatchPolicy, SarathiBatching
 from diptych.proto.messages import SLO, KVLayout, SamplingParams, WorkerLoad
+
+log = logging.getLogger(__name__)
+
+WARM_UP_PROMPT_TOKENS = (2048, 1, 17, 100, 700)
+"""Prompt lengths (tokens, clipped to the context and the pool) of ``Engine.warm_up``'s throwaway requests: one long
+prefill alone, then several lengths together (chunked prefill mixed with decodes)."""
+WARM_UP_DECODE_BATCH = 16
+"""Most short requests ``Engine.warm_up`` decodes together, with filtered sampling (fewer if the pool is small)."""
+WARM_UP_OUTPUT_TOKENS = 4
 
 
 class Executor(Protocol):
@@ -90,6 +100,8 @@ class Engine:
             vocab_size=executor.vocab_size, max_model_len=max_model_len, eos_token_ids=eos_token_ids,
         )
         self.blocks_lock: threading.RLock = self.scheduler.blocks_lock
+        log.info("KV pool: %d blocks of %d tokens = %d tokens on %s", self.num_blocks, self.block_size,
+                 self.num_blocks * self.block_size, config.device)
 
     @property
     def policy(self) -> BatchPolicy:
@@ -262,6 +274,40 @@ class Engine:
 
     def load(self) -> WorkerLoad:
         return self.scheduler.load()
+
+    def warm_up(self) -> float:
+        """Run throwaway requests through every kind of iteration the engine will run (a long prefill, chunked
+        prefills mixed with decodes, a batch of decodes, greedy and filtered sampling), so kernel compilation,
+        autotuning and lazy allocations happen now rather than on the first clients' requests (CUDA graphs are
+        captured when the engine is built). Call it before serving, with no request in the engine; afterwards the
+        engine holds no request and every block is free again. A throwaway ``SarathiBatching`` plans these
+        iterations, so the batch policy's iteration-time feedback never sees them. Returns the seconds spent."""
+        if self.request_ids():
+            raise RuntimeError("warm_up needs an idle engine")
+        started = time.perf_counter()
+        output = WARM_UP_OUTPUT_TOKENS
+        longest = max(1, min(self.max_model_len - output - 1, self.num_blocks * self.block_size - output - 1))
+        lengths = [min(n, longest) for n in WARM_UP_PROMPT_TOKENS]
+        together = [n for n in lengths[1:] if n < longest] or [1]
+        while sum(blocks_to_reserve(n, output, self.block_size) for n in together) > self.num_blocks:
+            together.pop()
+        per_decode = blocks_to_reserve(1, output, self.block_size)
+        decodes = max(1, min(WARM_UP_DECODE_BATCH, self.num_blocks // per_decode))
+        greedy = SamplingParams(max_tokens=output, temperature=0.0, ignore_eos=True)
+        filtered = SamplingParams(max_tokens=output, temperature=0.8, top_p=0.9, top_k=40, seed=0, ignore_eos=True)
+        token = min(1, self.runner.vocab_size - 1)
+        policy = self.scheduler.policy
+        self.scheduler.policy = SarathiBatching()
+        try:
+            self.generate([[token] * lengths[0]], greedy)
+            if together:
+                self.generate([[token] * n for n in together], greedy)
+            self.generate([[token]] * decodes, filtered)
+        finally:
+            self.scheduler.policy = policy
+        seconds = time.perf_counter() - started
+        log.info("engine warm in %.1f s", seconds)
+        return seconds
 
 
 def _resolve_max_model_len(configured: int | None, max_position_embeddings: int | None) -> int:
