@@ -50,6 +50,10 @@ class ClusterSpec:
     cost_model: str | None = None
     block_size: int = 16
     num_blocks: int | None = None
+    kv_memory_gb: float | None = None
+    """KV pool GiB per worker; None: ``gpu_memory_utilization`` of the GPU on CUDA, 0.25 GiB on CPU."""
+    gpu_memory_utilization: float | None = None
+    """Fraction of each worker's GPU it may fill (weights, activations, KV pool); None: the workers' 0.9."""
     api_keys_file: str | None = None
     admin_keys_file: str | None = None
     slo_tiers_file: str | None = None
@@ -57,6 +61,8 @@ class ClusterSpec:
     """With it the HTTP API is HTTPS (``ssl_keyfile``: its key, if not in the same file)."""
     ssl_keyfile: str | None = None
     log_level: str = "INFO"
+    log_format: str = "text"
+    """"text" or "json" (one JSON object per line) for every process."""
     extra_worker_args: list[str] = field(default_factory=list)
     extra_frontend_args: list[str] = field(default_factory=list)
     extra_coordinator_args: list[str] = field(default_factory=list)
@@ -118,6 +124,8 @@ class Cluster:
             "--coordinator-addr", coordinator, *model, "--block-size", str(s.block_size),
             "--policy", s.policy, "--log-level", s.log_level, *_opts("--policy-opt", s.policy_opts),
             *(["--num-blocks", str(s.num_blocks)] if s.num_blocks else []), "--engine", s.engine,
+            *(["--kv-memory-gb", str(s.kv_memory_gb)] if s.kv_memory_gb else []),
+            *(["--gpu-memory-utilization", str(s.gpu_memory_utilization)] if s.gpu_memory_utilization else []),
             *(["--cost-model", s.cost_model] if s.cost_model else []), *s.extra_worker_args,
         ]
         cmds = {"coordinator": [*py, "diptych.services.coordinator", "--address", coordinator,
@@ -153,7 +161,9 @@ class Cluster:
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        """Start every process. ``PortInUseError`` (nothing started, no model loaded) if a port is taken."""
+        check_ports_free(self.spec)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "DIPTYCH_LOG_FORMAT": self.spec.log_format}
         if self.spec.model is None:  # build the tiny default model once, before four processes race for it
             from diptych.engine.tiny_model import default_model_path
 
@@ -219,6 +229,26 @@ class Cluster:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class PortInUseError(RuntimeError):
+    """A port the cluster would listen on is taken; the message names it."""
+
+
+def check_ports_free(spec: ClusterSpec) -> None:
+    """Raise ``PortInUseError`` naming the first of the cluster's ports that cannot be bound on ``spec.host`` (bound
+    as the services bind them, with ``SO_REUSEADDR``, so only a listener counts as taken, not a closing
+    connection)."""
+    for what, addr in spec.bound_addresses():
+        port = int(addr.rsplit(":", 1)[1].split("/", 1)[0])
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((spec.host, port))
+                probe.listen(1)
+            except OSError as exc:
+                raise PortInUseError(f"port {port} on {spec.host} ({what}) is not available: {exc.strerror}; "
+                                     "stop what uses it or choose another port") from None
 
 
 def free_port_block(count: int, host: str = "127.0.0.1") -> int:

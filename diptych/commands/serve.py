@@ -7,6 +7,10 @@ import signal
 import sys
 
 
+TINY_MODEL_NOTE = ("Note: the built-in tiny model has random weights, so its replies are random tokens; "
+                   "use --model <hub id or directory> for real text.\n")
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     from diptych.policies.admission import ADMISSION_POLICIES
     from diptych.policies.batch import BATCH_POLICIES
@@ -52,7 +56,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="hf runs the model; sim waits a GPU cost model's time per iteration (placeholder tokens) "
                    "to run cluster-scale experiments on a CPU [%(default)s]")
     p.add_argument("--cost-model", default=None, help="with --engine sim: preset or JSON file [h200-mistral-7b]")
-    p.add_argument("--num-blocks", type=int, default=None, help="KV blocks per worker [from 0.25 GB]")
+    p.add_argument("--num-blocks", type=int, default=None, help="KV blocks per worker [from the memory flags]")
+    p.add_argument("--kv-memory-gb", type=float, default=None,
+                   help="KV pool GiB per worker [on CUDA: what --gpu-memory-utilization leaves; on CPU 0.25]")
+    p.add_argument("--gpu-memory-utilization", type=float, default=None, metavar="FRACTION",
+                   help="fraction of its GPU each worker fills with weights, activations and the KV pool (give "
+                        "workers sharing a GPU a share each) [0.9]")
     p.add_argument("--api-keys-file", default=None,
                    help="JSON file mapping API keys to clients (id, fairness weight, SLO tier) [anonymous]")
     p.add_argument("--admin-keys", default=None, metavar="FILE",
@@ -64,6 +73,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "[default 0.2 s, strict 0.1 s, relaxed 0.5 s TBT]")
     p.add_argument("--log-dir", default=None, help="write each process's log to DIR/<name>.log [stderr]")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING [%(default)s]")
+    p.add_argument("--log-format", default="text", choices=("text", "json"),
+                   help="every process's log lines: text, or one JSON object per line [%(default)s]")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -78,12 +89,17 @@ def run(args: argparse.Namespace) -> int:
             sdk_port=args.sdk_port, stream_port=args.stream_port, kv_base_port=args.kv_base_port,
             admission=args.admission, admission_opts=args.admission_opt, policy=args.policy,
             policy_opts=args.policy_opt, device=args.device, engine=args.engine, cost_model=args.cost_model,
-            num_blocks=args.num_blocks,
+            num_blocks=args.num_blocks, kv_memory_gb=args.kv_memory_gb,
+            gpu_memory_utilization=args.gpu_memory_utilization, log_format=args.log_format,
             api_keys_file=args.api_keys_file, slo_tiers_file=args.slo_tiers, log_level=args.log_level,
             admin_keys_file=args.admin_keys, ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile,
         )
     except ValueError as exc:
         print(f"diptych serve: {exc}", file=sys.stderr)
+        return 2
+    device_error = _device_error(args.device)
+    if device_error:
+        print(f"diptych serve: {device_error}", file=sys.stderr)
         return 2
     cluster = Cluster(spec, log_dir=args.log_dir)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops the cluster like Ctrl-C
@@ -96,6 +112,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"Diptych is up: workers {workers}; model {health.get('model')}\n"
               f"Listening on (nothing else):\n{listening}"
               f"Try: curl {spec.http_url}/v1/models\n"
+              f"{TINY_MODEL_NOTE if spec.model is None else ''}"
               f"Press Ctrl-C to stop.", flush=True)
         dead = cluster.wait()
         print(f"diptych serve: processes exited: {dead}; stopping the rest", file=sys.stderr)
@@ -108,3 +125,21 @@ def run(args: argparse.Namespace) -> int:
         return 1
     finally:
         cluster.stop()
+
+
+def _device_error(devices: str) -> str | None:
+    """Why ``--device`` cannot work here (checked once, before any worker starts), or None."""
+    wanted = [d.strip() for d in devices.split(",") if d.strip().startswith("cuda")]
+    if not wanted:
+        return None
+    import torch
+
+    if not torch.cuda.is_available():
+        build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        return (f"--device {devices}: torch {torch.__version__} ({build}) sees no CUDA GPU. Install a CUDA build "
+                "(make TORCH_SPEC=torch==<version> serve reinstalls it) or use --device cpu")
+    count = torch.cuda.device_count()
+    missing = [d for d in wanted if ":" in d and int(d.split(":")[1]) >= count]
+    if missing:
+        return f"--device {devices}: {', '.join(missing)} not present ({count} CUDA device(s))"
+    return None

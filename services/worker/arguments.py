@@ -23,7 +23,11 @@ def add_worker_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto [%(default)s]")
     parser.add_argument("--block-size", type=int, default=16, help="tokens per KV block [%(default)s]")
     parser.add_argument("--num-blocks", type=int, default=None, help="KV pool size in blocks [from --kv-memory-gb]")
-    parser.add_argument("--kv-memory-gb", type=float, default=0.25, help="KV pool size in GB [%(default)s]")
+    parser.add_argument("--kv-memory-gb", type=float, default=None,
+                        help="KV pool size in GiB [on CUDA: what --gpu-memory-utilization leaves; on CPU 0.25]")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9, metavar="FRACTION",
+                        help="fraction of the GPU this worker fills with weights, activations and the KV pool "
+                             "[%(default)s]")
     parser.add_argument("--max-model-len", type=int, default=None, help="context length [model's]")
     parser.add_argument("--policy", default="sarathi", choices=BATCH_POLICIES.names(),
                         help="batch composition policy [%(default)s]")
@@ -43,13 +47,16 @@ def add_worker_arguments(parser: argparse.ArgumentParser, name: str) -> None:
 
 
 def build_engine(args: argparse.Namespace) -> WorkerEngine:
-    """The engine a worker runs, from the common flags (torch is imported only here)."""
+    """The engine a worker runs, from the common flags (torch is imported only here); a model engine is warmed up
+    (``Engine.warm_up``) before it is returned, so the worker registers only once its first requests run at full
+    speed."""
     from diptych.engine import Engine, EngineConfig
     from diptych.policies.batch import BATCH_POLICIES
     from diptych.services.common.cli import parse_knobs
 
     config = EngineConfig(model=args.model, device=args.device, dtype=args.dtype, block_size=args.block_size,
-                          num_blocks=args.num_blocks, kv_memory_gb=args.kv_memory_gb, max_model_len=args.max_model_len)
+                          num_blocks=args.num_blocks, kv_memory_gb=args.kv_memory_gb, max_model_len=args.max_model_len,
+                          gpu_memory_utilization=args.gpu_memory_utilization)
     policy = BATCH_POLICIES.create(args.policy, **parse_knobs(args.policy_opt))
     if args.engine == "sim":
         from diptych.engine.sim_engine import SimEngine, SimHandoff
@@ -59,5 +66,7 @@ def build_engine(args: argparse.Namespace) -> WorkerEngine:
             raise ValueError("--sim-handoff-gbps must be positive and --sim-handoff-latency-ms >= 0")
         handoff = SimHandoff(bandwidth_Bps=args.sim_handoff_gbps * 1e9, latency_s=args.sim_handoff_latency_ms / 1e3)
         return SimEngine(config, policy, cost=resolve(args.cost_model), handoff=handoff)
-    return Engine(config, policy)
+    engine = Engine(config, policy)
+    engine.warm_up()
+    return engine
 
