@@ -24,8 +24,9 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections import deque
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
+from diptych.policies.knobs import Knob
 from diptych.policies.registry import Registry
 
 
@@ -52,6 +53,8 @@ class Rejection:
 
 class AdmissionPolicy(ABC):
     name: str = ""
+    knobs: ClassVar[tuple[Knob, ...]] = ()
+    """The constructor's keyword arguments (``policies.knobs``)."""
 
     @abstractmethod
     def add(self, request: PendingRequest, now: float) -> Rejection | None:

@@ -12,7 +12,9 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import ClassVar
 
+from diptych.policies.knobs import Knob
 from diptych.policies.kv_planner import KVPlanner
 from diptych.policies.registry import Registry
 
@@ -83,6 +85,8 @@ class BatchPlan:
 
 class BatchPolicy(ABC):
     name: str = ""
+    knobs: ClassVar[tuple[Knob, ...]] = ()
+    """The constructor's keyword arguments (``policies.knobs``)."""
 
     @abstractmethod
     def schedule(
@@ -118,6 +122,11 @@ class SarathiBatching(BatchPolicy):
     relaxed), ``max_running`` (sequences holding KV, 128), ``max_decodes`` (decodes per iteration, 128)."""
 
     summary = "Sarathi-Serve: every decode each iteration, prompts chunked FCFS into the token budget"
+    knobs = (
+        Knob("token_budget", int, 512, "tokens per iteration, prefill chunks plus decodes"),
+        Knob("max_running", int, 128, "sequences holding KV at once"),
+        Knob("max_decodes", int, 128, "decodes per iteration"),
+    )
 
     def __init__(self, token_budget: int = 512, max_running: int = 128, max_decodes: int = 128) -> None:
         if token_budget <= 0 or max_running <= 0 or max_decodes <= 0:

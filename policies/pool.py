@@ -49,7 +49,9 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import ClassVar
 
+from diptych.policies.knobs import Knob
 from diptych.policies.registry import Registry
 
 PREFILL = "prefill"
@@ -92,6 +94,8 @@ class PoolDecision:
 
 class PoolPolicy(ABC):
     name: str = ""
+    knobs: ClassVar[tuple[Knob, ...]] = ()
+    """The constructor's keyword arguments (``policies.knobs``)."""
 
     @abstractmethod
     def decide(self, stats: PoolStats, now: float) -> PoolDecision | None:
@@ -119,6 +123,18 @@ class RADPools(PoolPolicy):
     ``min_dwell_s`` (seconds, 30.0). All [Diptych] choices: the paper's switching rule was not available."""
 
     summary = "move flex workers so as to lower the larger of the prefill and decode pressures, with a margin"
+    knobs = (
+        Knob("backlog_target_s", float, 1.0, "seconds to drain the prefill backlog at pressure 1"),
+        Knob("prefill_util_target", float, 0.9, "prompt arrival rate / prefill throughput at pressure 1, (0, 1]"),
+        Knob("kv_target", float, 0.9, "decode KV fraction (reserved plus waiting) at pressure 1, (0, 1]"),
+        Knob("decode_batch_target", int, 128, "decodes per worker at full tile efficiency"),
+        Knob("decode_util_target", float, 0.8, "decode tokens/s / decode capacity at pressure 1, (0, 1]"),
+        Knob("min_tbt_slack", float, 0.2, "TBT slack fraction at pressure 1, [0, 1)"),
+        Knob("min_pressure", float, 0.5, "no move while the larger pressure is below this"),
+        Knob("min_gain", float, 0.1, "relative margin a move must lower the larger pressure by, (0, 1)"),
+        Knob("max_workers_per_move", int, None, "most workers moved in one decision (None: any)", optional=True),
+        Knob("min_dwell_s", float, 30.0, "seconds after a move before the next decision"),
+    )
 
     def __init__(self, backlog_target_s: float = 1.0, prefill_util_target: float = 0.9, kv_target: float = 0.9,
                  decode_batch_target: int = 128, decode_util_target: float = 0.8, min_tbt_slack: float = 0.2,

@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from diptych.policies.batch import BATCH_POLICIES, BatchPlan, BatchPolicy, KVState, SequenceState, schedule_all_decodes
+from diptych.policies.knobs import Knob
 from diptych.policies.kv_planner import KVPlanner
 
 
@@ -27,6 +28,11 @@ class PrefillFirstBatching(BatchPolicy):
     KV, 128), ``max_decodes`` (decodes per iteration, 128)."""
 
     summary = "vLLM-style: whole prompts first, decodes stall while prefills run"
+    knobs = (
+        Knob("max_num_batched_tokens", int, 2048, "prefill tokens per iteration"),
+        Knob("max_running", int, 128, "sequences holding KV at once"),
+        Knob("max_decodes", int, 128, "decodes per iteration"),
+    )
 
     def __init__(self, max_num_batched_tokens: int = 2048, max_running: int = 128, max_decodes: int = 128) -> None:
         if max_num_batched_tokens <= 0 or max_running <= 0 or max_decodes <= 0:

@@ -37,6 +37,7 @@ from diptych.policies.batch import (
     continue_prefills,
     schedule_decodes,
 )
+from diptych.policies.knobs import Knob
 from diptych.policies.kv_planner import KVPlanner
 
 
@@ -46,6 +47,13 @@ class RADBatching(BatchPolicy):
     ``decode_tile`` (b_col, None = every decode runs)."""
 
     summary = "Sarathi-like with prefill chunks packed to multiples of the matmul tile quantum"
+    knobs = (
+        Knob("token_budget", int, 512, "tokens per iteration, prefill chunks plus decodes"),
+        Knob("max_running", int, 128, "sequences holding KV at once"),
+        Knob("max_decodes", int, 128, "decodes per iteration"),
+        Knob("tile_quantum", int, 128, "L: prefill chunks are packed to multiples of this many tokens"),
+        Knob("decode_tile", int, None, "b_col: decodes per iteration tile (None: every decode runs)", optional=True),
+    )
 
     def __init__(self, token_budget: int = 512, max_running: int = 128, max_decodes: int = 128,
                  tile_quantum: int = 128, decode_tile: int | None = None) -> None:

@@ -15,6 +15,7 @@ from collections import deque
 from typing import Any
 
 from diptych.policies.admission import ADMISSION_POLICIES, FCFSAdmission, PendingRequest, Rejection
+from diptych.policies.knobs import Knob
 
 
 @ADMISSION_POLICIES.register("rpm")
@@ -23,6 +24,10 @@ class RPMAdmission(FCFSAdmission):
     client; 5 as in the paper's RPM(5) run), ``window_s`` (60.0)."""
 
     summary = "FCFS behind a per-client requests-per-minute limit (429 beyond it)"
+    knobs = (
+        Knob("limit", int, 5, "accepted requests per window per client"),
+        Knob("window_s", float, 60.0, "sliding window, seconds"),
+    )
 
     def __init__(self, limit: int = 5, window_s: float = 60.0) -> None:
         super().__init__()

@@ -44,8 +44,9 @@ from diptych.policies.batch import (
     admit_prefills,
     continue_prefills,
 )
+from diptych.policies.knobs import Knob
 from diptych.policies.kv_planner import KVPlanner
-from diptych.policies.slai_urgency import IterationTimer, LSTBook, Urgency
+from diptych.policies.slai_urgency import B_BAR_MODES, IterationTimer, LSTBook, Urgency
 
 
 @BATCH_POLICIES.register("slai")
@@ -56,6 +57,20 @@ class SLAIBatching(BatchPolicy):
     ``ewma_alpha`` (0.1), ``strict_tier_first`` (False), ``aging_s`` (None = off)."""
 
     summary = "SLO-aware: urgent decodes first, decodes with TBT slack deferred for shortest-prompt-first prefills"
+    knobs = (
+        Knob("token_budget", int, 512, "B: tokens per iteration, prefill chunks plus decodes"),
+        Knob("max_decodes", int, 128, "D_max: decodes per iteration"),
+        Knob("max_running", int, 128, "S_max: sequences holding KV at once"),
+        Knob("theta_lo", float, 5.0, "urgency offset (iterations of slack) under low KV pressure"),
+        Knob("theta_hi", float, 10.0, "urgency offset (iterations of slack) under high KV pressure"),
+        Knob("kv_threshold", float, 0.96, "m: KV usage fraction above which theta_lo applies"),
+        Knob("fixed_offset", bool, False, "Theta = theta_hi always"),
+        Knob("default_tbt_s", float, 0.2, "TBT target (seconds) of sequences without one"),
+        Knob("b_bar_mode", str, "cumulative", "how the mean iteration time is kept", choices=B_BAR_MODES),
+        Knob("ewma_alpha", float, 0.1, "smoothing of the ewma b_bar_mode"),
+        Knob("strict_tier_first", bool, False, "serve stricter SLO tiers first"),
+        Knob("aging_s", float, None, "seconds after which a waiting prompt goes first (None: off)", optional=True),
+    )
 
     def __init__(self, token_budget: int = 512, max_decodes: int = 128, max_running: int = 128,
                  theta_lo: float = 5.0, theta_hi: float = 10.0, kv_threshold: float = 0.96,

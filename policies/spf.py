@@ -8,6 +8,7 @@ that has waited longer than ``aging_s`` seconds goes first (oldest first), bound
 from __future__ import annotations
 
 from diptych.policies.admission import ADMISSION_POLICIES, AdmissionPolicy, PendingRequest, Rejection
+from diptych.policies.knobs import Knob
 from diptych.policies.request_queue import RequestQueue
 
 
@@ -16,6 +17,8 @@ class SPFAdmission(AdmissionPolicy):
     """Shortest prompt first. Knob: ``aging_s`` (seconds, None = off)."""
 
     summary = "shortest prompt first across clients (optional aging bound)"
+    knobs = (Knob("aging_s", float, None, "seconds after which a waiting request goes first (None: off)",
+                  optional=True),)
 
     def __init__(self, aging_s: float | None = None) -> None:
         self.aging_s = aging_s

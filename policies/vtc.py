@@ -33,7 +33,8 @@ from __future__ import annotations
 from typing import Any
 
 from diptych.policies.admission import ADMISSION_POLICIES, AdmissionPolicy, PendingRequest, Rejection
-from diptych.policies.request_queue import RequestQueue
+from diptych.policies.knobs import Knob
+from diptych.policies.request_queue import QUEUE_ORDERS, RequestQueue
 
 
 @ADMISSION_POLICIES.register("vtc")
@@ -42,6 +43,12 @@ class VTCAdmission(AdmissionPolicy):
     ``client_queue_order`` (``"fifo"`` or ``"spf"``), ``aging_s`` (SPF starvation bound in seconds, None = off)."""
 
     summary = "Virtual Token Counter: the backlogged client with the least weighted service goes next"
+    knobs = (
+        Knob("w_p", float, 1.0, "cost per input token"),
+        Knob("w_q", float, 2.0, "cost per output token"),
+        Knob("client_queue_order", str, "fifo", "order within a client's queue", choices=QUEUE_ORDERS),
+        Knob("aging_s", float, None, "SPF starvation bound, seconds (spf order only; None: off)", optional=True),
+    )
 
     lifts_counters = True
 
