@@ -21,9 +21,11 @@ def run(args: argparse.Namespace) -> int:
     from diptych.policies import ADMISSION_POLICIES, BATCH_POLICIES, POOL_POLICIES
     from diptych.policies.registry import Registry
 
-    families: list[tuple[str, Registry[Any]]] = [("admission policies (--admission, --admission-opt)", ADMISSION_POLICIES),
-                ("batch policies (--policy, --policy-opt)", BATCH_POLICIES),
-                ("pool policies (--pool-policy, --pool-opt)", POOL_POLICIES)]
+    families: list[tuple[str, Registry[Any]]] = [
+        ("admission policies (--admission, --admission-opt)", ADMISSION_POLICIES),
+        ("batch policies (--policy, --policy-opt)", BATCH_POLICIES),
+        ("pool policies (--pool-policy, --pool-opt)", POOL_POLICIES),
+    ]
     if args.name is None:
         print("\n\n".join(f"{title}:\n{registry.describe()}" for title, registry in families))
         print("\n'diptych policies NAME' lists a policy's knobs.")

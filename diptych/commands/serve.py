@@ -23,7 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         epilog=f"admission policies (--admission, coordinator):\n{ADMISSION_POLICIES.describe()}\n\n"
                f"batch policies (--policy, every worker):\n{BATCH_POLICIES.describe()}\n\n"
                f"pool policies (--pool-policy, flex workers):\n{POOL_POLICIES.describe()}\n\n"
-               "Policy knobs: --admission-opt/--policy-opt/--pool-opt KEY=VALUE (see README, 'Policies').",
+               "Policy knobs: --admission-opt/--policy-opt/--pool-opt KEY=VALUE; 'diptych policies NAME' lists them.",
     )
     p.set_defaults(run=run)
     p.add_argument("--model", default=None, help="HF model id or local directory [built-in tiny Llama]")
@@ -81,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
     from diptych.launcher import Cluster, ClusterSpec
 
     try:
+        _check_knobs(args)  # a bad knob fails here, before any process starts
         spec = ClusterSpec(
             model=args.model, prefill_workers=args.prefill_workers, decode_workers=args.decode_workers,
             colocated_workers=args.colocated_workers, flex_workers=args.flex_workers,
@@ -143,3 +144,17 @@ def _device_error(devices: str) -> str | None:
     if missing:
         return f"--device {devices}: {', '.join(missing)} not present ({count} CUDA device(s))"
     return None
+
+
+def _check_knobs(args: argparse.Namespace) -> None:
+    """``ValueError`` (one line naming the valid knobs) for an unknown or mistyped policy knob."""
+    from diptych.policies import ADMISSION_POLICIES, BATCH_POLICIES, POOL_POLICIES
+    from diptych.services.common.cli import parse_knobs
+
+    for registry, name, items in ((ADMISSION_POLICIES, args.admission, args.admission_opt),
+                                  (BATCH_POLICIES, args.policy, args.policy_opt),
+                                  (POOL_POLICIES, args.pool_policy, args.pool_opt)):
+        try:
+            registry.check(name, parse_knobs(items))
+        except argparse.ArgumentTypeError as exc:
+            raise ValueError(str(exc)) from None
