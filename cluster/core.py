@@ -9,10 +9,12 @@ policy's order is never bypassed), pops it, accounts the placement and returns w
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 from diptych.cluster import accounting
 from diptych.cluster.ledger import ServiceLedger
+from diptych.cluster.overload import QueueLimits, Shed
 from diptych.cluster.placement import Placer
 from diptych.cluster.pools import PoolManager
 from diptych.cluster.requests import RequestRecord, RequestTable
@@ -35,30 +37,54 @@ class Dispatch:
 
 
 class ClusterCore:
+    """``limits`` bounds the admission queue (None: unbounded, as in the simulator)."""
+
     def __init__(self, admission: AdmissionPolicy, registry: WorkerRegistry, placer: Placer,
-                 pools: PoolManager) -> None:
+                 pools: PoolManager, limits: QueueLimits | None = None) -> None:
         self.admission = admission
         self.workers = registry
         self.placer = placer
         self.pools = pools
         self.requests = RequestTable()
         self.ledger = ServiceLedger()
+        self.limits = limits
         self.queued_prompt_tokens = 0
         """Prompt tokens of the requests waiting for admission."""
+        self.queued_by_client: Counter[str] = Counter()
+        """Requests waiting for admission, per client (clients with none are not listed)."""
 
     # ------------------------------------------------------------------ arrivals and admission
 
     def fits_anywhere(self, prompt_tokens: int, max_tokens: int) -> bool:
         return self.placer.fits_anywhere(prompt_tokens, max_tokens)
 
-    def submit(self, record: RequestRecord, pending: PendingRequest, now: float) -> Rejection | None:
-        """Queue ``record`` with the admission policy, or return the policy's rejection (nothing recorded)."""
+    def never_fits(self, prompt_tokens: int, max_tokens: int) -> bool:
+        """Whether the request is too large for the workers there are (False while a pool it needs is empty: a
+        worker may join it)."""
+        return self.placer.never_fits(prompt_tokens, max_tokens)
+
+    def submit(self, record: RequestRecord, pending: PendingRequest, now: float) -> Rejection | Shed | None:
+        """Queue ``record`` with the admission policy, or return why not (nothing recorded): ``Shed`` when the
+        queue is at its ``limits``, else the policy's rejection."""
+        if self.limits is not None:
+            shed = self.limits.check(record.client_id, record.prompt_tokens, self.queued_by_client,
+                                     self.queued_prompt_tokens)
+            if shed is not None:
+                return shed
         rejection = self.admission.add(pending, now)
         if rejection is not None:
             return rejection
         self.requests.add(record)
-        self.queued_prompt_tokens += record.prompt_tokens
+        self._queued(record, +1)
         return None
+
+    def _queued(self, record: RequestRecord, sign: int) -> None:
+        self.queued_prompt_tokens += sign * record.prompt_tokens
+        count = self.queued_by_client[record.client_id] + sign
+        if count:
+            self.queued_by_client[record.client_id] = count
+        else:
+            del self.queued_by_client[record.client_id]
 
     def admit(self, now: float) -> list[Dispatch]:
         """Place and account queued requests in the admission policy's order until one cannot be placed."""
@@ -73,7 +99,7 @@ class ClusterCore:
             if placement is None:
                 break
             policy.pop(now)
-            self.queued_prompt_tokens -= record.prompt_tokens
+            self._queued(record, -1)
             accounting.commit(self.workers, record, placement, now)
             self.ledger.on_dispatch(record.client_id, head.prompt_tokens)
             colocated = placement.colocated
@@ -101,12 +127,20 @@ class ClusterCore:
     def release_decode(self, record: RequestRecord) -> bool:
         return accounting.release_decode(self.workers, record)
 
+    def release_unheld(self, record: RequestRecord) -> None:
+        """Release the accounting of the halves of ``record`` that no worker holds (a request ended before its
+        prompt reached the prefill worker, or before the decode worker was told of it): nothing else would."""
+        if not record.prefill_holds:
+            self.release_prefill(record)
+        if not record.decode_holds:
+            self.release_decode(record)
+
     def end(self, record: RequestRecord) -> list[str]:
         """Mark ``record`` ended (dropped from the admission queue if still there); returns the ids of the workers
         that still hold it and must be told to let it go (the record is dropped once none does)."""
         if record.phase is RequestPhase.QUEUED:
             self.admission.remove(record.request_id)
-            self.queued_prompt_tokens -= record.prompt_tokens
+            self._queued(record, -1)
         record.phase = RequestPhase.ENDED
         holders = []
         if record.prefill_holds and record.prefill_worker:
@@ -117,10 +151,11 @@ class ClusterCore:
         return holders
 
     def evict(self, worker_id: str) -> tuple[WorkerState | None, list[RequestRecord]]:
-        """Remove the worker; the requests it held no longer count as held or accounted there. Returns the
-        worker and those requests (the driver fails the ones not ended yet, then drops them)."""
+        """Remove the worker; the requests it held, and those reserving KV elsewhere to prefill on it, no longer
+        count as held or accounted there. Returns the worker and those requests (the driver migrates or fails the
+        ones not ended yet, then drops them)."""
         worker = self.workers.remove(worker_id)
-        affected = self.requests.held_by(worker_id)
+        affected = self.requests.held_by(worker_id) + self.requests.reserving_for(worker_id)
         for record in affected:
             if record.prefill_worker == worker_id:
                 record.prefill_holds = record.prefill_accounted = False

@@ -97,6 +97,22 @@ class Placer:
                 decode_fits = total_blocks <= w.total_blocks
         return prefill_fits and decode_fits
 
+    def never_fits(self, prompt_tokens: int, max_tokens: int) -> bool:
+        """Whether the request is too large for every registered worker that could take its part: False while no
+        worker could take one of its parts at all (a pool is empty: a worker may join and fit it)."""
+        if not self.registry.workers or self.fits_anywhere(prompt_tokens, max_tokens):
+            return False
+        movable = self.movable_roles
+        prefill_roles = [w for w in self.registry.workers.values()
+                         if w.role is WorkerRole.PREFILL or w.role in movable]
+        decode_roles = [w for w in self.registry.workers.values()
+                        if w.role is WorkerRole.DECODE or w.role in movable]
+        if (prefill_roles and decode_roles) or self.registry.colocated_workers:
+            return True  # every part has a worker to go to and none is large enough
+        too_small = [w.blocks_for(prompt_tokens) > w.total_blocks for w in prefill_roles]
+        too_small += [w.blocks_for(prompt_tokens + max_tokens) > w.total_blocks for w in decode_roles]
+        return all(too_small)
+
     # The pickers run for every admission attempt of the simulator: plain loops over the registry, block counts
     # computed once per block size, no intermediate lists.
 

@@ -37,10 +37,16 @@ class RequestRecord:
     """The decode reservation still counts on the decoding worker (until it lets the request go)."""
     handoff_deadline: float | None = None
     admitted_time: float = 0.0
+    deadline: float | None = None
+    """When the request must have reached a prefill worker (driver's clock, seconds): a request still queued or
+    reserving then ends with an error (``RequestTable.overdue``). None: no deadline."""
 
     @property
     def releasable(self) -> bool:
         return self.phase is RequestPhase.ENDED and not self.prefill_holds and not self.decode_holds
+
+
+_BEFORE_PREFILL = (RequestPhase.QUEUED, RequestPhase.RESERVING)
 
 
 class RequestTable:
@@ -71,6 +77,28 @@ class RequestTable:
             r for r in self._records.values()
             if (r.prefill_holds and r.prefill_worker == worker_id) or (r.decode_holds and r.decode_worker == worker_id)
         ]
+
+    def reserving_for(self, worker_id: str) -> list[RequestRecord]:
+        """Requests reserving decode KV to prefill on ``worker_id`` (placed there, not yet sent to it)."""
+        return [r for r in self._records.values()
+                if r.phase is RequestPhase.RESERVING and r.prefill_worker == worker_id and not r.prefill_holds]
+
+    def overdue(self, now: float) -> list[RequestRecord]:
+        """Requests past their ``deadline`` that have not reached a prefill worker (queued, or reserving)."""
+        return [
+            r for r in self._records.values()
+            if r.phase in _BEFORE_PREFILL and r.deadline is not None and now > r.deadline
+        ]
+
+    def held_count(self) -> dict[str, int]:
+        """Requests held per worker id (one pass over the table)."""
+        counts: dict[str, int] = {}
+        for r in self._records.values():
+            holders = {r.prefill_worker if r.prefill_holds else None, r.decode_worker if r.decode_holds else None}
+            for worker_id in holders - {None}:
+                assert worker_id is not None
+                counts[worker_id] = counts.get(worker_id, 0) + 1
+        return counts
 
     def overdue_handoffs(self, now: float) -> list[RequestRecord]:
         return [

@@ -59,6 +59,8 @@ class Request:
     """ZeroMQ address of the frontend's token PULL socket that receives this request's ``TokenBatch`` messages."""
     slo: SLO = field(default_factory=SLO)
     weight: float = 1.0
+    stream_key: str = "frontend"
+    """Name of the CURVE key of the frontend at ``stream_addr``: workers connect to its token stream expecting it."""
 
 
 @dataclass
@@ -178,6 +180,8 @@ class ReserveKV:
 
     request_id: str
     num_blocks: int
+    prefill_worker_id: str = ""
+    """The worker that will push the KV: with CURVE the decode worker accepts it from that key only."""
 
 
 @message("kv_reserved")
@@ -365,3 +369,17 @@ class ClusterStatus:
     """The pool policy's state: its name and recent worker moves with their reasons."""
     clients: dict[str, Any] = field(default_factory=dict)
     """Service delivered per client (input and output tokens, requests, ``input + 2 * output``), for any policy."""
+
+
+# ---------------------------------------------------------------- coordinator -> frontend: request migration
+
+
+@message("request_lost")
+class RequestLost:
+    """Coordinator -> frontend: a worker that held the request was lost (exited, evicted, or silent past its
+    heartbeat deadline, or it re-registered as a new process). The coordinator has already released everything it
+    held for the request; the frontend, which knows the tokens it streamed, resubmits the prompt plus those tokens
+    under a new request id for the remaining ``max_tokens`` (``docs/reliability.md``), or fails it."""
+
+    request_id: str
+    reason: str
