@@ -6,6 +6,7 @@ import argparse
 from dataclasses import dataclass, field
 from typing import Any
 
+from diptych.cluster.overload import QueueLimits
 from diptych.policies.admission import ADMISSION_POLICIES
 from diptych.policies.pool import POOL_POLICIES
 from diptych.services.common.cli import env_default, parse_knobs
@@ -30,18 +31,34 @@ class CoordinatorConfig:
     pool_policy: str = "static"
     pool_knobs: dict[str, Any] = field(default_factory=dict)
     pool_interval_s: float = 1.0
+    max_queued_requests: int = 256
+    """Requests waiting for admission at most; beyond, new ones are shed (``cluster.overload``)."""
+    max_queued_tokens: int = 262144
+    """Prompt tokens waiting for admission at most; beyond, new requests are shed."""
+    queue_timeout_s: float = 60.0
+    """A request not sent to a prefill worker this long after it arrived fails with 503 (no worker took it: its
+    pool is empty, or the cluster is saturated)."""
+    retry_after_s: float = 1.0
+    """What shed and timed-out requests are told to wait before retrying."""
 
     def __post_init__(self) -> None:
         # unknown names (KeyError) and bad knobs (ValueError) fail here, in one line naming the valid ones
         ADMISSION_POLICIES.create(self.admission_policy, **self.admission_knobs)
         POOL_POLICIES.create(self.pool_policy, **self.pool_knobs)
-        for name in ("heartbeat_timeout_s", "handoff_timeout_s", "watchdog_interval_s", "pool_interval_s"):
+        for name in ("heartbeat_timeout_s", "handoff_timeout_s", "watchdog_interval_s", "pool_interval_s",
+                     "queue_timeout_s", "retry_after_s", "max_queued_requests", "max_queued_tokens"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
         if self.max_prefill_backlog_tokens <= 0:
             raise ValueError("max_prefill_backlog_tokens must be positive")
         if self.max_decode_sequences <= 0:
             raise ValueError("max_decode_sequences must be positive")
+
+
+    def queue_limits(self) -> QueueLimits:
+        """The admission queue's bounds; shedding is per client under the fair (vtc) policy."""
+        return QueueLimits(self.max_queued_requests, self.max_queued_tokens, self.retry_after_s,
+                           per_client=self.admission_policy == "vtc")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -68,6 +85,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="requests placed on one decode worker at a time; set it to the decode workers' "
                         "max_decodes (decodes per iteration) so that no placed request waits for a batch slot; the "
                         "rest wait in admission [%(default)s]")
+    parser.add_argument("--max-queued-requests", type=int, default=d.max_queued_requests,
+                        help="requests waiting for admission at most; new ones beyond get 503 (429 for a client "
+                        "over its share under vtc) with Retry-After [%(default)s]")
+    parser.add_argument("--max-queued-tokens", type=int, default=d.max_queued_tokens,
+                        help="prompt tokens waiting for admission at most, shed likewise [%(default)s]")
+    parser.add_argument("--queue-timeout", type=float, default=d.queue_timeout_s,
+                        help="seconds a request may wait for a worker (queued or reserving KV) before it fails "
+                        "with 503 [%(default)s]")
 
 
 def from_args(args: argparse.Namespace) -> CoordinatorConfig:
@@ -76,5 +101,6 @@ def from_args(args: argparse.Namespace) -> CoordinatorConfig:
         heartbeat_timeout_s=args.heartbeat_timeout, handoff_timeout_s=args.handoff_timeout,
         max_prefill_backlog_tokens=args.max_prefill_backlog, max_decode_sequences=args.max_decode_sequences,
         pool_policy=args.pool_policy,
-        pool_knobs=parse_knobs(args.pool_opt),
+        pool_knobs=parse_knobs(args.pool_opt), max_queued_requests=args.max_queued_requests,
+        max_queued_tokens=args.max_queued_tokens, queue_timeout_s=args.queue_timeout,
     )

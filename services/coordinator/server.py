@@ -19,6 +19,7 @@ import zmq
 import zmq.asyncio
 
 from diptych.cluster.core import ClusterCore, Dispatch
+from diptych.cluster.overload import Shed
 from diptych.cluster.placement import Placer
 from diptych.cluster.pools import PoolManager
 from diptych.cluster.requests import RequestRecord
@@ -39,6 +40,7 @@ from diptych.proto.messages import (
     Request,
     RequestDone,
     RequestFailed,
+    RequestLost,
     ReserveKV,
     StatusQuery,
     SubmitRequest,
@@ -70,7 +72,7 @@ class Coordinator:
         self.placer = Placer(self.workers, config.max_prefill_backlog_tokens, config.max_decode_sequences)
         self.pools = PoolManager(self.workers, POOL_POLICIES.create(config.pool_policy, **config.pool_knobs),
                                  config.pool_interval_s)
-        self.core = ClusterCore(self.policy, self.workers, self.placer, self.pools)
+        self.core = ClusterCore(self.policy, self.workers, self.placer, self.pools, limits=config.queue_limits())
         self.requests = self.core.requests
         self.endpoints: dict[str, Endpoint] = {}
         self.ctx = zmq.asyncio.Context()
@@ -129,6 +131,9 @@ class Coordinator:
             await self._evict(worker.worker_id, f"no heartbeat for {now - worker.last_heartbeat:.1f} s")
         for record in self.requests.overdue_handoffs(now):
             await self._fail(record, 503, "KV handoff timed out")
+        for record in self.requests.overdue(now):
+            await self._fail(record, 503, f"no worker took the request within {self.config.queue_timeout_s:g} s",
+                             retry_after_s=self.config.retry_after_s)
         for worker in self.pools.drained():
             self.pools.complete_drain(worker.worker_id, now)
         if self.pools.due(now):
@@ -168,20 +173,21 @@ class Coordinator:
             await self._send(identity, RequestFailed(request_id=rid, code=400, message=f"duplicate request id {rid}"))
             return
         prompt, max_tokens = len(request.prompt_token_ids), request.sampling.max_tokens
-        if not self.core.fits_anywhere(prompt, max_tokens):
-            code = 503 if not self.workers.workers else 400
-            reason = "no workers registered" if code == 503 else "request larger than any worker's KV pool"
+        if self.core.never_fits(prompt, max_tokens):  # an empty pool may still get a worker: such requests wait
+            reason = "request larger than any worker's KV pool"
             log.info("req=%s refused: %s", rid, reason)
-            await self._send(identity, RequestFailed(request_id=rid, code=code, message=reason))
+            await self._send(identity, RequestFailed(request_id=rid, code=400, message=reason))
             return
         pending = PendingRequest(rid, request.client_id, prompt, max_tokens, request.arrival_time,
                                  weight=request.weight, tier=request.slo.tier)
         record = RequestRecord(rid, request.client_id, prompt, max_tokens, payload=(request, identity))
         now = self.clock()
+        record.deadline = now + self.config.queue_timeout_s
         rejection = self.core.submit(record, pending, now)
         if rejection is not None:
-            log.info("req=%s client=%s rejected: %s", rid, request.client_id, rejection.reason)
-            await self._send(identity, RequestFailed(request_id=rid, code=429, message=rejection.reason,
+            code = rejection.code if isinstance(rejection, Shed) else 429
+            log.info("req=%s client=%s rejected (%d): %s", rid, request.client_id, code, rejection.reason)
+            await self._send(identity, RequestFailed(request_id=rid, code=code, message=rejection.reason,
                                                      retry_after_s=rejection.retry_after_s))
             return
         self.pools.on_arrival(prompt, now)
@@ -307,13 +313,16 @@ class Coordinator:
     # ------------------------------------------------------------------ endings
 
     async def _end(self, record: RequestRecord, reason: str) -> None:
-        """Mark ended, drop from the queue, and tell every worker still holding the request to let it go."""
+        """Mark ended, drop from the queue, release what no worker holds, and tell every worker still holding the
+        request to let it go (their answers release the rest)."""
+        self.core.release_unheld(record)
         for worker_id in self.core.end(record):
             await self._send_worker(worker_id, CancelRequest(request_id=record.request_id, reason=reason))
 
-    async def _fail(self, record: RequestRecord, code: int, message: str) -> None:
+    async def _fail(self, record: RequestRecord, code: int, message: str, retry_after_s: float | None = None) -> None:
         log.warning("req=%s failed (%d): %s", record.request_id, code, message)
-        await self._send(_frontend(record), RequestFailed(request_id=record.request_id, code=code, message=message))
+        await self._send(_frontend(record), RequestFailed(request_id=record.request_id, code=code, message=message,
+                                                          retry_after_s=retry_after_s))
         await self._end(record, "error")
 
     async def _evict(self, worker_id: str, reason: str) -> None:
@@ -321,19 +330,24 @@ class Coordinator:
         self.endpoints.pop(worker_id, None)
         _, affected = self.core.evict(worker_id)
         for record in affected:
-            if record.phase is not RequestPhase.ENDED:
-                await self._fail(record, 503, f"worker {worker_id} was lost ({reason})")
+            if record.phase is not RequestPhase.ENDED:  # its frontend resubmits it (docs/reliability.md)
+                log.warning("req=%s lost with worker %s in phase %s", record.request_id, worker_id,
+                            record.phase.value)
+                await self._send(_frontend(record), RequestLost(request_id=record.request_id,
+                                                                reason=f"worker {worker_id} was lost ({reason})"))
+                await self._end(record, "lost")
             self.requests.drop_if_released(record)
 
     async def _on_status_query(self, identity: bytes, msg: StatusQuery) -> None:
         workers = {}
+        held = self.requests.held_count()
         for w in self.workers.workers.values():
             load = self.endpoints[w.worker_id].load
             workers[w.worker_id] = {
                 "role": w.role.value, "pool": w.pool.value,
                 "draining_to": w.draining_to.value if w.draining_to else None,
                 "reserved_blocks": w.reserved_blocks, "total_blocks": w.total_blocks, "free_blocks": load.free_blocks,
-                "backlog_tokens": w.backlog_tokens, "requests": len(self.requests.held_by(w.worker_id)),
+                "backlog_tokens": w.backlog_tokens, "requests": held.get(w.worker_id, 0),
                 "prefill_tps": load.prefill_tps, "shares_kv_pool": bool(self.endpoints[w.worker_id].kv_share),
                 "kv_handoffs": load.handoffs,
             }

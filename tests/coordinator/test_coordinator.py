@@ -24,6 +24,7 @@ from diptych.proto.messages import (
     Request,
     RequestDone,
     RequestFailed,
+    RequestLost,
     ReserveKV,
     SamplingParams,
     StatusQuery,
@@ -177,7 +178,7 @@ async def test_mismatched_worker_is_refused(cluster):
     assert not ack.ok and "model" in ack.error
 
 
-async def test_silent_worker_is_evicted_and_its_requests_fail(cluster):
+async def test_silent_worker_is_evicted_and_its_requests_are_lost_to_their_frontend(cluster):
     coordinator, peers, *_ = cluster
     await peers["frontend"].send(SubmitRequest(request("r1")))
     await drive_to_decoding(peers, "r1")
@@ -190,9 +191,10 @@ async def test_silent_worker_is_evicted_and_its_requests_fail(cluster):
         await peers["prefill-0"].send(Heartbeat("prefill-0", WorkerLoad(64, 64, 0, 0, 0), clock()))
         await status(peers, via="prefill-0")  # the heartbeat was handled (one connection keeps the order)
         await coordinator.watchdog()
-    failed = await peers["frontend"].recv()
-    assert isinstance(failed, RequestFailed) and failed.code == 503 and "decode-0" in failed.message
+    lost = await peers["frontend"].recv()  # the frontend resubmits it (docs/reliability.md)
+    assert isinstance(lost, RequestLost) and lost.request_id == "r1" and "decode-0" in lost.reason
     assert isinstance(await peers["prefill-0"].recv(), CancelRequest)
+    assert "r1" not in coordinator.requests or coordinator.requests.get("r1").phase.value == "ended"
     st = await status(peers)
     assert st.decode_workers == 0
     await peers["decode-0"].send(Heartbeat("decode-0", WorkerLoad(64, 64, 0, 0, 0), time.time()))
