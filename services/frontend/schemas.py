@@ -8,9 +8,28 @@ SLO values of the ``diptych`` extension are checked against the tier table by ``
 
 from __future__ import annotations
 
-from typing import Literal
+import logging
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt, StrictStr
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    field_validator,
+    model_validator,
+)
+
+log = logging.getLogger(__name__)
+
+UNIMPLEMENTED_PARAMETERS = ("logprobs", "top_logprobs", "echo", "suffix", "best_of", "logit_bias", "presence_penalty",
+                            "frequency_penalty", "tools", "tool_choice")
+"""OpenAI parameters this server does not implement: kept in ``model_extra`` for ``validation`` to refuse a
+non-neutral value. Any other unknown field is ignored, with one warning per field name in the log."""
+
+_warned_fields: set[str] = set()
 
 
 class _Body(BaseModel):
@@ -51,6 +70,32 @@ class SamplingFields(_Body):
     stream_options: StreamOptions | None = None
     user: StrictStr | None = None
     diptych: DiptychOptions | None = None
+    repetition_penalty: StrictFloat | StrictInt | None = None
+    """Accepted only at its neutral value 1 (no penalty)."""
+    response_format: dict[str, Any] | None = None
+    """Accepted only as ``{"type": "text"}`` (plain text, the default)."""
+
+    @field_validator("repetition_penalty")
+    @classmethod
+    def _neutral_penalty(cls, value: float | None) -> float | None:
+        if value is not None and value != 1:
+            raise ValueError("repetition_penalty other than 1 is not supported by this server")
+        return value
+
+    @field_validator("response_format")
+    @classmethod
+    def _text_format(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None and value != {"type": "text"}:
+            raise ValueError('only response_format {"type": "text"} is supported by this server')
+        return value
+
+    @model_validator(mode="after")
+    def _warn_unknown_fields(self) -> SamplingFields:
+        for name in (self.model_extra or {}):
+            if name not in UNIMPLEMENTED_PARAMETERS and name not in _warned_fields:
+                _warned_fields.add(name)
+                log.warning("ignoring unknown request field %r (warned once per field name)", name)
+        return self
 
 
 class CompletionRequest(SamplingFields):
