@@ -5,8 +5,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from typing import TYPE_CHECKING
 
-from diptych.workloads.catalog import add_workload_arguments, build_workload, workload_from_args
+from diptych.workloads.catalog import add_workload_arguments, build_workload, clip_to_context, workload_from_args
+
+if TYPE_CHECKING:
+    from diptych.benchmarks.serve_load import LoadTarget
 
 
 def add_serve_parser(kinds: argparse._SubParsersAction) -> None:
@@ -24,6 +28,9 @@ def add_serve_parser(kinds: argparse._SubParsersAction) -> None:
     s.add_argument("--output", default="bench-serve.json", help="timelines file to write [%(default)s]")
     s.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for one reply [%(default)s]")
     add_workload_arguments(s, qps=1.0, num_requests=200)
+    s.set_defaults(max_context=None)
+    s.epilog = ("Over HTTP, requests longer than the server's context (GET /v1/models: max_model_len) are clipped to "
+                "it unless --max-context is given; over the SDK give --max-context for a small-context model.")
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -43,6 +50,18 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"diptych bench serve: --endpoint must be tcp://, ipc:// or http(s)://, got {args.endpoint!r}",
               file=sys.stderr)
         return 2
+    if config.max_context is None and target.over_http:
+        try:
+            context = server_context(target)
+        except (ValueError, OSError) as exc:
+            print(f"diptych bench serve: {exc}", file=sys.stderr)
+            return 2
+        fitted = clip_to_context(specs, context)
+        clipped = sum(a != b for a, b in zip(specs, fitted))
+        if clipped:
+            print(f"{clipped} of {len(specs)} requests clipped to the server's context of {context} tokens",
+                  file=sys.stderr)
+        specs = fitted
     try:
         timelines = asyncio.run(run_load(specs, target, seed=config.seed))
     except ValueError as exc:
@@ -55,5 +74,25 @@ def run_serve(args: argparse.Namespace) -> int:
     meta = {"workload": config.name, "qps": config.qps, "endpoint": args.endpoint, "requests": len(specs)}
     save_timelines(timelines, args.output, meta=meta)
     print(format_summary(summarize(RunResult.from_timelines(timelines, meta=meta))))
+    failed = sum(t.status == "failed" for t in timelines)
+    if failed:
+        print(f"failed requests: {failed} of {len(timelines)} (reasons above)")
     print(f"timelines written to {args.output}")
     return 0
+
+
+def server_context(target: LoadTarget) -> int:
+    """The served model's context (tokens) from ``GET /v1/models``; sets ``target.model`` if unset."""
+    import httpx
+
+    key = next(iter(target.client_keys.values()), None)
+    try:
+        resp = httpx.get(f"{target.endpoint.rstrip('/')}/v1/models", timeout=10,
+                         headers={"Authorization": f"Bearer {key}"} if key else {})
+    except httpx.HTTPError as exc:
+        raise ValueError(f"GET /v1/models failed: {exc}") from None
+    if resp.status_code != 200:
+        raise ValueError(f"GET /v1/models answered {resp.status_code}: {resp.text[:200]}")
+    model = resp.json()["data"][0]
+    target.model = target.model or model["id"]
+    return int(model["max_model_len"])

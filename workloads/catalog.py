@@ -12,6 +12,9 @@ a seed). The workload name picks the lengths (and, for traces, the arrivals):
   ``--arrivals trace``, its timestamps (sped up to ``--qps`` if given);
 - ``specs:PATH``: a request-spec JSONL file (``workloads.spec``) replayed as is.
 
+``max_context`` (tokens) clips every request to fit a server's context: output to at most half of it, then the
+prompt to the rest (``clip_to_context``), so a long-prompt workload runs against a small model.
+
 Arrivals (``workloads.arrivals``) at ``qps`` requests/s for ``num_requests`` requests (or ``duration_s`` seconds);
 SLO tiers from ``tiers`` (``workloads.tiers``); ``clients`` > 1 spreads requests uniformly over ``client0..``.
 Independent random streams are used for lengths, arrivals, tiers and clients, so changing the rate keeps the lengths.
@@ -20,7 +23,7 @@ Independent random streams are used for lengths, arrivals, tiers and clients, so
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -46,6 +49,7 @@ class WorkloadConfig:
     tiers: str = "none"
     clients: int = 1
     seed: int = 0
+    max_context: int | None = None
 
 
 def _rng(seed: int, stream: int) -> np.random.Generator:
@@ -106,9 +110,27 @@ def build_workload(config: WorkloadConfig) -> list[RequestSpec]:
         client_ids = [f"client{c}" for c in clients]
     else:
         client_ids = ["client0"] * n
-    return [RequestSpec(f"r{i}", float(times[i]), int(prompts[i]), int(outputs[i]), client_id=client_ids[i],
-                        tier=tiers[i].name, tbt_slo_s=tiers[i].tbt_slo_s, ttft_slo_s=tiers[i].ttft_slo_s)
-            for i in range(n)]
+    specs = [RequestSpec(f"r{i}", float(times[i]), int(prompts[i]), int(outputs[i]), client_id=client_ids[i],
+                         tier=tiers[i].name, tbt_slo_s=tiers[i].tbt_slo_s, ttft_slo_s=tiers[i].ttft_slo_s)
+             for i in range(n)]
+    return specs if config.max_context is None else clip_to_context(specs, config.max_context)
+
+
+def clip_to_context(specs: list[RequestSpec], max_context: int) -> list[RequestSpec]:
+    """``specs`` with each ``prompt_len + max_tokens <= max_context`` tokens: the output (``max_tokens`` and
+    ``output_len``) clipped to at most ``max_context // 2``, then the prompt to what is left. Fitting specs are
+    unchanged."""
+    if max_context < 2:
+        raise ValueError(f"max_context must be at least 2 tokens, got {max_context}")
+    clipped = []
+    for spec in specs:
+        if spec.prompt_len + spec.max_tokens <= max_context:
+            clipped.append(spec)
+            continue
+        output = min(spec.max_tokens or spec.output_len, max_context // 2)
+        clipped.append(replace(spec, prompt_len=min(spec.prompt_len, max_context - output),
+                               output_len=min(spec.output_len, output), max_tokens=output))
+    return clipped
 
 
 def _arrivals(config: WorkloadConfig) -> np.ndarray:
@@ -174,6 +196,8 @@ def add_workload_arguments(parser: argparse.ArgumentParser, qps: float | None = 
                         "distserve-chat) or NAME:FRACTION:TBT_S[:TTFT_S],... [%(default)s]")
     g.add_argument("--clients", type=int, default=1, help="spread requests over this many clients [1]")
     g.add_argument("--seed", type=int, default=0, help="random seed [0]")
+    g.add_argument("--max-context", type=int, default=None, metavar="TOKENS",
+                   help="clip each request to prompt + output <= TOKENS (output to at most half) [no clipping]")
 
 
 def workload_from_args(args: argparse.Namespace) -> WorkloadConfig:
@@ -182,7 +206,7 @@ def workload_from_args(args: argparse.Namespace) -> WorkloadConfig:
         num = getattr(args, "default_num_requests", 1000)
     config = WorkloadConfig(name=args.workload, qps=args.qps, num_requests=num, duration_s=args.duration,
                             arrivals=args.arrivals, cv=args.cv, cap_factor=args.cap_factor, tiers=args.tiers,
-                            clients=args.clients, seed=args.seed)
+                            clients=args.clients, seed=args.seed, max_context=getattr(args, "max_context", None))
     if config.num_requests is not None and config.num_requests < 1:
         raise ValueError("--num-requests must be >= 1")
     if config.duration_s is not None and not config.duration_s > 0:
