@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
-
 
 TINY_MODEL_NOTE = ("Note: the built-in tiny model has random weights, so its replies are random tokens; "
                    "use --model <hub id or directory> for real text.\n")
@@ -71,6 +71,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ssl-keyfile", default=None, metavar="PEM", help="key of --ssl-certfile, if not in that file")
     p.add_argument("--slo-tiers", default=None, help="JSON file of SLO tiers {name: {tbt_s, ttft_s}} "
                    "[default 0.2 s, strict 0.1 s, relaxed 0.5 s TBT]")
+    p.add_argument("--keys-dir", default=os.environ.get("DIPTYCH_KEYS_DIR") or None, metavar="DIR",
+                   help="CURVE key set for the internal sockets ('diptych keys generate DIR --workers N'; it must "
+                        "name every worker) [an ephemeral set, removed at exit]")
+    p.add_argument("--insecure-no-curve", action="store_true",
+                   help="plaintext, unauthenticated internal sockets (anyone who reaches a port can use it)")
     p.add_argument("--log-dir", default=None, help="write each process's log to DIR/<name>.log [stderr]")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING [%(default)s]")
     p.add_argument("--log-format", default="text", choices=("text", "json"),
@@ -94,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
             gpu_memory_utilization=args.gpu_memory_utilization, log_format=args.log_format,
             api_keys_file=args.api_keys_file, slo_tiers_file=args.slo_tiers, log_level=args.log_level,
             admin_keys_file=args.admin_keys, ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile,
+            keys_dir=args.keys_dir, insecure_no_curve=args.insecure_no_curve,
         )
     except ValueError as exc:
         print(f"diptych serve: {exc}", file=sys.stderr)
@@ -110,8 +116,10 @@ def run(args: argparse.Namespace) -> int:
         workers = ", ".join(f"{health.get(f'{pool}_workers') or 0} {pool}"
                             for pool in ("prefill", "decode", "colocated"))
         listening = "".join(f"  {what:<14} {addr}\n" for what, addr in spec.bound_addresses())
+        curve = ("OFF (--insecure-no-curve)" if spec.insecure_no_curve
+                 else f"on, keys {spec.keys_dir}" if spec.keys_dir else "on, an ephemeral key set")
         print(f"Diptych is up: workers {workers}; model {health.get('model')}\n"
-              f"Listening on (nothing else):\n{listening}"
+              f"Listening on (nothing else; CURVE {curve}):\n{listening}"
               f"Try: curl {spec.http_url}/v1/models\n"
               f"{TINY_MODEL_NOTE if spec.model is None else ''}"
               f"Press Ctrl-C to stop.", flush=True)
