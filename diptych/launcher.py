@@ -3,18 +3,22 @@ its own process (the same ``python -m diptych.services.<role>`` commands docker-
 
 ``Cluster`` is used by ``diptych serve`` and by the integration tests. Invariants: ``stop()`` leaves no child
 process behind (SIGTERM, then SIGKILL after ``grace_s``); if any child exits while the cluster runs, ``wait()``
-returns and the rest are stopped.
+returns and the rest are stopped. CURVE is on unless ``insecure_no_curve``: every process gets ``--keys-dir``, the
+spec's ``keys_dir`` or else an ephemeral key set (one name per process) written to a temporary directory when the
+commands are first built and removed by ``stop()``.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -61,6 +65,10 @@ class ClusterSpec:
     """With it the HTTP API is HTTPS (``ssl_keyfile``: its key, if not in the same file)."""
     ssl_keyfile: str | None = None
     log_level: str = "INFO"
+    keys_dir: str | None = None
+    """A CURVE key set holding every process's name (``worker_names``); None: an ephemeral one per run."""
+    insecure_no_curve: bool = False
+    """Plaintext internal sockets, no identity checks (every process gets ``--insecure-no-curve``)."""
     log_format: str = "text"
     """"text" or "json" (one JSON object per line) for every process."""
     extra_worker_args: list[str] = field(default_factory=list)
@@ -92,6 +100,10 @@ class ClusterSpec:
     def sdk_addr(self) -> str:
         return self.addr(self.sdk_port)
 
+    def worker_names(self) -> list[str]:
+        """Every worker's id (and CURVE key name), in launch order."""
+        return [*(f"prefill-{i}" for i in range(self.prefill_workers)), *self.kv_addrs()]
+
     def kv_addrs(self) -> dict[str, str]:
         """Worker name -> the KV address it binds, for the decode, colocated and flex workers in launch order."""
         names = [f"{role}-{i}" for role, count in (("decode", self.decode_workers),
@@ -112,6 +124,8 @@ class Cluster:
         self.log_dir = log_dir
         self.procs: dict[str, subprocess.Popen] = {}
         self._logs: list = []
+        self._ephemeral_keys: str | None = None
+        """The temporary directory of the key set made for this run, removed by ``stop``."""
 
     # ------------------------------------------------------------------ commands
 
@@ -120,7 +134,8 @@ class Cluster:
         py = [sys.executable, "-m"]
         coordinator = s.addr(s.coordinator_port)
         model = ["--model", s.model] if s.model else []
-        worker_common = [
+        curve = self.curve_args()
+        worker_common = [*curve,
             "--coordinator-addr", coordinator, *model, "--block-size", str(s.block_size),
             "--policy", s.policy, "--log-level", s.log_level, *_opts("--policy-opt", s.policy_opts),
             *(["--num-blocks", str(s.num_blocks)] if s.num_blocks else []), "--engine", s.engine,
@@ -128,7 +143,7 @@ class Cluster:
             *(["--gpu-memory-utilization", str(s.gpu_memory_utilization)] if s.gpu_memory_utilization else []),
             *(["--cost-model", s.cost_model] if s.cost_model else []), *s.extra_worker_args,
         ]
-        cmds = {"coordinator": [*py, "diptych.services.coordinator", "--address", coordinator,
+        cmds = {"coordinator": [*py, "diptych.services.coordinator", *curve, "--address", coordinator,
                                 "--admission", s.admission, *_opts("--admission-opt", s.admission_opts),
                                 "--pool-policy", s.pool_policy,
                                 *_opts("--pool-opt", s.pool_opts), "--log-level", s.log_level,
@@ -146,7 +161,7 @@ class Cluster:
             cmds[name] = [*py, "diptych.services.decode_worker", "--worker-id", name, "--role", name.split("-")[0],
                           "--kv-addr", kv_addr, *device(), *worker_common]
         cmds["frontend"] = [
-            *py, "diptych.services.frontend", *model, "--host", s.host, "--http-port", str(s.http_port),
+            *py, "diptych.services.frontend", *curve, *model, "--host", s.host, "--http-port", str(s.http_port),
             "--sdk-addr", s.sdk_addr, "--stream-addr", s.addr(s.stream_port), "--coordinator-addr", coordinator,
             "--log-level", s.log_level, *(["--api-keys-file", s.api_keys_file] if s.api_keys_file else []),
             *(["--admin-keys", s.admin_keys_file] if s.admin_keys_file else []),
@@ -157,6 +172,19 @@ class Cluster:
             *s.extra_frontend_args,
         ]
         return cmds
+
+    def curve_args(self) -> list[str]:
+        """The CURVE flags every process gets (the ephemeral key set is written on the first call)."""
+        if self.spec.insecure_no_curve:
+            return ["--insecure-no-curve"]
+        if self.spec.keys_dir:
+            return ["--keys-dir", self.spec.keys_dir]
+        if self._ephemeral_keys is None:
+            from diptych.services.common.security import generate_key_set
+
+            self._ephemeral_keys = tempfile.mkdtemp(prefix="diptych-keys-")
+            generate_key_set(self._ephemeral_keys, ["coordinator", "frontend", *self.spec.worker_names()])
+        return ["--keys-dir", self._ephemeral_keys]
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -222,6 +250,9 @@ class Cluster:
         for f in self._logs:
             f.close()
         self._logs.clear()
+        if self._ephemeral_keys is not None:
+            shutil.rmtree(self._ephemeral_keys, ignore_errors=True)
+            self._ephemeral_keys = None
 
     def __enter__(self) -> Cluster:
         self.start()

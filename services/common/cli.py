@@ -39,3 +39,26 @@ def env_default(name: str, default: Any) -> Any:
     if not value:
         return default
     return type(default)(value) if default is not None and not isinstance(default, bool) else _parse_value(value)
+
+
+NO_KEYS_ERROR = ("no CURVE keys: pass --keys-dir DIR (or DIPTYCH_KEYS_DIR) with a key set made by "
+                 "'diptych keys generate DIR --workers N', or --insecure-no-curve on a trusted network")
+
+
+def add_curve_arguments(parser: argparse.ArgumentParser, default_key_name: str | None) -> None:
+    """``--keys-dir`` (env ``DIPTYCH_KEYS_DIR``), ``--key-name`` (env ``DIPTYCH_KEY_NAME``; ``None``: the caller's
+    own default, e.g. a worker's id) and ``--insecure-no-curve``: CURVE on every internal socket unless turned off."""
+    parser.add_argument("--keys-dir", default=env_default("keys_dir", "") or None, metavar="DIR",
+                        help="CURVE key set ('diptych keys generate DIR'): authenticate and encrypt every internal "
+                        "socket [required unless --insecure-no-curve]")
+    parser.add_argument("--key-name", default=env_default("key_name", "") or default_key_name,
+                        help=f"this process's name in the key set [{default_key_name or 'its worker id'}]")
+    parser.add_argument("--insecure-no-curve", action="store_true",
+                        default=bool(env_default("insecure_no_curve", False)),
+                        help="plaintext, unauthenticated internal sockets (anyone who reaches a port can use it)")
+
+
+def check_curve_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Exit with a one-line error (status 2) when neither ``--keys-dir`` nor ``--insecure-no-curve`` was given."""
+    if not args.keys_dir and not args.insecure_no_curve:
+        parser.exit(2, f"{parser.prog}: error: {NO_KEYS_ERROR}\n")

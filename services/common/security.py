@@ -44,6 +44,27 @@ DEFAULT_NAMES = ("coordinator", "frontend", "prefill-0", "decode-0")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
+INSECURE_WARNING = ("CURVE is off (--insecure-no-curve): internal sockets are plaintext and admit anyone who reaches "
+                    "them")
+
+
+def is_frontend_key(name: str | None) -> bool:
+    """Whether ``name`` is a frontend's key (``frontend`` or ``frontend-<suffix>``): only these may submit, cancel
+    and read the cluster status; no worker may register under such a name."""
+    return name is not None and (name == "frontend" or name.startswith("frontend-"))
+
+
+def load_keys(keys_dir: str | None, name: str) -> KeySet | None:
+    """The key set of process ``name``, its own secret checked now so that a missing key fails at start
+    (ValueError/KeyError); None, with a warning, when ``keys_dir`` is None (CURVE off)."""
+    if keys_dir is None:
+        log.warning(INSECURE_WARNING)
+        return None
+    keys = KeySet.load(keys_dir)
+    keys.own(name)
+    return keys
+
+
 def check_name(name: str) -> str:
     """``name`` if it can name a key (letters, digits, ``_ . -``; at most 64), else ValueError."""
     if not _NAME.match(name):
@@ -222,6 +243,12 @@ class ZapAuthenticator:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def close(self) -> None:
+        """Close the ZAP socket, where ``serve`` ran as a task that its owner has already cancelled."""
         if self._sock is not None:
             self._sock.close()
             self._sock = None

@@ -3,7 +3,8 @@
 - ``LINGER`` is always set (the default of -1 can hang shutdown forever).
 - ROUTER sockets set ``ROUTER_MANDATORY`` so a message to an unknown peer raises instead of vanishing.
 - ``recv_message`` turns malformed frames into a logged drop (or an error reply, by the caller) rather than a crash.
-- ``security`` (opt-in): CURVE server or client options from ``services.common.security``, applied before the socket
+- ``MAXMSGSIZE`` is always set (``max_msg_bytes``): a peer cannot make a receiver buffer an arbitrarily large frame.
+- ``security``: CURVE server or client options from ``services.common.security``, applied before the socket
   binds or connects; ``recv_authenticated`` also returns the ZAP user id (the sender's key name) of each message.
 """
 
@@ -21,15 +22,24 @@ from diptych.services.common.security import SocketSecurity
 log = logging.getLogger(__name__)
 
 LINGER_MS = 500
+CONTROL_MAX_MSG_BYTES = 8 << 20
+"""Largest frame a control, SDK or token-stream socket accepts (bytes): a long prompt's token ids or a cluster status
+fit many times over."""
+KV_MAX_MSG_BYTES = 64 << 20
+"""Largest frame a KV ingress accepts (bytes): one KV block of a large model (a 16-token block of a 70B Llama with
+grouped-query attention is about 5 MiB in bf16)."""
 
 
 def make_socket(ctx: zmq.asyncio.Context, kind: int, *, bind: str | None = None, connect: str | None = None,
-                identity: str | None = None, security: SocketSecurity | None = None) -> zmq.asyncio.Socket:
+                identity: str | None = None, security: SocketSecurity | None = None,
+                max_msg_bytes: int = CONTROL_MAX_MSG_BYTES) -> zmq.asyncio.Socket:
     """Create a socket of ``kind`` (``zmq.ROUTER`` ...) and bind or connect it to a ``tcp://``/``ipc://`` address,
-    with ``security``'s CURVE options when given (a ``CurveServer`` needs the context's ``ZapAuthenticator``)."""
+    with ``security``'s CURVE options when given (a ``CurveServer`` needs the context's ``ZapAuthenticator``).
+    ``max_msg_bytes`` (``zmq.MAXMSGSIZE``): a peer sending a larger frame is disconnected, not buffered."""
     sock = ctx.socket(kind)
     if security is not None:
         security.apply(sock)
+    sock.setsockopt(zmq.MAXMSGSIZE, max_msg_bytes)
     sock.setsockopt(zmq.LINGER, LINGER_MS)
     sock.setsockopt(zmq.RCVHWM, 0)
     sock.setsockopt(zmq.SNDHWM, 0)

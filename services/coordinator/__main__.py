@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from diptych.services.common.cli import check_curve_arguments
 from diptych.services.common.lifecycle import run_service, setup_logging
+from diptych.services.common.security import load_keys
 from diptych.services.coordinator import config as coordinator_config
 
 
@@ -18,15 +20,17 @@ def main(argv: list[str] | None = None) -> None:
     coordinator_config.add_arguments(parser)
     parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING [INFO]")
     args = parser.parse_args(argv)
+    check_curve_arguments(parser, args)
     setup_logging("coordinator", args.log_level)
     try:
         config = coordinator_config.from_args(args)
+        keys = load_keys(config.keys_dir, config.key_name)
     except (ValueError, KeyError) as exc:
         parser.error(str(exc))
     from diptych.services.coordinator.server import Coordinator
 
     async def serve(stop):
-        await Coordinator(config).run(stop)
+        await Coordinator(config, keys=keys).run(stop)
 
     run_service(serve)
     sys.exit(0)

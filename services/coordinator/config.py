@@ -9,7 +9,7 @@ from typing import Any
 from diptych.cluster.overload import QueueLimits
 from diptych.policies.admission import ADMISSION_POLICIES
 from diptych.policies.pool import POOL_POLICIES
-from diptych.services.common.cli import env_default, parse_knobs
+from diptych.services.common.cli import add_curve_arguments, env_default, parse_knobs
 
 DEFAULT_ADDRESS = "tcp://127.0.0.1:5600"
 
@@ -40,6 +40,9 @@ class CoordinatorConfig:
     pool is empty, or the cluster is saturated)."""
     retry_after_s: float = 1.0
     """What shed and timed-out requests are told to wait before retrying."""
+    keys_dir: str | None = None
+    """CURVE key set (``services.common.security``); None: plaintext, no identity checks (``--insecure-no-curve``)."""
+    key_name: str = "coordinator"
 
     def __post_init__(self) -> None:
         # unknown names (KeyError) and bad knobs (ValueError) fail here, in one line naming the valid ones
@@ -93,6 +96,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--queue-timeout", type=float, default=d.queue_timeout_s,
                         help="seconds a request may wait for a worker (queued or reserving KV) before it fails "
                         "with 503 [%(default)s]")
+    add_curve_arguments(parser, "coordinator")
 
 
 def from_args(args: argparse.Namespace) -> CoordinatorConfig:
@@ -101,6 +105,7 @@ def from_args(args: argparse.Namespace) -> CoordinatorConfig:
         heartbeat_timeout_s=args.heartbeat_timeout, handoff_timeout_s=args.handoff_timeout,
         max_prefill_backlog_tokens=args.max_prefill_backlog, max_decode_sequences=args.max_decode_sequences,
         pool_policy=args.pool_policy,
-        pool_knobs=parse_knobs(args.pool_opt), max_queued_requests=args.max_queued_requests,
+        pool_knobs=parse_knobs(args.pool_opt), keys_dir=None if args.insecure_no_curve else args.keys_dir,
+        key_name=args.key_name, max_queued_requests=args.max_queued_requests,
         max_queued_tokens=args.max_queued_tokens, queue_timeout_s=args.queue_timeout,
     )

@@ -5,6 +5,11 @@ calls the core (admission, placement, accounting, pools, ledger) and sends what 
 on the one event loop, so the core is never touched concurrently. Admission runs after every event that can free
 capacity or add work. Time comes from an injected clock (seconds since the epoch; ``time.time`` by default); the
 watchdog wakes every ``watchdog_interval_s`` of real time and reads the clock.
+
+Identity (with a CURVE key set; ``docs/security.md``): every message carries the name of the key that sent it
+(``recv_authenticated``), and ``access.authorize`` decides before any handler runs: a worker registers only under
+its own key name and speaks only for itself and for the requests it holds; only frontend keys submit, read the status
+and cancel (their own submissions). Refusals are logged here and tell the sender nothing about the deployment.
 """
 
 from __future__ import annotations
@@ -47,9 +52,11 @@ from diptych.proto.messages import (
     TokenReport,
 )
 from diptych.proto.roles import Pool, RequestPhase, WorkerRole
-from diptych.services.common.sockets import bind_address, make_socket, recv_message, send_message
+from diptych.services.common.security import KeySet, ZapAuthenticator
+from diptych.services.common.sockets import bind_address, make_socket, recv_authenticated, send_message
+from diptych.services.coordinator.access import REFUSED, authorize
 from diptych.services.coordinator.config import CoordinatorConfig
-from diptych.services.coordinator.endpoints import Endpoint
+from diptych.services.coordinator.endpoints import Endpoint, Submission
 
 log = logging.getLogger("diptych.coordinator")
 
@@ -64,7 +71,9 @@ class Clock(Protocol):
 
 
 class Coordinator:
-    def __init__(self, config: CoordinatorConfig, clock: Clock = time.time) -> None:
+    def __init__(self, config: CoordinatorConfig, clock: Clock = time.time, keys: KeySet | None = None) -> None:
+        """``keys``: the cluster's CURVE key set (``config.key_name`` must be in it); None: plaintext and no identity
+        checks (``--insecure-no-curve``)."""
         self.config = config
         self.clock = clock
         self.policy = ADMISSION_POLICIES.create(config.admission_policy, **config.admission_knobs)
@@ -76,8 +85,13 @@ class Coordinator:
         self.requests = self.core.requests
         self.endpoints: dict[str, Endpoint] = {}
         self.ctx = zmq.asyncio.Context()
-        self.sock = make_socket(self.ctx, zmq.ROUTER, bind=bind_address(config.address))
-        self.handlers: dict[type, Callable[[bytes, Any], Awaitable[None]]] = {
+        self.keys = keys
+        self.authenticator = ZapAuthenticator(self.ctx, keys) if keys is not None else None
+        if self.authenticator is not None:
+            self.authenticator.bind()  # before the CURVE socket binds; it serves once run() starts
+        self.sock = make_socket(self.ctx, zmq.ROUTER, bind=bind_address(config.address),
+                                security=keys.server(config.key_name) if keys is not None else None)
+        self.handlers: dict[type, Callable[[bytes, Any, str | None], Awaitable[None]]] = {
             SubmitRequest: self._on_submit, CancelRequest: self._on_cancel, RegisterWorker: self._on_register,
             Heartbeat: self._on_heartbeat, KVReserved: self._on_kv_reserved, PrefillDone: self._on_prefill_done,
             KVReceived: self._on_kv_received, TokenReport: self._on_token_report, RequestDone: self._on_request_done,
@@ -87,34 +101,47 @@ class Coordinator:
     # ------------------------------------------------------------------ main loops
 
     async def run(self, stop: asyncio.Event) -> None:
-        log.info("listening on %s (admission=%s, pools=%s)", self.config.address, self.policy.name,
-                 self.pools.policy.name)
+        log.info("listening on %s (admission=%s, pools=%s, %s)", self.config.address, self.policy.name,
+                 self.pools.policy.name, f"CURVE key {self.config.key_name!r}" if self.keys else "no CURVE")
         tasks = [asyncio.create_task(self._receive_loop()), asyncio.create_task(self._watchdog_loop())]
+        if self.authenticator is not None:
+            tasks.append(asyncio.create_task(self.authenticator.serve(), name="zap"))
         await stop.wait()
         log.info("stopping: %d requests in flight, %d waiting", len(self.requests), len(self.policy))
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self.sock.close()
+        if self.authenticator is not None:
+            await self.authenticator.stop()
         self.ctx.term()
 
     async def _receive_loop(self) -> None:
         while True:
-            identity, msg = await recv_message(self.sock, routed=True)
+            identity, user_id, msg = await recv_authenticated(self.sock, routed=True)
             if isinstance(msg, ProtocolError):
-                log.warning("dropped a malformed message from %r: %s", identity, msg)
+                log.warning("dropped a malformed message from %r (key %s): %s", identity, user_id, msg)
                 continue
             assert identity is not None  # a ROUTER socket names every sender
-            await self.handle(identity, msg)
+            await self.handle(identity, msg, user_id)
 
-    async def handle(self, identity: bytes, msg: Any) -> None:
-        """Handle one decoded message from ``identity``, then run admission."""
+    async def handle(self, identity: bytes, msg: Any, user_id: str | None = None) -> None:
+        """Handle one decoded message from ``identity``, sent with the key named ``user_id`` (None without CURVE),
+        then run admission. With a key set, a message ``access.authorize`` refuses is logged and dropped (a refused
+        registration gets a bare ``RegisterAck``)."""
         handler = self.handlers.get(type(msg))
         if handler is None:
             log.warning("dropped a %s from %r: not a coordinator message", type(msg).__name__, identity)
             return
+        if self.keys is not None:
+            reason = authorize(msg, user_id, self.requests.get)
+            if reason is not None:
+                log.warning("refused %s from %r (key %s): %s", type(msg).__name__, identity, user_id, reason)
+                if isinstance(msg, RegisterWorker):
+                    await self._send(identity, RegisterAck(ok=False, error=REFUSED))
+                return
         try:
-            await handler(identity, msg)
+            await handler(identity, msg, user_id)
             await self._admit()
         except Exception:  # one bad message must not take the coordinator down
             log.exception("error handling %s from %r", type(msg).__name__, identity)
@@ -166,7 +193,7 @@ class Coordinator:
 
     # ------------------------------------------------------------------ frontend messages
 
-    async def _on_submit(self, identity: bytes, msg: SubmitRequest) -> None:
+    async def _on_submit(self, identity: bytes, msg: SubmitRequest, user_id: str | None) -> None:
         request = msg.request
         rid = request.request_id
         if rid in self.requests:
@@ -180,7 +207,7 @@ class Coordinator:
             return
         pending = PendingRequest(rid, request.client_id, prompt, max_tokens, request.arrival_time,
                                  weight=request.weight, tier=request.slo.tier)
-        record = RequestRecord(rid, request.client_id, prompt, max_tokens, payload=(request, identity))
+        record = RequestRecord(rid, request.client_id, prompt, max_tokens, payload=Submission(request, identity, user_id))
         now = self.clock()
         record.deadline = now + self.config.queue_timeout_s
         rejection = self.core.submit(record, pending, now)
@@ -193,7 +220,7 @@ class Coordinator:
         self.pools.on_arrival(prompt, now)
         log.info("req=%s client=%s queued (%d prompt tokens, max %d)", rid, request.client_id, prompt, max_tokens)
 
-    async def _on_cancel(self, identity: bytes, msg: CancelRequest) -> None:
+    async def _on_cancel(self, identity: bytes, msg: CancelRequest, user_id: str | None) -> None:
         record = self.requests.get(msg.request_id)
         if record is None or record.phase is RequestPhase.ENDED:
             return
@@ -218,32 +245,40 @@ class Coordinator:
                 admitted_time=record.admitted_time, colocated=True))
         else:
             await self._send(endpoint.identity, ReserveKV(request_id=dispatch.request_id,
-                                                          num_blocks=dispatch.decode_blocks))
+                                                          num_blocks=dispatch.decode_blocks,
+                                                          prefill_worker_id=dispatch.prefill_worker))
 
     # ------------------------------------------------------------------ worker messages
 
-    async def _on_register(self, identity: bytes, msg: RegisterWorker) -> None:
+    async def _on_register(self, identity: bytes, msg: RegisterWorker, user_id: str | None) -> None:
+        """Registration is idempotent for the worker itself: an id registered again from the same routing identity
+        (a lost ack, a restarted worker: ``access.authorize`` has checked its key) replaces the old entry, whose
+        requests fail as lost. Refusals are logged in full; the worker only learns that it was refused."""
         error = None
         if msg.role in KV_INGRESS_ROLES and not msg.kv_addr:
             error = f"a {msg.role} worker must give its KV ingress address"
+        old = self.endpoints.get(msg.worker_id)
+        if error is None and old is not None and (old.identity == identity or self.keys is not None):
+            await self._evict(msg.worker_id, "it registered again")
         if error is None:
             error = self.workers.register(msg.worker_id, msg.role, msg.load.total_blocks, msg.layout.block_size,
                                           self.clock(), model=msg.model, layout=msg.layout)
         if error:
             log.warning("refused worker %s: %s", msg.worker_id, error)
+            error = REFUSED if self.keys is not None else error
         else:
             self.endpoints[msg.worker_id] = Endpoint(identity, msg.kv_addr, msg.load, msg.kv_share)
             log.info("worker %s joined as %s (%d KV blocks of %d tokens)", msg.worker_id, msg.role,
                      msg.load.total_blocks, msg.layout.block_size)
         await self._send(identity, RegisterAck(ok=not error, error=error or ""))
 
-    async def _on_heartbeat(self, identity: bytes, msg: Heartbeat) -> None:
+    async def _on_heartbeat(self, identity: bytes, msg: Heartbeat, user_id: str | None) -> None:
         if not self.workers.heartbeat(msg.worker_id, self.clock(), msg.load.total_blocks):
             await self._send(identity, RegisterAck(ok=False, error=UNKNOWN_WORKER))
             return
         self.endpoints[msg.worker_id].load = msg.load
 
-    async def _on_kv_reserved(self, identity: bytes, msg: KVReserved) -> None:
+    async def _on_kv_reserved(self, identity: bytes, msg: KVReserved, user_id: str | None) -> None:
         record = self.requests.get(msg.request_id)
         if record is None or record.phase is not RequestPhase.RESERVING:
             return
@@ -263,7 +298,7 @@ class Coordinator:
             request=_request(record), decode_worker_id=record.decode_worker, decode_kv_addr=decode.kv_addr,
             admitted_time=record.admitted_time, decode_blocks=msg.block_ids, decode_kv_share=decode.kv_share))
 
-    async def _on_prefill_done(self, identity: bytes, msg: PrefillDone) -> None:
+    async def _on_prefill_done(self, identity: bytes, msg: PrefillDone, user_id: str | None) -> None:
         record = self.requests.get(msg.request_id)
         if record is None or not record.prefill_holds:
             return
@@ -278,20 +313,23 @@ class Coordinator:
                 await self._end(record, "finished")
         self.requests.drop_if_released(record)
 
-    async def _on_kv_received(self, identity: bytes, msg: KVReceived) -> None:
+    async def _on_kv_received(self, identity: bytes, msg: KVReceived, user_id: str | None) -> None:
         record = self.requests.get(msg.request_id)
         if record is not None and record.phase in (RequestPhase.HANDOFF, RequestPhase.PREFILLING):
             record.phase, record.handoff_deadline = RequestPhase.DECODING, None
             log.debug("req=%s KV received by %s in %.1f ms", msg.request_id, msg.worker_id, msg.transfer_s * 1e3)
 
-    async def _on_token_report(self, identity: bytes, msg: TokenReport) -> None:
+    async def _on_token_report(self, identity: bytes, msg: TokenReport, user_id: str | None) -> None:
         for rid, count in msg.counts.items():
             record = self.requests.get(rid)
-            if record is not None:
+            if record is not None and user_id is not None and user_id not in (record.prefill_worker,
+                                                                              record.decode_worker):
+                log.warning("dropped %s's token count for req=%s: the request is not on it", user_id, rid)
+            elif record is not None:
                 self.core.charge_output(record.client_id, count)
                 self.core.release_prefill(record)  # colocated: its prompt has left the worker's prefill backlog
 
-    async def _on_request_done(self, identity: bytes, msg: RequestDone) -> None:
+    async def _on_request_done(self, identity: bytes, msg: RequestDone, user_id: str | None) -> None:
         record = self.requests.get(msg.request_id)
         if record is None:
             return
@@ -338,7 +376,7 @@ class Coordinator:
                 await self._end(record, "lost")
             self.requests.drop_if_released(record)
 
-    async def _on_status_query(self, identity: bytes, msg: StatusQuery) -> None:
+    async def _on_status_query(self, identity: bytes, msg: StatusQuery, user_id: str | None) -> None:
         workers = {}
         held = self.requests.held_count()
         for w in self.workers.workers.values():
@@ -349,7 +387,7 @@ class Coordinator:
                 "reserved_blocks": w.reserved_blocks, "total_blocks": w.total_blocks, "free_blocks": load.free_blocks,
                 "backlog_tokens": w.backlog_tokens, "requests": held.get(w.worker_id, 0),
                 "prefill_tps": load.prefill_tps, "shares_kv_pool": bool(self.endpoints[w.worker_id].kv_share),
-                "kv_handoffs": load.handoffs,
+                "kv_handoffs": load.handoffs, "preemptions": load.preemptions,
             }
         await self._send(identity, ClusterStatus(
             prefill_workers=len(self.workers.in_pool(Pool.PREFILL)),
@@ -361,10 +399,10 @@ class Coordinator:
 
 
 def _request(record: RequestRecord) -> Request:
-    request: Request = record.payload[0]
-    return request
+    submission: Submission = record.payload
+    return submission.request
 
 
 def _frontend(record: RequestRecord) -> bytes:
-    frontend: bytes = record.payload[1]
-    return frontend
+    submission: Submission = record.payload
+    return submission.frontend

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-from diptych.services.common.cli import env_default
+from diptych.services.common.cli import add_curve_arguments, env_default
 
 BUILTIN_MODEL_NAME = "diptych-tiny"
 
@@ -18,7 +18,8 @@ class FrontendConfig:
     cancelled and fails with 504. ``slo_tiers_file``: JSON tiers map (``services.frontend.identity`` describes both
     files). ``admin_keys_file``: operator API keys, one per line. ``ssl_certfile``/``ssl_keyfile``: PEM files; with
     them the HTTP API is HTTPS. ``keys_dir``: a CURVE key set (``services.common.security``); with it the coordinator
-    link and the token stream use CURVE as ``key_name``, else they are plaintext."""
+    link and the token stream use CURVE as ``key_name``; without it the frontend starts only with ``insecure_no_curve``
+    (plaintext, no check of who sends tokens)."""
 
     model: str | None = None
     served_model_name: str | None = None
@@ -37,6 +38,7 @@ class FrontendConfig:
     ssl_keyfile: str | None = None
     keys_dir: str | None = None
     key_name: str = "frontend"
+    insecure_no_curve: bool = False
 
     def __post_init__(self) -> None:
         if self.served_model_name is None:
@@ -98,11 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve HTTPS with this certificate (chain) [plain HTTP]")
     p.add_argument("--ssl-keyfile", default=env_default("ssl_keyfile", "") or None, metavar="PEM",
                    help="private key of --ssl-certfile, if not in that file")
-    p.add_argument("--keys-dir", default=env_default("keys_dir", "") or None, metavar="DIR",
-                   help="CURVE key set ('diptych keys generate'): authenticate and encrypt the coordinator link and "
-                        "the token stream [plaintext]")
-    p.add_argument("--key-name", default=env_default("key_name", d.key_name),
-                   help="this process's name in the key set [%(default)s]")
+    add_curve_arguments(p, d.key_name)
     p.add_argument("--log-level", default=None, help="logging level [DIPTYCH_LOG_LEVEL or INFO]")
     return p
 
@@ -116,7 +114,8 @@ def parse_config(argv: list[str] | None = None) -> FrontendConfig:
             sdk_addr=args.sdk_addr, stream_addr=args.stream_addr, coordinator_addr=args.coordinator_addr,
             api_keys_file=args.api_keys_file, slo_tiers_file=args.slo_tiers, max_model_len=args.max_model_len,
             request_timeout_s=args.request_timeout, log_level=args.log_level, admin_keys_file=args.admin_keys,
-            ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile, keys_dir=args.keys_dir,
+            ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile,
+            keys_dir=None if args.insecure_no_curve else args.keys_dir, insecure_no_curve=args.insecure_no_curve,
             key_name=args.key_name,
         )
     except ValueError as exc:

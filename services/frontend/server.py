@@ -19,16 +19,17 @@ import uvicorn
 import zmq
 import zmq.asyncio
 
-from diptych.services.common.security import KeySet, ZapAuthenticator
+from diptych.services.common.cli import NO_KEYS_ERROR
+from diptych.services.common.security import ZapAuthenticator, load_keys
 from diptych.services.common.sockets import bind_address, make_socket
 from diptych.services.frontend.config import FrontendConfig
 from diptych.services.frontend.coordinator_link import CoordinatorLink, frontend_identity
 from diptych.services.frontend.http_api import create_app
 from diptych.services.frontend.identity import ClientDirectory
+from diptych.services.frontend.metrics import FrontendMetrics, MeteredRequestTracker
 from diptych.services.frontend.model_info import ModelInfo
 from diptych.services.frontend.sdk_endpoint import SdkEndpoint
 from diptych.services.frontend.slo import SloPolicy
-from diptych.services.frontend.tracker import RequestTracker
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,9 @@ async def serve(config: FrontendConfig, directory: ClientDirectory, slo_policy: 
         if config.ssl_certfile:  # fail here, not at the first connection
             ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(config.ssl_certfile,
                                                                                 config.ssl_keyfile)
-        keys = KeySet.load(config.keys_dir) if config.keys_dir else None
+        if config.keys_dir is None and not config.insecure_no_curve:
+            raise ValueError(NO_KEYS_ERROR)
+        keys = load_keys(config.keys_dir, config.key_name)
         link_security = keys.client(config.key_name, "coordinator") if keys else None
         stream_security = keys.server(config.key_name) if keys else None
         family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
@@ -77,7 +80,9 @@ async def serve(config: FrontendConfig, directory: ClientDirectory, slo_policy: 
             authenticator.start()
         coordinator = CoordinatorLink(ctx, config.coordinator_addr, frontend_identity(), link_security)
         stream_sock = make_socket(ctx, zmq.PULL, bind=bind_address(config.stream_addr), security=stream_security)
-        tracker = RequestTracker(info, coordinator, config.stream_addr, config.request_timeout_s)
+        metrics = FrontendMetrics(coordinator.query_status)
+        tracker = MeteredRequestTracker(metrics.requests, info, coordinator, config.stream_addr,
+                                        config.request_timeout_s, config.key_name)
         sdk = SdkEndpoint(ctx, config.sdk_addr, tracker, info, directory, slo_policy)
     except zmq.ZMQError as exc:
         log.error("cannot start: %s (sdk=%s, stream=%s)", exc, config.sdk_addr, config.stream_addr)
@@ -86,11 +91,9 @@ async def serve(config: FrontendConfig, directory: ClientDirectory, slo_policy: 
             await authenticator.stop()
         ctx.destroy(linger=0)
         return 1
-    if keys is None:
-        log.warning("coordinator link and token stream are plaintext and unauthenticated (no --keys-dir)")
     if directory.admin_open:
         log.warning("operator endpoints (/admin/status) are open to every caller: no API or admin keys configured")
-    app = create_app(info, tracker, directory, slo_policy, coordinator)
+    app = create_app(info, tracker, directory, slo_policy, coordinator, metrics)
     server = _EmbeddedServer(uvicorn.Config(app, lifespan="off", log_level="warning",
                                             timeout_graceful_shutdown=HTTP_GRACE_S,
                                             ssl_certfile=config.ssl_certfile, ssl_keyfile=config.ssl_keyfile))
@@ -98,7 +101,7 @@ async def serve(config: FrontendConfig, directory: ClientDirectory, slo_policy: 
     background = [
         asyncio.create_task(tracker.run_token_stream(stream_sock), name="token-stream"),
         asyncio.create_task(coordinator.run_sender(), name="coordinator-send"),
-        asyncio.create_task(coordinator.run_receiver(tracker.on_failed), name="coordinator-recv"),
+        asyncio.create_task(coordinator.run_receiver(tracker.on_failed, tracker.on_lost), name="coordinator-recv"),
         asyncio.create_task(sdk.run(), name="sdk"),
     ]
     log.info("serving model %r (max_model_len=%d, %s, SLO tiers %s) on %s://%s:%d, sdk=%s, stream=%s, "

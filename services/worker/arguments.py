@@ -6,7 +6,7 @@ import argparse
 import uuid
 
 from diptych.engine.protocol import WorkerEngine
-from diptych.services.common.cli import env_default
+from diptych.services.common.cli import add_curve_arguments, env_default
 
 
 def add_worker_arguments(parser: argparse.ArgumentParser, name: str) -> None:
@@ -43,6 +43,7 @@ def add_worker_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument("--sim-handoff-latency-ms", type=float, default=1.0,
                         help="with --engine sim: modelled KV transfer latency, ms [%(default)s]")
     parser.add_argument("--heartbeat-interval", type=float, default=0.5, help="seconds between heartbeats")
+    add_curve_arguments(parser, None)
     parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING [INFO]")
 
 

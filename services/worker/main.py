@@ -10,7 +10,9 @@ import sys
 from collections.abc import Callable
 
 from diptych.proto.roles import WorkerRole
+from diptych.services.common.cli import check_curve_arguments
 from diptych.services.common.lifecycle import run_service, setup_logging
+from diptych.services.common.security import load_keys
 from diptych.services.worker.arguments import add_worker_arguments, build_engine
 from diptych.services.worker.links import WorkerLinks
 from diptych.services.worker.role import Role
@@ -52,16 +54,19 @@ def worker_main(name: str, description: str, default_role: WorkerRole,
     if extra_arguments is not None:
         extra_arguments(parser)
     args = parser.parse_args(argv)
+    check_curve_arguments(parser, args)
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     setup_logging(args.worker_id, args.log_level)
+    key_name = args.key_name or args.worker_id
     try:
+        keys = load_keys(None if args.insecure_no_curve else args.keys_dir, key_name)
         engine = build_engine(args)
     except (ValueError, KeyError, TypeError) as exc:
         parser.error(str(exc))
     role = WorkerRole(getattr(args, "role", default_role))
 
     async def serve(stop: asyncio.Event) -> None:
-        links = WorkerLinks(args.worker_id, engine, args.coordinator_addr)
+        links = WorkerLinks(args.worker_id, engine, args.coordinator_addr, keys, key_name)
         roles = compose_roles(role, links, getattr(args, "kv_addr", ""))
         await Worker(links, role, roles, args.heartbeat_interval).run(stop)
 

@@ -38,6 +38,10 @@ from diptych.services.worker.role import ROLE_ORDER, Role
 log = logging.getLogger("diptych.worker")
 
 UNKNOWN_WORKER = "unknown worker"
+REGISTER_ACK_TIMEOUT_S = 5.0
+"""How long a registration waits for its ``RegisterAck`` before it is sent again (a lost ack, a coordinator not up)."""
+REGISTER_BACKOFF_S = (1.0, 30.0)
+"""First and longest wait before registering again after a refusal or a lost ack (doubling in between)."""
 
 
 class Worker:
@@ -59,17 +63,26 @@ class Worker:
         self._prefill_tps = 0.0
         """Recent prompt tokens per second while prefilling (exponential average over iterations)."""
         self._shipping: asyncio.Task[None] | None = None
+        self._registering: asyncio.Task[None] | None = None
+        self._register_answer: asyncio.Future[bool] | None = None
+        """The answer to the registration in flight: the coordinator's ``RegisterAck.ok``."""
 
     # ------------------------------------------------------------------ lifecycle
 
     async def run(self, stop: asyncio.Event) -> None:
-        await self._register()
+        self._register_answer = asyncio.get_running_loop().create_future()
+        await self._register()  # before the first heartbeat leaves on the same socket
+        self._registering = asyncio.create_task(self._register_until_accepted(sent=True))
         tasks = [asyncio.create_task(self._control_loop()),
+                 asyncio.create_task(self.links.serve_authenticator()),
                  *(asyncio.create_task(loop) for role in self.roles for loop in role.background())]
         engine_task = asyncio.create_task(self._engine_loop(stop))
         done, _ = await asyncio.wait([engine_task, *tasks], return_when=asyncio.FIRST_COMPLETED)
         for task in [engine_task, *tasks]:
             task.cancel()
+        if self._registering is not None:
+            self._registering.cancel()
+            tasks.append(self._registering)
         await asyncio.gather(engine_task, *tasks, return_exceptions=True)
         for task in done:
             if not task.cancelled() and task.exception() is not None:
@@ -117,14 +130,43 @@ class Worker:
             log.warning("dropped unexpected %s", type(msg).__name__)
 
     async def _on_register_ack(self, msg: RegisterAck) -> None:
-        if msg.ok:
-            log.info("worker %s registered", self.worker_id)
-        elif msg.error == UNKNOWN_WORKER:  # the coordinator restarted or evicted us: start over
-            log.warning("coordinator does not know worker %s; re-registering", self.worker_id)
-            await self._abort_all("coordinator lost this worker")
-            await self._register()
-        else:
-            raise RuntimeError(f"coordinator refused worker {self.worker_id}: {msg.error}")
+        """An answer to a registration, or ``UNKNOWN_WORKER`` to a heartbeat (the coordinator restarted or evicted
+        this worker: register again, unless a registration is under way). Never raises: a refusal is logged and the
+        registration retried with backoff."""
+        answer = self._register_answer
+        if msg.error == UNKNOWN_WORKER:
+            if self._registering is None or self._registering.done():
+                log.warning("coordinator does not know worker %s; re-registering", self.worker_id)
+                await self._abort_all("coordinator lost this worker")
+                self._registering = asyncio.create_task(self._register_until_accepted(sent=False))
+        elif answer is not None and not answer.done():
+            if msg.ok:
+                log.info("worker %s registered", self.worker_id)
+            else:
+                log.error("coordinator refused worker %s: %s", self.worker_id, msg.error)
+            answer.set_result(msg.ok)
+        elif msg.ok:
+            log.debug("worker %s: a repeated registration ack", self.worker_id)
+
+    async def _register_until_accepted(self, sent: bool) -> None:
+        """Register (``sent``: the first registration already left) until the coordinator accepts; after a refusal
+        or no answer within ``REGISTER_ACK_TIMEOUT_S``, wait (doubling from ``REGISTER_BACKOFF_S[0]``), drop every
+        request held (a repeated registration replaces this worker's entry at the coordinator) and send again."""
+        delay, longest = REGISTER_BACKOFF_S
+        while True:
+            if not sent:
+                self._register_answer = asyncio.get_running_loop().create_future()
+                await self._register()
+            sent = False
+            assert self._register_answer is not None
+            try:
+                if await asyncio.wait_for(asyncio.shield(self._register_answer), REGISTER_ACK_TIMEOUT_S):
+                    return
+            except asyncio.TimeoutError:
+                log.warning("no answer to the registration of %s; sending it again", self.worker_id)
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, longest)
+            await self._abort_all("registering again")
 
     # ------------------------------------------------------------------ cancellation
 

@@ -31,7 +31,7 @@ import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
 from diptych import proto
-from diptych.services.common.security import ZAP_DOMAIN, KeySet
+from diptych.services.common.security import ZAP_DOMAIN, KeySet, generate_key_set
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -188,14 +188,19 @@ class Frontend:
 
 
 def _launch(model: str, log_dir: str, name: str, *extra: str, keys: KeySet | None = None,
-            scheme: str = "http") -> Frontend:
+            scheme: str = "http", insecure: bool = False) -> Frontend:
+    """Start a frontend with its fake cluster; CURVE on (``keys``, else a fresh key set in ``log_dir``) unless
+    ``insecure``."""
     http, sdk, stream = free_port(), free_port(), free_port()
+    if keys is None and not insecure:
+        keys = generate_key_set(os.path.join(log_dir, f"{name}-curve"), ["coordinator", "frontend", "prefill-0"])
+    curve = ["--insecure-no-curve"] if keys is None else ["--keys-dir", str(keys.directory)]
     cluster = FakeCluster(f"tcp://127.0.0.1:{free_port()}", keys)
     log_path = os.path.join(log_dir, f"{name}.log")
     cmd = [sys.executable, "-m", "diptych.services.frontend", "--model", model, "--served-model-name", "tiny",
            "--http-port", str(http), "--sdk-addr", f"tcp://127.0.0.1:{sdk}",
            "--stream-addr", f"tcp://127.0.0.1:{stream}", "--coordinator-addr", cluster.address,
-           "--log-level", "DEBUG", *extra]
+           "--log-level", "DEBUG", *curve, *extra]
     with open(log_path, "wb") as out:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
     return Frontend(proc, f"{scheme}://127.0.0.1:{http}", f"tcp://127.0.0.1:{sdk}", f"tcp://127.0.0.1:{stream}",

@@ -54,11 +54,11 @@ class RecordingLinks:
     async def send_control(self, msg: Any) -> None:
         self.control.append(msg)
 
-    async def push(self, addr: str, msg: Any) -> None:
+    async def push(self, addr: str, msg: Any, server_key: str) -> None:
         self.pushed.append((addr, msg))
 
-    async def stream_tokens(self, by_addr) -> None:
-        for addr, outputs in by_addr.items():
+    async def stream_tokens(self, streams) -> None:
+        for (addr, _key), outputs in streams.items():
             self.pushed.append((addr, TokenBatch(outputs=outputs)))
 
     def bind_pull(self, addr: str) -> None:

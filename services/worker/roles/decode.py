@@ -35,7 +35,7 @@ from diptych.proto.messages import (
     WorkerLoad,
 )
 from diptych.proto.roles import Pool
-from diptych.services.common.sockets import recv_message
+from diptych.services.common.sockets import recv_authenticated
 from diptych.services.worker.links import WorkerLinks
 from diptych.services.worker.roles.held_blocks import HeldBlocks
 
@@ -51,6 +51,7 @@ class DecodeJob:
     streamed output."""
 
     stream_addr: str
+    stream_key: str
     pending_events: dict[str, float] = field(default_factory=dict)
 
 
@@ -66,6 +67,8 @@ class DecodeRole:
         self._decoding: dict[str, DecodeJob] = {}
         self._share = _share_pool(links.engine)
         self._held = HeldBlocks()
+        self._pushers: dict[str, str] = {}
+        """Request id -> the worker whose key may push its KV here (from ``ReserveKV``), while reserved."""
 
     def kv_ingress(self) -> tuple[str, dict[str, Any]] | None:
         return self._kv_addr, self._share
@@ -80,6 +83,8 @@ class DecodeRole:
         if not isinstance(msg, ReserveKV):
             return False
         ok = self.engine.reserve(msg.request_id, msg.num_blocks)  # safe during an iteration (Engine.reserve)
+        if ok:
+            self._pushers[msg.request_id] = msg.prefill_worker_id
         if not ok:
             log.warning("req=%s reservation of %d blocks refused (%d free)", msg.request_id, msg.num_blocks,
                         self.engine.kv.allocator.num_free)
@@ -91,7 +96,8 @@ class DecodeRole:
     def adopt(self, request: Request, events: dict[str, float]) -> None:
         """Take over a request prefilled on this worker at its first token (``roles.colocated``): stream it (with
         its prefill ``events``) and report it from now on."""
-        self._decoding[request.request_id] = DecodeJob(stream_addr=request.stream_addr, pending_events=events)
+        self._decoding[request.request_id] = DecodeJob(stream_addr=request.stream_addr, stream_key=request.stream_key,
+                                                       pending_events=events)
 
     async def prepare_abort(self, request_id: str) -> bool:
         if not self._share:
@@ -106,11 +112,14 @@ class DecodeRole:
     async def aborted(self, request_id: str, held: bool) -> None:
         if held:
             self._decoding.pop(request_id, None)
+            if request_id not in self._held:  # a shared pool's held blocks wait for their pusher to stop
+                self._pushers.pop(request_id, None)
 
     def report(self, load: WorkerLoad) -> None:
         pass
 
     async def _push_stopped(self, request_id: str) -> None:
+        self._pushers.pop(request_id, None)
         await self._free(self._held.push_stopped(request_id, time.monotonic()))
 
     async def _free(self, blocks: list[int]) -> None:
@@ -129,12 +138,15 @@ class DecodeRole:
     async def _kv_loop(self) -> None:
         try:
             while True:
-                _, msg = await recv_message(self.kv_in)
+                _, sender, msg = await recv_authenticated(self.kv_in)
                 if isinstance(msg, ProtocolError):
-                    log.warning("dropped a malformed KV message: %s", msg)
+                    log.warning("dropped a malformed KV message (key %s): %s", sender, msg)
+                elif sender is not None and not self._may_push(sender, msg):
+                    continue
                 elif isinstance(msg, KVHandoff):
                     await self._on_handoff(msg)
                 elif isinstance(msg, KVPushAborted):
+                    self._pushers.pop(msg.request_id, None)
                     if self._share:
                         await self._push_stopped(msg.request_id)
                 else:
@@ -142,6 +154,21 @@ class DecodeRole:
                 self.links.wake()
         finally:
             self.kv_in.close()
+
+    def _may_push(self, sender: str, msg: Any) -> bool:
+        """With CURVE: KV messages about a request come only from the prefill worker the coordinator named in its
+        ``ReserveKV``, while this role expects them (refusals logged; a late message about a request no longer
+        expected is dropped quietly)."""
+        request_id = msg.request.request_id if isinstance(msg, KVHandoff) else getattr(msg, "request_id", None)
+        pusher = self._pushers.get(request_id) if isinstance(request_id, str) else None
+        if pusher == sender:
+            return True
+        if pusher is None:
+            log.debug("req=%s dropped %s from %s: no KV expected", request_id, type(msg).__name__, sender)
+        else:
+            log.warning("req=%s refused %s from key %s: its KV comes from %s", request_id, type(msg).__name__,
+                        sender, pusher)
+        return False
 
     async def _fail(self, request_id: str) -> None:
         await self.links.send_control(RequestDone(request_id=request_id, worker_id=self.links.worker_id,
@@ -159,6 +186,7 @@ class DecodeRole:
                 await self._fail(rid)
             return
         started = time.time()
+        self._pushers.pop(rid, None)
         try:
             frames = None if msg.path == HANDOFF_CUDA_IPC else msg.blocks  # GPU to GPU: already in our blocks
             await self.links.engine_call(self.engine.add_prefilled, rid, request.prompt_token_ids,
@@ -174,7 +202,7 @@ class DecodeRole:
             await self._fail(rid)
             return
         landed = time.time()
-        self._decoding[rid] = DecodeJob(stream_addr=request.stream_addr, pending_events={
+        self._decoding[rid] = DecodeJob(stream_addr=request.stream_addr, stream_key=request.stream_key, pending_events={
             "handoff_start": msg.sent_time or started, "handoff_end": landed})
         await self.links.send_control(KVReceived(request_id=rid, worker_id=self.links.worker_id,
                                                  num_tokens=msg.num_tokens, transfer_s=landed - started))
@@ -183,7 +211,7 @@ class DecodeRole:
         return False
 
     async def after_step(self, output: StepOutput) -> None:
-        streams: dict[str, list[TokenOutput]] = {}
+        streams: dict[tuple[str, str], list[TokenOutput]] = {}
         counts: dict[str, int] = {}
         finish_reasons: dict[str, str] = {}
         for tok in output.tokens:
@@ -191,7 +219,7 @@ class DecodeRole:
             if job is None:
                 continue
             events, job.pending_events = job.pending_events, {}
-            streams.setdefault(job.stream_addr, []).append(TokenOutput(
+            streams.setdefault((job.stream_addr, job.stream_key), []).append(TokenOutput(
                 request_id=tok.request_id, index=tok.index, token_ids=[tok.token_id], finish_reason=tok.finish_reason,
                 timestamps=[tok.time], events=events))
             counts[tok.request_id] = counts.get(tok.request_id, 0) + 1

@@ -43,6 +43,8 @@ class PrefillJob:
     decode_kv_addr: str
     admitted_time: float
     prefill_start: float = 0.0
+    decode_worker_id: str = ""
+    """The decode worker at ``decode_kv_addr`` (the server key its KV ingress holds)."""
 
     def events(self, prefill_end: float) -> dict[str, float]:
         return {"admitted": self.admitted_time, "prefill_start": self.prefill_start, "prefill_end": prefill_end}
@@ -89,12 +91,14 @@ class PrefillRole:
             log.warning("req=%s refused: %s", rid, exc)
             if msg.decode_kv_addr:
                 await self.links.push(msg.decode_kv_addr, KVPushAborted(request_id=rid,
-                                                                        worker_id=self.links.worker_id))
+                                                                        worker_id=self.links.worker_id),
+                                      msg.decode_worker_id)
             await self.links.send_control(RequestDone(request_id=rid, worker_id=self.links.worker_id,
                                                       finish_reason="error"))
             return True
         self._jobs[rid] = PrefillJob(request=request, decode_kv_addr=msg.decode_kv_addr,
-                                    admitted_time=msg.admitted_time or time.time())
+                                    admitted_time=msg.admitted_time or time.time(),
+                                    decode_worker_id=msg.decode_worker_id)
         path = await self.links.engine_call(self._sender.begin, rid, msg.decode_worker_id, msg.decode_kv_share,
                                             msg.decode_blocks)
         log.debug("req=%s prefill queued (%d tokens) %s", rid, len(request.prompt_token_ids), path)
@@ -111,10 +115,10 @@ class PrefillRole:
         if self._sender.has_pushes():
             self._sender.advance()
         firsts = first_tokens(output, self._jobs)
-        streams: dict[str, list[TokenOutput]] = {}
+        streams: dict[tuple[str, str], list[TokenOutput]] = {}
         for rid, tok in firsts.items():
             job = self._jobs[rid]
-            streams.setdefault(job.request.stream_addr, []).append(TokenOutput(
+            streams.setdefault((job.request.stream_addr, job.request.stream_key), []).append(TokenOutput(
                 request_id=rid, index=tok.index, token_ids=[tok.token_id], finish_reason=tok.finish_reason,
                 timestamps=[tok.time], events=job.events(tok.time)))
         await self.links.stream_tokens(streams)
@@ -130,7 +134,8 @@ class PrefillRole:
             if finished is not None:  # finished with its first token: nothing to hand off
                 self._sender.abandon(rid)
                 await self.links.push(finished.decode_kv_addr, KVPushAborted(request_id=rid,
-                                                                             worker_id=self.links.worker_id))
+                                                                             worker_id=self.links.worker_id),
+                                      finished.decode_worker_id)
                 await self.links.send_control(PrefillDone(
                     request_id=rid, worker_id=self.links.worker_id, handed_off=False,
                     prefill_start=finished.prefill_start, prefill_end=firsts[rid].time))
@@ -145,7 +150,7 @@ class PrefillRole:
         msg = KVHandoff(request=job.request, first_token_id=first.token_id, first_token_time=first.time,
                         num_tokens=num_tokens, layout=self.engine.layout, blocks=frames, sent_time=sent_time,
                         path=path)
-        await self.links.push(job.decode_kv_addr, msg)
+        await self.links.push(job.decode_kv_addr, msg, job.decode_worker_id)
         log.debug("req=%s KV handed to %s by %s (%d frames)", rid, job.decode_kv_addr, path, len(frames))
 
     async def prepare_abort(self, request_id: str) -> bool:
@@ -159,4 +164,5 @@ class PrefillRole:
         job = self._jobs.pop(request_id, None)
         if job is not None:  # not handed off: the decode worker may free its blocks
             await self.links.push(job.decode_kv_addr, KVPushAborted(request_id=request_id,
-                                                                    worker_id=self.links.worker_id))
+                                                                    worker_id=self.links.worker_id),
+                                  job.decode_worker_id)
