@@ -72,10 +72,13 @@ class RequestState:
 
 
 class RequestTracker:
-    def __init__(self, info: ModelInfo, coordinator: CoordinatorLink, stream_addr: str, timeout_s: float) -> None:
+    def __init__(self, info: ModelInfo, coordinator: CoordinatorLink, stream_addr: str, timeout_s: float,
+                 stream_key: str = "frontend") -> None:
+        """``stream_key``: the name of this frontend's CURVE key, which workers expect at ``stream_addr``."""
         self._info = info
         self._coordinator = coordinator
         self._stream_addr = stream_addr
+        self._stream_key = stream_key
         self._timeout_s = timeout_s
         self._requests: dict[str, RequestState] = {}
         self._closed = False
@@ -99,7 +102,7 @@ class RequestTracker:
         request = proto.Request(request_id=state.request_id, client_id=client.client_id,
                                 prompt_token_ids=gen.prompt_token_ids, sampling=gen.sampling,
                                 arrival_time=state.timeline.arrival, stream_addr=self._stream_addr, slo=slo,
-                                weight=client.weight)
+                                weight=client.weight, stream_key=self._stream_key)
         self._coordinator.post(proto.SubmitRequest(request))
         log.info("req=%s admitted via %s client=%s prompt_tokens=%d max_tokens=%d tier=%s tbt_s=%g ttft_s=%s%s",
                  state.request_id, source, client.client_id, state.prompt_len, gen.sampling.max_tokens, slo.tier,
