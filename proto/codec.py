@@ -12,7 +12,9 @@ Invariants:
 - every message type is a dataclass registered with ``@message("tag")`` (which applies ``@dataclass``); tags
   are unique;
 - ``decode(encode(m)) == m`` for every registered message (payload frames come back as ``memoryview``/``bytes``);
-- ``decode`` raises ``ProtocolError`` (never anything else) for malformed, unknown or wrong-version input, so a
+- ``decode`` raises ``ProtocolError`` (never anything else) for malformed, unknown or wrong-version input, and for
+  values outside the ranges their receivers rely on (``proto.validation``, registered per type with
+  ``register_check``; every string at most ``MAX_TEXT_CHARS`` and every list at most ``MAX_LIST_ITEMS`` long), so a
   service can reply with an error or drop the message and keep serving.
 """
 
@@ -35,8 +37,14 @@ else:
 
 PROTOCOL_VERSION = 1
 
+MAX_TEXT_CHARS = 16 << 20
+"""Longest string any field may hold (a prompt text); ``proto.validation`` sets tighter limits per field."""
+MAX_LIST_ITEMS = 1 << 22
+"""Longest list any field may hold; ``proto.validation`` sets tighter limits per field."""
+
 _REGISTRY: dict[str, type] = {}
 _TAGS: dict[type, str] = {}
+_CHECKS: dict[type, Callable[[Any], None]] = {}
 
 T = TypeVar("T")
 
@@ -66,6 +74,11 @@ def message(tag: str) -> Callable[[type[T]], type[T]]:
         return cls
 
     return register
+
+
+def register_check(cls: type, check: Callable[[Any], None]) -> None:
+    """Run ``check(msg)`` on every decoded ``cls`` message; it raises ``ProtocolError`` for out-of-range values."""
+    _CHECKS[cls] = check
 
 
 def payload_field(**kwargs: Any) -> Any:
@@ -134,7 +147,16 @@ def decode(frames: list[Any]) -> Any:
             kwargs[name] = convert(body[name], f"{header['t']}.{name}")
     if payload:
         raise ProtocolError(f"{header['t']}: {len(payload)} unexpected extra frames")
-    return cls(**kwargs)
+    msg = cls(**kwargs)
+    check = _CHECKS.get(cls)
+    if check is not None:
+        try:
+            check(msg)
+        except ProtocolError as exc:
+            raise ProtocolError(f"{header['t']}: {exc}") from None
+        except (TypeError, ValueError, OverflowError) as exc:  # a value no check foresaw: still the peer's fault
+            raise ProtocolError(f"{header['t']}: {exc}") from None
+    return msg
 
 
 # Hot path: every token batch, request and handoff goes through these. Per-class field lists and per-type-hint
@@ -189,7 +211,9 @@ def _converter(hint: Any) -> Converter:
         return _float
     if hint is int:
         return _int
-    if hint in (str, bool, bytes):
+    if hint is str:
+        return _str
+    if hint in (bool, bytes):
         return _exact(hint)
     return lambda value, where: value
 
@@ -214,8 +238,8 @@ def _union(args: tuple) -> Converter:
 def _list(item_hint: Any) -> Converter:
     if item_hint is int:  # token ids, block ids: one pass, no call per element
         def convert_ints(value: Any, where: str) -> Any:
-            if not isinstance(value, list):
-                raise ProtocolError(f"{where}: expected a list, got {type(value).__name__}")
+            if not isinstance(value, list) or len(value) > MAX_LIST_ITEMS:
+                raise ProtocolError(f"{where}: expected a list of at most {MAX_LIST_ITEMS} items")
             for v in value:
                 if type(v) is not int:
                     return [_int(v, where) for v in value]  # raises with the offending value
@@ -226,8 +250,8 @@ def _list(item_hint: Any) -> Converter:
     check_items = item_hint is not Any
 
     def convert(value: Any, where: str) -> Any:
-        if not isinstance(value, list):
-            raise ProtocolError(f"{where}: expected a list, got {type(value).__name__}")
+        if not isinstance(value, list) or len(value) > MAX_LIST_ITEMS:
+            raise ProtocolError(f"{where}: expected a list of at most {MAX_LIST_ITEMS} items")
         return [item(v, where) for v in value] if check_items else value
 
     return convert
@@ -268,6 +292,14 @@ def _float(value: Any, where: str) -> float:
 def _int(value: Any, where: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ProtocolError(f"{where}: expected an integer, got {type(value).__name__}")
+    return value
+
+
+def _str(value: Any, where: str) -> str:
+    if not isinstance(value, str):
+        raise ProtocolError(f"{where}: expected str, got {type(value).__name__}")
+    if len(value) > MAX_TEXT_CHARS:
+        raise ProtocolError(f"{where}: {len(value)} characters, more than {MAX_TEXT_CHARS}")
     return value
 
 
