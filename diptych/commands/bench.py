@@ -1,6 +1,8 @@
 """``diptych bench engine`` and ``diptych bench transfer``: speed against HF transformers and the hardware floor;
 ``diptych bench serve``: load against a running Diptych (``benchmarks/serve_cli.py``); ``diptych bench replay``: the
-slai-vs-sarathi setting on the real engine beside the simulator (``benchmarks/replay.py``)."""
+slai-vs-sarathi setting on the real engine beside the simulator (``benchmarks/replay.py``); ``diptych bench
+warm-start``: first-request TTFT right after a fresh ``diptych serve`` is up vs steady state
+(``benchmarks/warm_start.py``)."""
 
 from __future__ import annotations
 
@@ -49,9 +51,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     from diptych.benchmarks.replay import add_replay_parser
     from diptych.benchmarks.serve_cli import add_serve_parser
+    from diptych.benchmarks.warm_start import add_warm_start_parser
 
     add_serve_parser(kinds)
     add_replay_parser(kinds)
+    add_warm_start_parser(kinds)
 
     t = kinds.add_parser("transfer", help="KV handoff: GPU-to-GPU (CUDA IPC) vs ZeroMQ frames vs a plain copy")
     t.set_defaults(run=run_transfer)
