@@ -92,6 +92,8 @@ class WorkerLoad:
     handoffs: dict[str, dict[str, float]] = field(default_factory=dict)
     """KV this worker handed off since it started, per path (``HANDOFF_FRAMES``, ``HANDOFF_CUDA_IPC``):
     ``requests``, ``bytes``, and ``seconds`` spent after prefill ended until the KV was sent or in place."""
+    preemptions: int = 0
+    """Sequences this worker preempted since it started (0 until KV memory is allocated on demand)."""
 
 
 @dataclass

@@ -2,7 +2,8 @@
 ``stream: true`` as server-sent events), ``GET /v1/models``; and ``GET /health`` (200 when the coordinator answers
 and has at least one prefill and one decode worker, else 503; the body has the worker counts either way) and
 ``GET /admin/status`` (the coordinator's ``ClusterStatus`` as JSON, plus this frontend's running requests; operator
-only: an admin key, or no keys configured at all, see ``identity.AdminAccess``); ``GET /v1/usage`` (the calling
+only: an admin key, or no keys configured at all, see ``identity.AdminAccess``) and ``GET /metrics`` (Prometheus,
+``services.frontend.metrics``; operator only likewise); ``GET /v1/usage`` (the calling
 client's own service: requests, input and output tokens).
 
 Both generation endpoints accept the ``"diptych"`` extension object (``schemas.DiptychOptions``): ``tier``,
@@ -34,6 +35,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from diptych.services.frontend.api_errors import APIError
 from diptych.services.frontend.coordinator_link import CoordinatorLink
 from diptych.services.frontend.identity import AdminAccess, ClientDirectory, ClientIdentity
+from diptych.services.frontend.metrics import FrontendMetrics
 from diptych.services.frontend.model_info import ModelInfo
 from diptych.services.frontend.responses import SSE_DONE, OpenAIFormatter, sse_event
 from diptych.services.frontend.schemas import ChatCompletionRequest, CompletionRequest, DiptychOptions, SamplingFields
@@ -69,7 +71,7 @@ class _TrackedStream(StreamingResponse):
 
 
 def create_app(info: ModelInfo, tracker: RequestTracker, directory: ClientDirectory, slo_policy: SloPolicy,
-               coordinator: CoordinatorLink) -> FastAPI:
+               coordinator: CoordinatorLink, metrics: FrontendMetrics | None = None) -> FastAPI:
     app = FastAPI(title="Diptych", docs_url=None, redoc_url=None, openapi_url=None)
     started = int(time.time())
 
@@ -114,6 +116,11 @@ def create_app(info: ModelInfo, tracker: RequestTracker, directory: ClientDirect
                     colocated_workers=status.colocated_workers)
         ready = status.colocated_workers > 0 or (status.prefill_workers > 0 and status.decode_workers > 0)
         return JSONResponse({"status": "ok" if ready else "no workers", **body}, status_code=200 if ready else 503)
+
+    if metrics is not None:
+        @app.get("/metrics", dependencies=[Depends(authorize_admin)])
+        async def prometheus_metrics() -> Response:
+            return Response(await metrics.render(), media_type=metrics.content_type)
 
     @app.get("/admin/status", dependencies=[Depends(authorize_admin)])
     async def admin_status() -> dict[str, Any]:
