@@ -14,7 +14,7 @@ or directly only from ``Role.after_step`` of an output that needs the engine (``
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 import zmq
@@ -74,10 +74,9 @@ class WorkerLinks:
         return make_socket(self.ctx, zmq.PULL, bind=bind_address(addr), max_msg_bytes=KV_MAX_MSG_BYTES,
                            security=self.keys.server(self.key_name) if self.keys is not None else None)
 
-    async def serve_authenticator(self) -> None:
-        """Answer CURVE handshakes on this worker's bound sockets until cancelled (nothing to do without keys)."""
-        if self.authenticator is not None:
-            await self.authenticator.serve()
+    def background(self) -> list[Coroutine[Any, Any, None]]:
+        """Loops the worker runs while it runs: answering CURVE handshakes on its bound sockets (none without keys)."""
+        return [self.authenticator.serve()] if self.authenticator is not None else []
 
     def _client(self, server_key: str) -> CurveClient | None:
         return self.keys.client(self.key_name, server_key) if self.keys is not None else None

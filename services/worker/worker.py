@@ -74,7 +74,7 @@ class Worker:
         await self._register()  # before the first heartbeat leaves on the same socket
         self._registering = asyncio.create_task(self._register_until_accepted(sent=True))
         tasks = [asyncio.create_task(self._control_loop()),
-                 asyncio.create_task(self.links.serve_authenticator()),
+                 *(asyncio.create_task(loop) for loop in self.links.background()),
                  *(asyncio.create_task(loop) for role in self.roles for loop in role.background())]
         engine_task = asyncio.create_task(self._engine_loop(stop))
         done, _ = await asyncio.wait([engine_task, *tasks], return_when=asyncio.FIRST_COMPLETED)

@@ -64,6 +64,9 @@ class RecordingLinks:
     def bind_pull(self, addr: str) -> None:
         return None
 
+    def background(self) -> list:
+        return []
+
     def wake(self) -> None:
         self.woken.set()
 
