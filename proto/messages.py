@@ -385,3 +385,16 @@ class RequestLost:
 
     request_id: str
     reason: str
+
+
+# ---------------------------------------------------------------- coordinator -> frontend: placement
+
+
+@message("request_placed")
+class RequestPlaced:
+    """Coordinator -> frontend: the workers request ``request_id`` was placed on (its prefill and decode workers, one
+    when colocated), sent before they get its work. With CURVE the frontend accepts the request's ``TokenBatch``
+    outputs only from these workers' keys."""
+
+    request_id: str
+    workers: list[str]

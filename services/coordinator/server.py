@@ -46,6 +46,7 @@ from diptych.proto.messages import (
     RequestDone,
     RequestFailed,
     RequestLost,
+    RequestPlaced,
     ReserveKV,
     StatusQuery,
     SubmitRequest,
@@ -239,6 +240,9 @@ class Coordinator:
         assert record is not None
         log.info("req=%s admitted: prefill=%s decode=%s (%d decode blocks)", dispatch.request_id,
                  dispatch.prefill_worker, dispatch.decode_worker, dispatch.decode_blocks)
+        if self.keys is not None:  # the frontend takes outputs only from these workers; before any can leave one
+            await self._send(_frontend(record), RequestPlaced(
+                request_id=dispatch.request_id, workers=sorted({dispatch.prefill_worker, dispatch.decode_worker})))
         if dispatch.colocated:  # one worker runs it all: no reservation round trip, no handoff
             await self._send(endpoint.identity, PrefillTask(
                 request=_request(record), decode_worker_id=dispatch.decode_worker, decode_kv_addr="",

@@ -154,6 +154,9 @@ class FakeCluster:
                 self._router.send_multipart([self._frontend, *proto.encode(proto.ClusterStatus(
                     prefill_workers=1, decode_workers=1, waiting=0, in_flight=0, clients=self.status_clients))])
             return
+        if isinstance(msg, proto.SubmitRequest) and self._keys is not None:  # its outputs come from prefill-0
+            self._router.send_multipart([self._frontend, *proto.encode(proto.RequestPlaced(
+                request_id=msg.request.request_id, workers=["prefill-0"]))])
         with self._cond:
             self._received.append(msg)
             self._cond.notify_all()
