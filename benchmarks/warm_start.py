@@ -131,11 +131,12 @@ def run_warm_start(args: argparse.Namespace) -> int:
 def report(log: ServerLog, started: float, first: float, first_chunks: int, steady: list[float]) -> dict:
     """Print the comparison; returns it as a dict."""
     median = statistics.median(steady)
-    result = {"startup_s": (log.up_at or started) - started, "kv_pool_tokens": log.pool_tokens(),
+    pools = log.pool_tokens()
+    result = {"startup_s": (log.up_at or started) - started, "kv_pool_tokens": pools,
               "first_ttft_s": first, "first_output_chunks": first_chunks, "steady_ttft_median_s": median,
               "steady_ttft_s": steady, "first_over_steady": first / median if median > 0 else float("inf")}
     print(f"startup to 'up':          {result['startup_s']:.1f} s")
-    print(f"KV pool per worker:       {', '.join(str(t) for t in result['kv_pool_tokens']) or '?'} tokens")
+    print(f"KV pool per worker:       {', '.join(str(t) for t in pools) or '?'} tokens")
     print(f"first request TTFT:       {first * 1e3:.1f} ms ({first_chunks} output chunks)")
     print(f"steady-state TTFT median: {median * 1e3:.1f} ms over {len(steady)} requests")
     print(f"first / steady:           {result['first_over_steady']:.2f}x")

@@ -124,10 +124,11 @@ def clip_to_context(specs: list[RequestSpec], max_context: int) -> list[RequestS
         raise ValueError(f"max_context must be at least 2 tokens, got {max_context}")
     clipped = []
     for spec in specs:
-        if spec.prompt_len + spec.max_tokens <= max_context:
+        requested = spec.max_tokens or spec.output_len
+        if spec.prompt_len + requested <= max_context:
             clipped.append(spec)
             continue
-        output = min(spec.max_tokens or spec.output_len, max_context // 2)
+        output = min(requested, max_context // 2)
         clipped.append(replace(spec, prompt_len=min(spec.prompt_len, max_context - output),
                                output_len=min(spec.output_len, output), max_tokens=output))
     return clipped
