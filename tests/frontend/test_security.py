@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import threading
 import time
 
 import httpx
@@ -16,11 +17,13 @@ import zmq
 from diptych import proto
 from diptych.services.common.security import CurveClient, KeyPair, generate_key_set
 from diptych.services.frontend.identity import AdminAccess, ClientDirectory, ClientIdentity, load_access
-from tests.frontend.conftest import _launch, _stop, _wait_ready, replying
+from tests.frontend.conftest import _launch, _stop, _wait_ready, replying, text_ids
 from tests.security.certs import self_signed_certificate
 
 CLIENTS = {"sk-alice": {"client_id": "alice"}, "sk-bob": {"client_id": "bob"}}
 ADMIN_IN_FILE, ADMIN_IN_LIST = "ak-root", "ak-ops"
+OTHER_WORKER = "decode-9"
+"""A worker key of the cluster that the requests of these tests are not placed on (they run on ``prefill-0``)."""
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +34,7 @@ def secure(tiny_model, tmp_path_factory):
     admin_file = tmp / "admins.txt"
     admin_file.write_text(f"# operators\n{ADMIN_IN_LIST}\n")
     cert, key = self_signed_certificate(tmp)
-    keys = generate_key_set(tmp / "curve", ["coordinator", "frontend", "prefill-0"])
+    keys = generate_key_set(tmp / "curve", ["coordinator", "frontend", "prefill-0", OTHER_WORKER])
     fe = _launch(tiny_model, str(tmp), "secure", "--api-keys-file", str(keys_file), "--admin-keys", str(admin_file),
                  "--ssl-certfile", cert, "--ssl-keyfile", key, "--keys-dir", str(tmp / "curve"),
                  keys=keys, scheme="https")
@@ -109,6 +112,40 @@ def test_token_stream_refuses_a_key_outside_the_set(secure):
     sock.close()
     ctx.term()
     assert f"key {public.decode()} is not in the cluster's key set" in fe.log()
+
+
+def test_tokens_come_only_from_the_worker_the_request_is_on(secure, tokenizer):
+    """The coordinator placed the request on ``prefill-0`` (``RequestPlaced``): another worker's key is refused."""
+    fe, cert = secure
+    fe.cluster.reset()
+    answer: dict[str, httpx.Response] = {}
+
+    def call() -> None:
+        answer["response"] = httpx.post(fe.http_url + "/v1/completions", verify=cert, timeout=30,
+                                        headers={"Authorization": "Bearer sk-alice"},
+                                        json={"model": "tiny", "prompt": "hi", "max_tokens": 8})
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    request = fe.cluster.wait_submit()
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.PUSH)
+    sock.setsockopt(zmq.LINGER, 1000)
+    fe.cluster._keys.client(OTHER_WORKER, "frontend").apply(sock)
+    sock.connect(fe.stream_addr)
+    sock.send_multipart(proto.encode(proto.TokenBatch([proto.TokenOutput(
+        request.request_id, 0, text_ids(tokenizer, "forged"), "stop")])))
+    deadline = time.monotonic() + 10
+    refusal = f"refused output 0 from key {OTHER_WORKER}"
+    while refusal not in fe.log() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    sock.close()
+    ctx.term()
+    assert refusal in fe.log()
+    fe.cluster.push(request, proto.TokenOutput(request.request_id, 0, text_ids(tokenizer, "real"), "stop"))
+    caller.join(30)
+    assert answer["response"].status_code == 200
+    assert answer["response"].json()["choices"][0]["text"] == "real"
 
 
 def test_admin_access_rules():
