@@ -144,6 +144,7 @@ def request(r: m.Request, where: str = "request") -> None:
     sampling(r.sampling, where + ".sampling")
     finite(r.arrival_time, where + ".arrival_time")
     text(r.stream_addr, where + ".stream_addr", MAX_ADDR_CHARS, empty=False)
+    text(r.stream_key, where + ".stream_key", MAX_NAME_CHARS)
     slo(r.slo, where + ".slo")
     if not (math.isfinite(r.weight) and r.weight > 0):
         raise _bad(where + ".weight", f"{r.weight} is not a finite number > 0")
@@ -161,6 +162,7 @@ def load(value: m.WorkerLoad, where: str) -> None:
     count(value.num_waiting, where + ".num_waiting", 1 << 30)
     count(value.num_running, where + ".num_running", 1 << 30)
     count(value.waiting_prompt_tokens, where + ".waiting_prompt_tokens", 1 << 40)
+    count(getattr(value, "preemptions", 0), where + ".preemptions", 1 << 40)
     finite(value.prefill_tps, where + ".prefill_tps", 0.0)
     names(value.handoffs, where + ".handoffs", len(value.handoffs))
     for stats in value.handoffs.values():
@@ -190,85 +192,171 @@ def _output_in_range(o: m.TokenOutput) -> bool:
 
 # ---------------------------------------------------------------- per message type
 
-_CHECKS: dict[type, Callable[[Any], None]] = {
-    m.SubmitRequest: lambda msg: request(msg.request),
-    m.CancelRequest: lambda msg: (ident(msg.request_id, "request_id"), text(msg.reason, "reason", MAX_NAME_CHARS)),
-    m.RequestFailed: lambda msg: (ident(msg.request_id, "request_id"), count(msg.code, "code", 599, minimum=100),
-                                  text(msg.message, "message", MAX_MESSAGE_CHARS),
-                                  msg.retry_after_s is None or finite(msg.retry_after_s, "retry_after_s", 0.0)),
-    m.RegisterWorker: lambda msg: (ident(msg.worker_id, "worker_id"), one_of(msg.role, ROLES, "role"),
-                                   text(msg.model, "model", MAX_MODEL_CHARS, empty=False), layout(msg.layout, "layout"),
-                                   text(msg.kv_addr, "kv_addr", MAX_ADDR_CHARS), load(msg.load, "load"),
-                                   count(msg.max_model_len, "max_model_len", MAX_CONTEXT_TOKENS, minimum=1),
-                                   names(msg.kv_share, "kv_share", len(msg.kv_share))),
-    m.RegisterAck: lambda msg: text(msg.error, "error", MAX_MESSAGE_CHARS),
-    m.Heartbeat: lambda msg: (ident(msg.worker_id, "worker_id"), load(msg.load, "load"), finite(msg.time, "time")),
-    m.ReserveKV: lambda msg: (ident(msg.request_id, "request_id"), count(msg.num_blocks, "num_blocks", MAX_BLOCKS)),
-    m.KVReserved: lambda msg: (ident(msg.request_id, "request_id"), ident(msg.worker_id, "worker_id"),
-                               text(msg.error, "error", MAX_MESSAGE_CHARS),
-                               token_ids(msg.block_ids, "block_ids", MAX_BLOCKS)),
-    m.PrefillTask: lambda msg: (request(msg.request), ident(msg.decode_worker_id, "decode_worker_id"),
-                                text(msg.decode_kv_addr, "decode_kv_addr", MAX_ADDR_CHARS),
-                                finite(msg.admitted_time, "admitted_time"),
-                                token_ids(msg.decode_blocks, "decode_blocks", MAX_BLOCKS),
-                                names(msg.decode_kv_share, "decode_kv_share", len(msg.decode_kv_share))),
-    m.PrefillDone: lambda msg: (ident(msg.request_id, "request_id"), ident(msg.worker_id, "worker_id"),
-                                finite(msg.prefill_start, "prefill_start"), finite(msg.prefill_end, "prefill_end")),
-    m.KVReceived: lambda msg: (ident(msg.request_id, "request_id"), ident(msg.worker_id, "worker_id"),
-                               count(msg.num_tokens, "num_tokens", MAX_CONTEXT_TOKENS, minimum=1),
-                               finite(msg.transfer_s, "transfer_s", 0.0)),
-    m.TokenReport: lambda msg: (ident(msg.worker_id, "worker_id"), _token_counts(msg.counts)),
-    m.RequestDone: lambda msg: (ident(msg.request_id, "request_id"), ident(msg.worker_id, "worker_id"),
-                                text(msg.finish_reason, "finish_reason", MAX_NAME_CHARS)),
-    m.KVHandoff: lambda msg: (request(msg.request), count(msg.first_token_id, "first_token_id", MAX_TOKEN_ID),
-                              finite(msg.first_token_time, "first_token_time"),
-                              count(msg.num_tokens, "num_tokens", MAX_CONTEXT_TOKENS, minimum=1),
-                              layout(msg.layout, "layout"), count(len(msg.blocks), "blocks", MAX_BLOCKS),
-                              finite(msg.sent_time, "sent_time"), one_of(msg.path, HANDOFF_PATHS, "path")),
-    m.KVPushAborted: lambda msg: (ident(msg.request_id, "request_id"), ident(msg.worker_id, "worker_id")),
-    m.TokenBatch: lambda msg: _outputs(msg.outputs),
-    m.ClientGenerate: lambda msg: (ident(msg.request_id, "request_id"), _client_prompt(msg),
-                                   sampling_sizes(msg.sampling, "sampling"),
-                                   msg.api_key is None or text(msg.api_key, "api_key", MAX_API_KEY_CHARS),
-                                   msg.slo is None or slo(msg.slo, "slo")),
-    m.ClientCancel: lambda msg: ident(msg.request_id, "request_id"),
-    m.ClientChunk: lambda msg: (ident(msg.request_id, "request_id"), token_ids(msg.token_ids, "token_ids"),
-                                msg.finish_reason is None or one_of(msg.finish_reason, FINISH_REASONS,
-                                                                    "finish_reason"),
-                                count(msg.prompt_tokens, "prompt_tokens", MAX_CONTEXT_TOKENS),
-                                count(msg.completion_tokens, "completion_tokens", MAX_CONTEXT_TOKENS)),
-    m.ClientError: lambda msg: (text(msg.request_id, "request_id", MAX_ID_CHARS),
-                                count(msg.code, "code", 599, minimum=100),
-                                text(msg.message, "message", MAX_MESSAGE_CHARS)),
-    m.ClusterStatus: lambda msg: (count(msg.prefill_workers, "prefill_workers", 1 << 20),
-                                  count(msg.decode_workers, "decode_workers", 1 << 20),
-                                  count(msg.colocated_workers, "colocated_workers", 1 << 20),
-                                  count(msg.waiting, "waiting", 1 << 40), count(msg.in_flight, "in_flight", 1 << 40)),
-}
-"""One check per message type that has fields; ``StatusQuery`` has none."""
+def _submit(msg: m.SubmitRequest) -> None:
+    request(msg.request)
 
 
-def _token_counts(counts: dict[str, int]) -> None:
-    if len(counts) > MAX_MAP_ENTRIES:
-        raise _bad("counts", f"{len(counts)} entries, more than {MAX_MAP_ENTRIES}")
-    for request_id, n in counts.items():
+def _cancel(msg: m.CancelRequest) -> None:
+    ident(msg.request_id, "request_id")
+    text(msg.reason, "reason", MAX_NAME_CHARS)
+
+
+def _failed(msg: m.RequestFailed) -> None:
+    ident(msg.request_id, "request_id")
+    count(msg.code, "code", 599, minimum=100)
+    text(msg.message, "message", MAX_MESSAGE_CHARS)
+    if msg.retry_after_s is not None:
+        finite(msg.retry_after_s, "retry_after_s", 0.0)
+
+
+def _lost(msg: m.RequestLost) -> None:
+    ident(msg.request_id, "request_id")
+    text(msg.reason, "reason", MAX_MESSAGE_CHARS)
+
+
+def _register(msg: m.RegisterWorker) -> None:
+    ident(msg.worker_id, "worker_id")
+    one_of(msg.role, ROLES, "role")
+    text(msg.model, "model", MAX_MODEL_CHARS, empty=False)
+    layout(msg.layout, "layout")
+    text(msg.kv_addr, "kv_addr", MAX_ADDR_CHARS)
+    load(msg.load, "load")
+    count(msg.max_model_len, "max_model_len", MAX_CONTEXT_TOKENS, minimum=1)
+    names(msg.kv_share, "kv_share", len(msg.kv_share))
+
+
+def _register_ack(msg: m.RegisterAck) -> None:
+    text(msg.error, "error", MAX_MESSAGE_CHARS)
+
+
+def _heartbeat(msg: m.Heartbeat) -> None:
+    ident(msg.worker_id, "worker_id")
+    load(msg.load, "load")
+    finite(msg.time, "time")
+
+
+def _reserve(msg: m.ReserveKV) -> None:
+    ident(msg.request_id, "request_id")
+    count(msg.num_blocks, "num_blocks", MAX_BLOCKS)
+
+
+def _reserved(msg: m.KVReserved) -> None:
+    ident(msg.request_id, "request_id")
+    ident(msg.worker_id, "worker_id")
+    text(msg.error, "error", MAX_MESSAGE_CHARS)
+    token_ids(msg.block_ids, "block_ids", MAX_BLOCKS)
+
+
+def _prefill(msg: m.PrefillTask) -> None:
+    request(msg.request)
+    ident(msg.decode_worker_id, "decode_worker_id")
+    text(msg.decode_kv_addr, "decode_kv_addr", MAX_ADDR_CHARS)
+    finite(msg.admitted_time, "admitted_time")
+    token_ids(msg.decode_blocks, "decode_blocks", MAX_BLOCKS)
+    names(msg.decode_kv_share, "decode_kv_share", len(msg.decode_kv_share))
+
+
+def _prefill_done(msg: m.PrefillDone) -> None:
+    ident(msg.request_id, "request_id")
+    ident(msg.worker_id, "worker_id")
+    finite(msg.prefill_start, "prefill_start")
+    finite(msg.prefill_end, "prefill_end")
+
+
+def _kv_received(msg: m.KVReceived) -> None:
+    ident(msg.request_id, "request_id")
+    ident(msg.worker_id, "worker_id")
+    count(msg.num_tokens, "num_tokens", MAX_CONTEXT_TOKENS, minimum=1)
+    finite(msg.transfer_s, "transfer_s", 0.0)
+
+
+def _token_report(msg: m.TokenReport) -> None:
+    ident(msg.worker_id, "worker_id")
+    if len(msg.counts) > MAX_MAP_ENTRIES:
+        raise _bad("counts", f"{len(msg.counts)} entries, more than {MAX_MAP_ENTRIES}")
+    for request_id, n in msg.counts.items():
         ident(request_id, "counts")
         count(n, "counts", MAX_CONTEXT_TOKENS)
 
 
-def _outputs(outputs: list[m.TokenOutput]) -> None:
-    if len(outputs) > MAX_BATCH_OUTPUTS:
-        raise _bad("outputs", f"{len(outputs)} outputs, more than {MAX_BATCH_OUTPUTS}")
-    for i, o in enumerate(outputs):
+def _request_done(msg: m.RequestDone) -> None:
+    ident(msg.request_id, "request_id")
+    ident(msg.worker_id, "worker_id")
+    text(msg.finish_reason, "finish_reason", MAX_NAME_CHARS)
+
+
+def _handoff(msg: m.KVHandoff) -> None:
+    request(msg.request)
+    count(msg.first_token_id, "first_token_id", MAX_TOKEN_ID)
+    finite(msg.first_token_time, "first_token_time")
+    count(msg.num_tokens, "num_tokens", MAX_CONTEXT_TOKENS, minimum=1)
+    layout(msg.layout, "layout")
+    count(len(msg.blocks), "blocks", MAX_BLOCKS)
+    finite(msg.sent_time, "sent_time")
+    one_of(msg.path, HANDOFF_PATHS, "path")
+
+
+def _push_aborted(msg: m.KVPushAborted) -> None:
+    ident(msg.request_id, "request_id")
+    ident(msg.worker_id, "worker_id")
+
+
+def _token_batch(msg: m.TokenBatch) -> None:
+    if len(msg.outputs) > MAX_BATCH_OUTPUTS:
+        raise _bad("outputs", f"{len(msg.outputs)} outputs, more than {MAX_BATCH_OUTPUTS}")
+    for i, o in enumerate(msg.outputs):
         if not _output_in_range(o):
             output(o, f"outputs[{i}]")
 
 
-def _client_prompt(msg: m.ClientGenerate) -> None:
+def _client_generate(msg: m.ClientGenerate) -> None:
+    ident(msg.request_id, "request_id")
     if msg.prompt is not None:
         text(msg.prompt, "prompt", MAX_PROMPT_CHARS)
     if msg.prompt_token_ids is not None:
         token_ids(msg.prompt_token_ids, "prompt_token_ids")
+    sampling_sizes(msg.sampling, "sampling")
+    if msg.api_key is not None:
+        text(msg.api_key, "api_key", MAX_API_KEY_CHARS)
+    if msg.slo is not None:
+        slo(msg.slo, "slo")
+
+
+def _client_cancel(msg: m.ClientCancel) -> None:
+    ident(msg.request_id, "request_id")
+
+
+def _client_chunk(msg: m.ClientChunk) -> None:
+    ident(msg.request_id, "request_id")
+    token_ids(msg.token_ids, "token_ids")
+    if msg.finish_reason is not None:
+        one_of(msg.finish_reason, FINISH_REASONS, "finish_reason")
+    count(msg.prompt_tokens, "prompt_tokens", MAX_CONTEXT_TOKENS)
+    count(msg.completion_tokens, "completion_tokens", MAX_CONTEXT_TOKENS)
+
+
+def _client_error(msg: m.ClientError) -> None:
+    text(msg.request_id, "request_id", MAX_ID_CHARS)
+    count(msg.code, "code", 599, minimum=100)
+    text(msg.message, "message", MAX_MESSAGE_CHARS)
+
+
+def _cluster_status(msg: m.ClusterStatus) -> None:
+    for name in ("prefill_workers", "decode_workers", "colocated_workers", "waiting", "in_flight"):
+        count(getattr(msg, name), name, 1 << 40)
+
+
+_CHECKS: dict[type, Callable[[Any], None]] = {
+    m.SubmitRequest: _submit, m.CancelRequest: _cancel, m.RequestFailed: _failed, m.RequestLost: _lost,
+    m.RegisterWorker: _register, m.RegisterAck: _register_ack, m.Heartbeat: _heartbeat, m.ReserveKV: _reserve,
+    m.KVReserved: _reserved, m.PrefillTask: _prefill, m.PrefillDone: _prefill_done, m.KVReceived: _kv_received,
+    m.TokenReport: _token_report, m.RequestDone: _request_done, m.KVHandoff: _handoff,
+    m.KVPushAborted: _push_aborted, m.TokenBatch: _token_batch, m.ClientGenerate: _client_generate,
+    m.ClientCancel: _client_cancel, m.ClientChunk: _client_chunk, m.ClientError: _client_error,
+    m.ClusterStatus: _cluster_status,
+}
+"""One check per message type that has fields (``StatusQuery`` has none); a type missing here gets the codec's type
+and size checks only."""
 
 
 def check_message(msg: Any) -> None:

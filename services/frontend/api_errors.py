@@ -2,6 +2,9 @@
 
 ``status`` follows HTTP and is also the ``code`` of the SDK's ``ClientError``, so both APIs report a failure the
 same way. 499 marks a request cancelled by its own client; it is never sent to anyone.
+
+The message and param are always valid Unicode (any lone surrogate an echoed client value carried is escaped) and
+at most ``MAX_MESSAGE_CHARS`` long, so an error body can always be encoded, as JSON or as a ``ClientError``.
 """
 
 from __future__ import annotations
@@ -28,10 +31,11 @@ class APIError(Exception):
 
     def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
                  retry_after_s: float | None = None) -> None:
+        message = _printable(message)
         super().__init__(message)
         self.status = status
         self.message = message
-        self.param = param
+        self.param = None if param is None else _printable(param)
         self.code = code
         self.retry_after_s = retry_after_s
 
@@ -43,6 +47,18 @@ class APIError(Exception):
         if self.retry_after_s is None:
             return {}
         return {"Retry-After": str(max(1, round(self.retry_after_s)))}
+
+
+MAX_MESSAGE_CHARS = 4096
+
+
+def _printable(text: str) -> str:
+    """``text`` encodable as UTF-8 (lone surrogates escaped) and at most ``MAX_MESSAGE_CHARS`` long."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text if len(text) <= MAX_MESSAGE_CHARS else text[:MAX_MESSAGE_CHARS - 3] + "..."
 
 
 def bad_request(message: str, param: str | None = None) -> APIError:

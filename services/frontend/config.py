@@ -39,6 +39,8 @@ class FrontendConfig:
     keys_dir: str | None = None
     key_name: str = "frontend"
     insecure_no_curve: bool = False
+    max_body_bytes: int = 16 << 20
+    """Largest HTTP request body accepted; a larger one is a 413 before it is parsed."""
 
     def __post_init__(self) -> None:
         if self.served_model_name is None:
@@ -49,6 +51,8 @@ class FrontendConfig:
             raise ValueError("max_model_len must be at least 2")
         if self.request_timeout_s <= 0:
             raise ValueError("request_timeout_s must be positive")
+        if self.max_body_bytes <= 0:
+            raise ValueError("max_body_bytes must be positive")
         if self.ssl_keyfile and not self.ssl_certfile:
             raise ValueError("--ssl-keyfile needs --ssl-certfile")
 
@@ -91,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "keys file (not both)"),
     p.add_argument("--max-model-len", type=int, default=env_default("max_model_len", 0) or None,
                    help="context length in tokens (prompt + output); default: the model's max_position_embeddings")
+    p.add_argument("--max-body-bytes", type=int, default=env_default("max_body_bytes", d.max_body_bytes),
+                   help="largest HTTP request body accepted, in bytes; larger ones get 413 [%(default)s]")
     p.add_argument("--request-timeout", type=float, default=env_default("request_timeout_s", d.request_timeout_s),
                    help="seconds without output before a request is cancelled with 504 [%(default)s]")
     p.add_argument("--admin-keys", default=env_default("admin_keys", "") or None, metavar="FILE",
@@ -116,7 +122,7 @@ def parse_config(argv: list[str] | None = None) -> FrontendConfig:
             request_timeout_s=args.request_timeout, log_level=args.log_level, admin_keys_file=args.admin_keys,
             ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile,
             keys_dir=None if args.insecure_no_curve else args.keys_dir, insecure_no_curve=args.insecure_no_curve,
-            key_name=args.key_name,
+            key_name=args.key_name, max_body_bytes=args.max_body_bytes,
         )
     except ValueError as exc:
         parser.error(str(exc))  # exits with status 2

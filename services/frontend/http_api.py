@@ -11,6 +11,9 @@ Both generation endpoints accept the ``"diptych"`` extension object (``schemas.D
 (true: the response carries the request's timeline, see ``responses``). ``services/frontend/README.md`` has examples.
 
 Every error is an OpenAI-style body ``{"error": {...}}``; FastAPI's 422 validation responses are replaced by 400s.
+Bad input is a 4xx, never a 500: a body over ``max_body_bytes`` is a 413 before it is parsed (``_BodyLimit``), and a
+string anywhere in a generation request's JSON that is not valid Unicode (a lone surrogate) is a 400
+(``validation.check_json_text``).
 A streamed request waits for its first output before sending headers, so a refusal (429 with ``Retry-After``, 503)
 is still a proper HTTP status; a failure after that is sent as a final ``data: {"error": ...}`` event.
 
@@ -31,6 +34,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from diptych.services.frontend.api_errors import APIError
 from diptych.services.frontend.coordinator_link import CoordinatorLink
@@ -41,12 +45,15 @@ from diptych.services.frontend.responses import SSE_DONE, OpenAIFormatter, sse_e
 from diptych.services.frontend.schemas import ChatCompletionRequest, CompletionRequest, DiptychOptions, SamplingFields
 from diptych.services.frontend.slo import SloPolicy
 from diptych.services.frontend.tracker import Delta, RequestState, RequestTracker
-from diptych.services.frontend.validation import Generation, chat_generation, completion_generation
+from diptych.services.frontend.validation import Generation, chat_generation, check_json_text, completion_generation
 
 T = TypeVar("T")
 
 STATUS_TIMEOUT_S = 1.5
 """How long /health and /admin/status wait for the coordinator's answer."""
+
+DEFAULT_MAX_BODY_BYTES = 16 << 20
+"""Largest HTTP request body accepted (``--max-body-bytes``); larger ones get 413 unread."""
 
 CLIENT_CLOSED = 499
 """Status recorded for a request whose client went away (nginx's convention); the client never sees it."""
@@ -71,8 +78,10 @@ class _TrackedStream(StreamingResponse):
 
 
 def create_app(info: ModelInfo, tracker: RequestTracker, directory: ClientDirectory, slo_policy: SloPolicy,
-               coordinator: CoordinatorLink, metrics: FrontendMetrics | None = None) -> FastAPI:
+               coordinator: CoordinatorLink, metrics: FrontendMetrics | None = None,
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
     app = FastAPI(title="Diptych", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(_BodyLimit, max_bytes=max_body_bytes)
     started = int(time.time())
 
     @app.exception_handler(APIError)
@@ -143,17 +152,17 @@ def create_app(info: ModelInfo, tracker: RequestTracker, directory: ClientDirect
         return {"object": "list", "data": [{"id": info.name, "object": "model", "created": started,
                                             "owned_by": "diptych", "max_model_len": info.max_model_len}]}
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", dependencies=[Depends(_valid_unicode)])
     async def completions(body: CompletionRequest, request: Request,
                           client: ClientIdentity = Depends(authenticate)) -> Response:
         arrival = time.time()
-        return await _generate(request, body, completion_generation(body, info), client, arrival, chat=False)
+        return await _generate(request, body, await completion_generation(body, info), client, arrival, chat=False)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", dependencies=[Depends(_valid_unicode)])
     async def chat_completions(body: ChatCompletionRequest, request: Request,
                                client: ClientIdentity = Depends(authenticate)) -> Response:
         arrival = time.time()
-        return await _generate(request, body, chat_generation(body, info), client, arrival, chat=True)
+        return await _generate(request, body, await chat_generation(body, info), client, arrival, chat=True)
 
     async def _generate(request: Request, body: SamplingFields, gen: Generation, client: ClientIdentity,
                         arrival: float, *, chat: bool) -> Response:
@@ -178,6 +187,61 @@ def create_app(info: ModelInfo, tracker: RequestTracker, directory: ClientDirect
                 tracker.release(state)
 
     return app
+
+
+class _BodyLimit:
+    """ASGI middleware: a request whose body exceeds ``max_bytes`` gets 413 before anything parses it (a larger
+    ``Content-Length`` is refused unread; a chunked body is read up to the limit). The body read is replayed to the
+    app, then ``receive`` passes through (the handlers watch it for ``http.disconnect``)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self._app = app
+        self._max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self._max_bytes:
+            await self._refuse(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        size, more = 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left before sending its body
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            more = message.get("more_body", False)
+            if size > self._max_bytes:
+                await self._refuse(scope, receive, send)
+                return
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+        await self._app(scope, replay, send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        err = APIError(413, f"request body larger than {self._max_bytes} bytes", code="request_too_large")
+        await JSONResponse(err.body(), status_code=413, headers={"Connection": "close"})(scope, receive, send)
+
+
+async def _valid_unicode(request: Request) -> None:
+    """400 for a generation request whose JSON holds a string that is not valid Unicode (checked before the body's
+    fields are, so no value reaches a tokenizer, an error message or a socket)."""
+    try:
+        body = await request.json()
+    except ValueError:  # not JSON: the body's own validation says so
+        return
+    check_json_text(body)
 
 
 def _bearer_key(request: Request) -> str | None:

@@ -14,6 +14,7 @@ from typing import Any, Literal
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Field,
     StrictBool,
     StrictFloat,
     StrictInt,
@@ -23,6 +24,9 @@ from pydantic import (
 )
 
 log = logging.getLogger(__name__)
+
+MAX_NAME_CHARS = 256
+"""Longest ``user`` and chat ``role`` accepted (both are short names; a longer one is a 400)."""
 
 UNIMPLEMENTED_PARAMETERS = ("logprobs", "top_logprobs", "echo", "suffix", "best_of", "logit_bias", "presence_penalty",
                             "frequency_penalty", "tools", "tool_choice")
@@ -68,7 +72,7 @@ class SamplingFields(_Body):
     n: StrictInt = 1
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    user: StrictStr | None = None
+    user: StrictStr | None = Field(None, max_length=MAX_NAME_CHARS)
     diptych: DiptychOptions | None = None
     repetition_penalty: StrictFloat | StrictInt | None = None
     """Accepted only at its neutral value 1 (no penalty)."""
@@ -110,7 +114,7 @@ class TextPart(_Body):
 
 
 class ChatMessage(_Body):
-    role: StrictStr
+    role: StrictStr = Field(max_length=MAX_NAME_CHARS)
     content: StrictStr | list[TextPart] | None = None
 
 

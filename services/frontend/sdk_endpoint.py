@@ -86,7 +86,7 @@ class SdkEndpoint:
             await self._reply(peer, proto.ClientError(msg.request_id, 401, "incorrect or missing API key"))
             return
         try:
-            gen = self._validate(msg)
+            gen = await self._validate(msg)
             requested = msg.slo or proto.SLO()
             slo = self._slo_policy.resolve(client.tier, requested.tier, requested.ttft_s, requested.tbt_s, "slo")
             state = self._tracker.submit(client, gen, slo, arrival, source="sdk", note=f"sdk_req={msg.request_id}")
@@ -96,11 +96,11 @@ class SdkEndpoint:
         task = asyncio.create_task(self._pump(peer, msg.request_id, state, msg.stream))
         self._running[key] = (state, task)
 
-    def _validate(self, msg: proto.ClientGenerate) -> Generation:
+    async def _validate(self, msg: proto.ClientGenerate) -> Generation:
         if (msg.prompt is None) == (msg.prompt_token_ids is None):
             raise bad_request("set exactly one of prompt and prompt_token_ids", "prompt")
         if msg.prompt is not None:
-            prompt_ids = completion_prompt_ids(msg.prompt, self._info)
+            prompt_ids = await completion_prompt_ids(msg.prompt, self._info)
         else:
             prompt_ids = list(msg.prompt_token_ids or [])
             check_prompt(prompt_ids, self._info)

@@ -93,7 +93,7 @@ async def serve(config: FrontendConfig, directory: ClientDirectory, slo_policy: 
         return 1
     if directory.admin_open:
         log.warning("operator endpoints (/admin/status) are open to every caller: no API or admin keys configured")
-    app = create_app(info, tracker, directory, slo_policy, coordinator, metrics)
+    app = create_app(info, tracker, directory, slo_policy, coordinator, metrics, max_body_bytes=config.max_body_bytes)
     server = _EmbeddedServer(uvicorn.Config(app, lifespan="off", log_level="warning",
                                             timeout_graceful_shutdown=HTTP_GRACE_S,
                                             ssl_certfile=config.ssl_certfile, ssl_keyfile=config.ssl_keyfile))

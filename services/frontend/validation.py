@@ -2,16 +2,24 @@
 
 Every check that can fail raises ``APIError`` (400 bad input, 404 unknown model) before anything is submitted, so
 a request that reaches the coordinator is always servable within the context: ``1 <= len(prompt) < max_model_len``,
-``max_tokens >= 1``, ``len(prompt) + max_tokens <= max_model_len``, every token id in ``[0, vocab_size)``.
+``max_tokens >= 1``, ``len(prompt) + max_tokens <= max_model_len``, every token id in ``[0, vocab_size)``, every
+string encodable as UTF-8 (no lone surrogates: ``check_encodable``) and within the wire limits of
+``proto.validation`` (stop strings).
+
+Tokenizing is the one costly step: a text prompt longer than ``max_model_len * MAX_CHARS_PER_TOKEN`` characters is
+refused without tokenizing it, and the tokenizer runs in a worker thread (``asyncio.to_thread``) so the event loop
+keeps streaming other requests' tokens meanwhile. Hence the generation functions are coroutines.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 from dataclasses import dataclass
 from typing import Any
 
 from diptych.proto import SamplingParams
+from diptych.proto.validation import MAX_STOP_CHARS, MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS
 from diptych.services.frontend.api_errors import APIError, bad_request
 from diptych.services.frontend.model_info import ModelInfo
 from diptych.services.frontend.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
@@ -24,6 +32,10 @@ _UNSUPPORTED = ("logprobs", "top_logprobs", "echo", "suffix", "best_of", "logit_
 
 _NEUTRAL: tuple[object, ...] = (None, False, 0, "", [], {})
 
+MAX_CHARS_PER_TOKEN = 64
+"""Upper bound of the characters one token stands for (long BPE tokens are runs of spaces or punctuation, far
+below this): a text of more than ``max_model_len * MAX_CHARS_PER_TOKEN`` characters cannot fit the context."""
+
 
 @dataclass
 class Generation:
@@ -35,23 +47,25 @@ class Generation:
 
 def check_model(requested: str | None, info: ModelInfo) -> None:
     if requested is not None and requested != info.name:
-        raise APIError(404, f"The model `{requested}` does not exist; this server serves `{info.name}`",
+        shown = requested if len(requested) <= 256 else requested[:256] + "..."
+        raise APIError(404, f"The model `{shown}` does not exist; this server serves `{info.name}`",
                        param="model", code="model_not_found")
 
 
-def completion_generation(req: CompletionRequest, info: ModelInfo) -> Generation:
+async def completion_generation(req: CompletionRequest, info: ModelInfo) -> Generation:
     check_model(req.model, info)
-    prompt_ids = completion_prompt_ids(req.prompt, info)
+    prompt_ids = await completion_prompt_ids(req.prompt, info)
     max_tokens = COMPLETION_DEFAULT_MAX_TOKENS if req.max_tokens is None else req.max_tokens
     return Generation(prompt_ids, _http_sampling(req, max_tokens, prompt_ids, info))
 
 
-def chat_generation(req: ChatCompletionRequest, info: ModelInfo) -> Generation:
+async def chat_generation(req: ChatCompletionRequest, info: ModelInfo) -> Generation:
     check_model(req.model, info)
     if not req.messages:
         raise bad_request("messages must not be empty", "messages")
     messages = [{"role": m.role, "content": _message_text(m.content)} for m in req.messages]
-    prompt_ids = info.encode_chat(messages)
+    check_text_length(sum(len(m["role"]) + len(m["content"]) for m in messages), info, "messages")
+    prompt_ids = await asyncio.to_thread(info.encode_chat, messages)
     check_prompt(prompt_ids, info)
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     if max_tokens is None:
@@ -59,8 +73,9 @@ def chat_generation(req: ChatCompletionRequest, info: ModelInfo) -> Generation:
     return Generation(prompt_ids, _http_sampling(req, max_tokens, prompt_ids, info))
 
 
-def completion_prompt_ids(prompt: Any, info: ModelInfo) -> list[int]:
-    """Text or token ids (a one-element list of either is accepted) -> checked token ids."""
+async def completion_prompt_ids(prompt: Any, info: ModelInfo) -> list[int]:
+    """Text or token ids (a one-element list of either is accepted) -> checked token ids. Text is tokenized in a
+    worker thread, after ``check_text_length`` and ``check_encodable``."""
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
         if len(prompt) > 1:
             raise bad_request("batched prompts not supported: send one prompt per request", "prompt")
@@ -68,9 +83,40 @@ def completion_prompt_ids(prompt: Any, info: ModelInfo) -> list[int]:
     if isinstance(prompt, str):
         if not prompt:
             raise bad_request("prompt must not be empty", "prompt")
-        prompt = info.encode(prompt)
+        check_text_length(len(prompt), info, "prompt")
+        check_encodable(prompt, "prompt")
+        prompt = await asyncio.to_thread(info.encode, prompt)
     check_prompt(prompt, info)
     return prompt
+
+
+def check_text_length(chars: int, info: ModelInfo, param: str) -> None:
+    """Refuse, before tokenizing, a text too long for the context whatever the tokenizer makes of it."""
+    limit = info.max_model_len * MAX_CHARS_PER_TOKEN
+    if chars > limit:
+        raise bad_request(f"{param} is {chars} characters, more than this model's maximum context length of "
+                          f"{info.max_model_len} tokens can hold (at most {limit} characters)", param)
+
+
+def check_encodable(text: str, param: str) -> None:
+    """400 for text that is not valid Unicode (a lone surrogate such as ``"\\ud800"``, which JSON can spell)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise bad_request(f"{param} is not valid Unicode: a lone surrogate at character {exc.start}", param) from None
+
+
+def check_json_text(value: Any, param: str | None = None) -> None:
+    """``check_encodable`` on every string of a parsed JSON value, keys included (``param``: the top-level field)."""
+    if isinstance(value, str):
+        check_encodable(value, param or "body")
+    elif isinstance(value, list):
+        for item in value:
+            check_json_text(item, param)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            check_encodable(key, param or "body")
+            check_json_text(item, param or key)
 
 
 def check_prompt(prompt_ids: list[int], info: ModelInfo) -> None:
@@ -102,6 +148,14 @@ def check_sampling(sampling: SamplingParams, prompt_len: int, info: ModelInfo) -
     if sampling.seed is not None and not (-(2 ** 63) <= sampling.seed < 2 ** 64):
         raise bad_request("seed must fit in 64 bits", "seed")
     _check_token_ids(sampling.stop_token_ids, info, "stop_token_ids")
+    if len(sampling.stop) > MAX_STOP_STRINGS:
+        raise bad_request(f"at most {MAX_STOP_STRINGS} stop strings are accepted", "stop")
+    for stop in sampling.stop:
+        check_encodable(stop, "stop")
+        if len(stop) > MAX_STOP_CHARS:
+            raise bad_request(f"a stop string may be at most {MAX_STOP_CHARS} characters", "stop")
+    if len(sampling.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+        raise bad_request(f"at most {MAX_STOP_TOKEN_IDS} stop_token_ids are accepted", "stop_token_ids")
     sampling.stop = [s for s in sampling.stop if s]
     return sampling
 
