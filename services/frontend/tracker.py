@@ -13,6 +13,9 @@ Invariants:
   queueing, latency) is logged then;
 - the final ``Delta`` of a request (the one with a ``finish_reason``) carries its closed ``Timeline`` as a dict
   (``services.frontend.timeline``): phase events and token times are merged into it as outputs are applied;
+- a request whose worker was lost (``RequestLost``) is resubmitted as prompt + the tokens applied so far under a
+  new cluster id (``services.frontend.migration``); outputs are routed by cluster id, so the lost attempt's late
+  outputs are dropped and the new attempt's continue the stream at ``index_base``;
 - whenever the frontend gives up on a request that the cluster may still hold (client disconnect or cancel, stop
   string, timeout, shutdown), a ``CancelRequest`` is sent to the coordinator; a request the cluster already ended
   (a finish_reason arrived, or ``RequestFailed``) gets none.
@@ -21,6 +24,7 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 import uuid
@@ -35,6 +39,7 @@ from diptych.services.frontend.api_errors import APIError
 from diptych.services.frontend.coordinator_link import CoordinatorLink
 from diptych.services.frontend.detokenizer import IncrementalDetokenizer
 from diptych.services.frontend.identity import ClientIdentity
+from diptych.services.frontend.migration import resubmission
 from diptych.services.frontend.model_info import ModelInfo
 from diptych.services.frontend.timeline import Timeline
 from diptych.services.frontend.validation import Generation
@@ -69,6 +74,15 @@ class RequestState:
     num_output_tokens: int = 0
     pending: dict[int, proto.TokenOutput] = field(default_factory=dict)
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    request: proto.Request | None = None
+    """The request as first submitted."""
+    cluster_id: str = ""
+    """The id of its current attempt in the cluster (``request_id``, then ``<request_id>-m<n>`` after migrations)."""
+    index_base: int = 0
+    """Output index in the client's stream of the current attempt's first output."""
+    output_ids: list[int] = field(default_factory=list)
+    """Token ids applied to the client's stream so far."""
+    migrations: int = 0
 
 
 class RequestTracker:
@@ -81,6 +95,7 @@ class RequestTracker:
         self._stream_key = stream_key
         self._timeout_s = timeout_s
         self._requests: dict[str, RequestState] = {}
+        self._by_cluster_id: dict[str, RequestState] = {}
         self._closed = False
 
     def __len__(self) -> int:
@@ -103,6 +118,8 @@ class RequestTracker:
                                 prompt_token_ids=gen.prompt_token_ids, sampling=gen.sampling,
                                 arrival_time=state.timeline.arrival, stream_addr=self._stream_addr, slo=slo,
                                 weight=client.weight, stream_key=self._stream_key)
+        state.request, state.cluster_id = request, request.request_id
+        self._by_cluster_id[state.cluster_id] = state
         self._coordinator.post(proto.SubmitRequest(request))
         log.info("req=%s admitted via %s client=%s prompt_tokens=%d max_tokens=%d tier=%s tbt_s=%g ttft_s=%s%s",
                  state.request_id, source, client.client_id, state.prompt_len, gen.sampling.max_tokens, slo.tier,
@@ -131,7 +148,7 @@ class RequestTracker:
         state = self._requests.get(request_id)
         if state is None:
             return False
-        self._coordinator.post(proto.CancelRequest(request_id, reason))
+        self._coordinator.post(proto.CancelRequest(state.cluster_id, reason))
         state.timeline.close("abort", time.time())
         state.queue.put_nowait(Delta("", [], "abort", state.timeline.as_dict()))
         self._retire(state, f"cancelled:{reason}")
@@ -162,11 +179,13 @@ class RequestTracker:
                 log.warning("dropping unexpected %s on the token stream", type(msg).__name__)
 
     def on_output(self, output: proto.TokenOutput) -> None:
-        state = self._requests.get(output.request_id)
+        state = self._by_cluster_id.get(output.request_id)
         if state is None:
             log.debug("req=%s dropping output %d for a request that is not running", output.request_id,
                       output.index)
             return
+        if state.index_base:
+            output = dataclasses.replace(output, index=output.index + state.index_base)
         if output.index < state.next_index or output.index in state.pending:
             log.debug("req=%s dropping duplicate output %d", output.request_id, output.index)
             return
@@ -175,18 +194,38 @@ class RequestTracker:
             self._apply(state, state.pending.pop(state.next_index))
 
     def on_failed(self, msg: proto.RequestFailed) -> None:
-        state = self._requests.get(msg.request_id)
+        state = self._by_cluster_id.get(msg.request_id)
         if state is None:
             log.debug("req=%s failure for a request that is not running: %s", msg.request_id, msg.message)
             return
         state.queue.put_nowait(APIError(msg.code, msg.message, retry_after_s=msg.retry_after_s))
         self._retire(state, f"error:{msg.code}", detail=msg.message)
 
+    def on_lost(self, msg: proto.RequestLost) -> None:
+        """A worker holding the request was lost and the coordinator let it go: resubmit it from the tokens already
+        streamed (``services.frontend.migration``), or fail it with 503 when it may not be resubmitted."""
+        state = self._by_cluster_id.get(msg.request_id)
+        if state is None or state.request is None:
+            return
+        again = resubmission(state.request, state.output_ids, state.migrations + 1)
+        if again is None:
+            state.queue.put_nowait(APIError(503, f"the request was lost: {msg.reason}"))
+            self._retire(state, "error:503", detail=f"lost: {msg.reason}")
+            return
+        del self._by_cluster_id[state.cluster_id]
+        state.migrations += 1
+        state.cluster_id, state.index_base = again.request_id, state.next_index
+        state.pending.clear()
+        self._by_cluster_id[state.cluster_id] = state
+        self._coordinator.post(proto.SubmitRequest(again))
+        log.warning("req=%s migrated as %s after %d output tokens: %s", state.request_id, again.request_id,
+                    len(state.output_ids), msg.reason)
+
     def _fail(self, request_id: str, status: int, message: str) -> None:
         """Fail a request the cluster may still be running: its client gets ``status``, the cluster a cancel."""
-        state = self._requests.get(request_id)
+        state = self._by_cluster_id.get(request_id) or self._requests.get(request_id)
         if state is not None:
-            self._coordinator.post(proto.CancelRequest(request_id, "abort"))
+            self._coordinator.post(proto.CancelRequest(state.cluster_id, "abort"))
             state.queue.put_nowait(APIError(status, message))
             self._retire(state, f"error:{status}", detail=message)
 
@@ -211,6 +250,7 @@ class RequestTracker:
         now = time.time()
         state.timeline.record(output, len(ids), now)
         state.num_output_tokens += len(ids)
+        state.output_ids.extend(ids)
         finish = "stop" if stopped else output.finish_reason
         timeline = None
         if finish is not None:
@@ -222,12 +262,13 @@ class RequestTracker:
         if text or ids or finish:
             state.queue.put_nowait(Delta(text, ids, finish, timeline))
         if stopped and output.finish_reason is None:
-            self._coordinator.post(proto.CancelRequest(state.request_id, "stop"))
+            self._coordinator.post(proto.CancelRequest(state.cluster_id, "stop"))
         if finish is not None:
             self._retire(state, finish)
 
     def _retire(self, state: RequestState, outcome: str, detail: str = "") -> None:
         del self._requests[state.request_id]
+        self._by_cluster_id.pop(state.cluster_id, None)
         log.info("req=%s finished client=%s prompt_tokens=%d output_tokens=%d finish=%s %s latency=%.3fs%s",
                  state.request_id, state.client.client_id, state.prompt_len, state.num_output_tokens, outcome,
                  state.timeline.summary(), time.time() - state.timeline.arrival, f" ({detail})" if detail else "")
