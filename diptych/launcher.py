@@ -2,8 +2,10 @@
 its own process (the same ``python -m diptych.services.<role>`` commands docker-compose runs).
 
 ``Cluster`` is used by ``diptych serve`` and by the integration tests. Invariants: ``stop()`` leaves no child
-process behind (SIGTERM, then SIGKILL after ``grace_s``); if any child exits while the cluster runs, ``wait()``
-returns and the rest are stopped. CURVE is on unless ``insecure_no_curve``: every process gets ``--keys-dir``, the
+process behind (SIGTERM, then SIGKILL after ``grace_s``); ``wait()`` supervises: a child that exits while the
+cluster runs is restarted with the same command after a backoff (``diptych.supervision.RestartPolicy``, logged to
+stderr), and ``wait()`` returns (the caller stops the rest) only when a child keeps dying at start.
+ CURVE is on unless ``insecure_no_curve``: every process gets ``--keys-dir``, the
 spec's ``keys_dir`` or else an ephemeral key set (one name per process) written to a temporary directory when the
 commands are first built and removed by ``stop()``.
 """
@@ -23,6 +25,9 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field, replace
+from typing import Any
+
+from diptych.supervision import RestartPolicy
 
 
 @dataclass
@@ -123,7 +128,12 @@ class Cluster:
         self.spec = spec
         self.log_dir = log_dir
         self.procs: dict[str, subprocess.Popen] = {}
+        self.started_at: dict[str, float] = {}
+        """When each child was last started (``time.time()``)."""
+        self.restarts: list[tuple[float, str, int]] = []
+        """(time, name, exit status) of every restart ``wait()`` made."""
         self._logs: list = []
+        self._launch_args: dict[str, tuple[list[str], dict[str, str], Any]] = {}
         self._ephemeral_keys: str | None = None
         """The temporary directory of the key set made for this run, removed by ``stop``."""
 
@@ -202,7 +212,13 @@ class Cluster:
                 os.makedirs(self.log_dir, exist_ok=True)
                 out = open(os.path.join(self.log_dir, f"{name}.log"), "ab")  # noqa: SIM115 (open while it runs)
                 self._logs.append(out)
-            self.procs[name] = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT if out else None)
+            self._launch_args[name] = (cmd, env, out)
+            self._launch(name)
+
+    def _launch(self, name: str) -> None:
+        cmd, env, out = self._launch_args[name]
+        self.started_at[name] = time.time()
+        self.procs[name] = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT if out else None)
 
     def wait_ready(self, timeout_s: float = 120.0) -> dict:
         """Block until the frontend's /health reports every worker registered; raise if a process dies first."""
@@ -227,11 +243,30 @@ class Cluster:
     def dead(self) -> dict[str, int]:
         return {name: p.returncode for name, p in self.procs.items() if p.poll() is not None}
 
-    def wait(self) -> dict[str, int]:
-        """Block until any process exits; return the exited ones."""
-        while not (dead := self.dead()):
-            time.sleep(0.5)
-        return dead
+    def wait(self, policy: RestartPolicy | None = None) -> dict[str, int]:
+        """Supervise until a child keeps dying at start (``policy``; default ``RestartPolicy()``): restart each
+        child that exits, after its backoff. Returns the children given up on, with their exit statuses."""
+        policy = policy if policy is not None else RestartPolicy()
+        due: dict[str, float] = {}
+        while True:
+            now = time.time()
+            for name, status in self.dead().items():
+                if name in due:
+                    continue
+                delay = policy.on_exit(name, self.started_at[name], now)
+                if delay is None:
+                    print(f"diptych: {name} exited with status {status} and keeps dying at start; giving up",
+                          file=sys.stderr, flush=True)
+                    return {name: status}
+                print(f"diptych: {name} exited with status {status}; restarting it in {delay:g} s",
+                      file=sys.stderr, flush=True)
+                self.restarts.append((now, name, status))
+                due[name] = now + delay
+            for name, at in list(due.items()):
+                if now >= at:
+                    del due[name]
+                    self._launch(name)
+            time.sleep(0.2)
 
     def stop(self, grace_s: float = 10.0) -> None:
         # frontend first (stops taking requests), then workers, coordinator last
