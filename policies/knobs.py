@@ -57,11 +57,11 @@ def check_knobs(schema: Sequence[Knob], values: Mapping[str, Any], owner: str) -
         knob = by_name.get(name)
         if knob is None:
             valid = ", ".join(by_name) if by_name else "none"
-            raise ValueError(f"{owner} has no knob {name!r}; valid knobs: {valid}")
+            raise ValueError(f"bad option for {owner}: no knob {name!r}; valid knobs: {valid}")
         try:
             checked[name] = knob.check(value)
         except ValueError as exc:
-            raise ValueError(f"{owner}: {exc}") from None
+            raise ValueError(f"bad option for {owner}: {exc}") from None
     return checked
 
 
