@@ -371,6 +371,8 @@ class ClusterStatus:
     """The pool policy's state: its name and recent worker moves with their reasons."""
     clients: dict[str, Any] = field(default_factory=dict)
     """Service delivered per client (input and output tokens, requests, ``input + 2 * output``), for any policy."""
+    instance: str = ""
+    """Id of the coordinator process: a new one after a restart (its predecessor's requests are gone)."""
 
 
 # ---------------------------------------------------------------- coordinator -> frontend: request migration

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
@@ -84,6 +85,9 @@ class Coordinator:
                                  config.pool_interval_s)
         self.core = ClusterCore(self.policy, self.workers, self.placer, self.pools, limits=config.queue_limits())
         self.requests = self.core.requests
+        self.instance = uuid.uuid4().hex[:12]
+        """This coordinator process's id in ``ClusterStatus``: a frontend that sees it change knows that the requests
+        it had submitted are gone, and resubmits them (``services.frontend.migration``)."""
         self.endpoints: dict[str, Endpoint] = {}
         self.ctx = zmq.asyncio.Context()
         self.keys = keys
@@ -398,7 +402,7 @@ class Coordinator:
             decode_workers=len(self.workers.in_pool(Pool.DECODE)), waiting=len(self.policy),
             in_flight=len(self.requests), admission=self.policy.snapshot(), workers=workers,
             colocated_workers=len(self.workers.in_pool(Pool.COLOCATED)), pools=self.pools.snapshot(),
-            clients=self.core.ledger.snapshot(),
+            clients=self.core.ledger.snapshot(), instance=self.instance,
         ))
 
 

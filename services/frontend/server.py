@@ -27,6 +27,7 @@ from diptych.services.frontend.coordinator_link import CoordinatorLink, frontend
 from diptych.services.frontend.http_api import create_app
 from diptych.services.frontend.identity import ClientDirectory
 from diptych.services.frontend.metrics import FrontendMetrics, MeteredRequestTracker
+from diptych.services.frontend.migration import watch_coordinator
 from diptych.services.frontend.model_info import ModelInfo
 from diptych.services.frontend.sdk_endpoint import SdkEndpoint
 from diptych.services.frontend.slo import SloPolicy
@@ -103,6 +104,7 @@ async def serve(config: FrontendConfig, directory: ClientDirectory, slo_policy: 
         asyncio.create_task(coordinator.run_sender(), name="coordinator-send"),
         asyncio.create_task(coordinator.run_receiver(tracker.on_failed, tracker.on_lost), name="coordinator-recv"),
         asyncio.create_task(sdk.run(), name="sdk"),
+        asyncio.create_task(watch_coordinator(coordinator, tracker.migrate_all), name="coordinator-watch"),
     ]
     log.info("serving model %r (max_model_len=%d, %s, SLO tiers %s) on %s://%s:%d, sdk=%s, stream=%s, "
              "coordinator=%s as %s%s", info.name, info.max_model_len,

@@ -205,12 +205,23 @@ class RequestTracker:
         """A worker holding the request was lost and the coordinator let it go: resubmit it from the tokens already
         streamed (``services.frontend.migration``), or fail it with 503 when it may not be resubmitted."""
         state = self._by_cluster_id.get(msg.request_id)
-        if state is None or state.request is None:
+        if state is not None:
+            self._migrate(state, msg.reason)
+
+    def migrate_all(self, reason: str) -> None:
+        """The coordinator restarted: the requests it held are gone. Resubmit every running request like a lost
+        one, cancelling its old attempt in case the new coordinator received it."""
+        for state in list(self._requests.values()):
+            self._coordinator.post(proto.CancelRequest(state.cluster_id, "abort"))
+            self._migrate(state, reason)
+
+    def _migrate(self, state: RequestState, reason: str) -> None:
+        if state.request is None:
             return
         again = resubmission(state.request, state.output_ids, state.migrations + 1)
         if again is None:
-            state.queue.put_nowait(APIError(503, f"the request was lost: {msg.reason}"))
-            self._retire(state, "error:503", detail=f"lost: {msg.reason}")
+            state.queue.put_nowait(APIError(503, f"the request was lost: {reason}"))
+            self._retire(state, "error:503", detail=f"lost: {reason}")
             return
         del self._by_cluster_id[state.cluster_id]
         state.migrations += 1
@@ -219,7 +230,7 @@ class RequestTracker:
         self._by_cluster_id[state.cluster_id] = state
         self._coordinator.post(proto.SubmitRequest(again))
         log.warning("req=%s migrated as %s after %d output tokens: %s", state.request_id, again.request_id,
-                    len(state.output_ids), msg.reason)
+                    len(state.output_ids), reason)
 
     def _fail(self, request_id: str, status: int, message: str) -> None:
         """Fail a request the cluster may still be running: its client gets ``status``, the cluster a cancel."""

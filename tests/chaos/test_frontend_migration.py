@@ -1,10 +1,11 @@
 """The frontend's side of request migration, without processes: a lost request is resubmitted as prompt + the tokens
 already streamed, its stream continues with no token lost or repeated, late outputs of the lost attempt are dropped,
-and a request lost too often fails with 503."""
+a request lost too often fails with 503, and a coordinator restart resubmits every running request."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from typing import Any
 
 import pytest
@@ -12,7 +13,7 @@ import pytest
 from diptych import proto
 from diptych.services.frontend.api_errors import APIError
 from diptych.services.frontend.identity import ANONYMOUS
-from diptych.services.frontend.migration import MAX_MIGRATIONS, resubmission
+from diptych.services.frontend.migration import MAX_MIGRATIONS, CoordinatorWatch, resubmission
 from diptych.services.frontend.model_info import ModelInfo
 from diptych.services.frontend.tracker import Delta, RequestTracker
 from diptych.services.frontend.validation import Generation
@@ -91,3 +92,26 @@ async def test_a_request_lost_too_often_fails_with_503_and_a_cancel_names_its_cu
     with pytest.raises(APIError) as failure:
         await asyncio.wait_for(tracker.next_event(state), 1)
     assert failure.value.status == 503 and len(tracker) == 0
+
+
+def test_the_watch_reports_a_new_coordinator_instance_once():
+    watch = CoordinatorWatch()
+    status = proto.ClusterStatus(prefill_workers=1, decode_workers=1, waiting=0, in_flight=0, instance="a")
+    assert not watch.changed(status) and not watch.changed(None) and not watch.changed(status)
+    restarted = dataclasses.replace(status, instance="b")
+    assert watch.changed(restarted) and not watch.changed(restarted)
+
+
+async def test_after_a_coordinator_restart_every_running_request_is_resubmitted(info):
+    link = FakeLink()
+    tracker = RequestTracker(info, link, "tcp://127.0.0.1:1", timeout_s=5.0)  # type: ignore[arg-type]
+    gen = Generation([1, 2], proto.SamplingParams(max_tokens=8, temperature=0.0))
+    states = [tracker.submit(ANONYMOUS, gen, proto.SLO(), arrival=0.0, source="test") for _ in range(2)]
+    tracker.on_output(out(states[0].request_id, 0, 40))
+    link.sent.clear()
+    tracker.migrate_all("the coordinator restarted")
+    cancels = [m.request_id for m in link.sent if isinstance(m, proto.CancelRequest)]
+    submits = {m.request.request_id: m.request for m in link.sent if isinstance(m, proto.SubmitRequest)}
+    assert cancels == [s.request_id for s in states]
+    assert submits[f"{states[0].request_id}-m1"].prompt_token_ids == [1, 2, 40]
+    assert submits[f"{states[1].request_id}-m1"].prompt_token_ids == [1, 2] and len(tracker) == 2
