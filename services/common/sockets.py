@@ -75,7 +75,12 @@ class Received(NamedTuple):
 
 async def recv_authenticated(sock: zmq.asyncio.Socket, *, routed: bool = False) -> Received:
     """Receive one message with the authenticated user id of the connection it came on."""
-    frames = await sock.recv_multipart(copy=False)
+    while True:
+        try:
+            frames = await sock.recv_multipart(copy=False)
+            break
+        except zmq.Again:  # pyzmq's asyncio recv can report EAGAIN once for a large CURVE message: wait again
+            continue
     identity = None
     if routed:
         identity, frames = frames[0].bytes, frames[1:]

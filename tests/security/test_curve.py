@@ -13,7 +13,7 @@ import zmq.asyncio
 
 from diptych import proto
 from diptych.services.common.security import CurveClient, KeyPair, KeySet, ZapAuthenticator, generate_key_set
-from diptych.services.common.sockets import make_socket, recv_authenticated, recv_message, send_message
+from diptych.services.common.sockets import KV_MAX_MSG_BYTES, make_socket, recv_authenticated, recv_message, send_message
 
 NO_ANSWER_S = 1.0
 
@@ -152,4 +152,30 @@ def test_an_authenticator_bound_before_the_loop_admits_once_it_serves(keys):
         client.close(linger=0)
         server.close(linger=0)
         ctx.term()
+    assert received.user_id == "prefill-0"
+
+
+def test_a_kv_sized_message_arrives_over_curve(keys):
+    """Frames of a large model's KV blocks (2 MiB each) through asyncio CURVE sockets (pyzmq can report EAGAIN once
+    for such a message: ``recv_authenticated`` waits again)."""
+
+    async def main():
+        server_ctx, client_ctx = zmq.asyncio.Context(), zmq.asyncio.Context()
+        auth = ZapAuthenticator(server_ctx, keys)
+        auth.start()
+        pull = make_socket(server_ctx, zmq.PULL, bind="tcp://127.0.0.1:0", max_msg_bytes=KV_MAX_MSG_BYTES,
+                           security=keys.server("coordinator"))
+        push = make_socket(client_ctx, zmq.PUSH, connect=pull.getsockopt(zmq.LAST_ENDPOINT).decode(),
+                           security=keys.client("prefill-0", "coordinator"))
+        try:
+            await push.send_multipart([*proto.encode(proto.StatusQuery()), *(bytes(2 << 20) for _ in range(4))])
+            return await asyncio.wait_for(recv_authenticated(pull), 10)
+        finally:
+            push.close(linger=0)
+            pull.close(linger=0)
+            await auth.stop()
+            server_ctx.term()
+            client_ctx.term()
+
+    received = asyncio.run(main())
     assert received.user_id == "prefill-0"
