@@ -212,7 +212,8 @@ class Coordinator:
             return
         pending = PendingRequest(rid, request.client_id, prompt, max_tokens, request.arrival_time,
                                  weight=request.weight, tier=request.slo.tier)
-        record = RequestRecord(rid, request.client_id, prompt, max_tokens, payload=Submission(request, identity, user_id))
+        record = RequestRecord(rid, request.client_id, prompt, max_tokens,
+                               payload=Submission(request, identity, user_id))
         now = self.clock()
         record.deadline = now + self.config.queue_timeout_s
         rejection = self.core.submit(record, pending, now)

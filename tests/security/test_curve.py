@@ -13,7 +13,13 @@ import zmq.asyncio
 
 from diptych import proto
 from diptych.services.common.security import CurveClient, KeyPair, KeySet, ZapAuthenticator, generate_key_set
-from diptych.services.common.sockets import KV_MAX_MSG_BYTES, make_socket, recv_authenticated, recv_message, send_message
+from diptych.services.common.sockets import (
+    KV_MAX_MSG_BYTES,
+    make_socket,
+    recv_authenticated,
+    recv_message,
+    send_message,
+)
 
 NO_ANSWER_S = 1.0
 
