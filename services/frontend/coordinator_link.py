@@ -2,8 +2,8 @@
 
 Outgoing messages (``SubmitRequest``, ``CancelRequest``, ``StatusQuery``) are posted synchronously into an outbox
 and sent by one task, so a cancel can be issued from any context (a ``finally`` block of a cancelled task included)
-and messages leave in the order they were posted. Incoming ``RequestFailed`` and ``RequestLost`` messages go to
-callbacks;
+and messages leave in the order they were posted. Incoming ``RequestFailed``, ``RequestLost`` and
+``RequestPlaced`` messages go to callbacks;
 ``ClusterStatus`` replies answer every ``query_status`` call waiting at that moment (a status is a snapshot, so any
 reply serves any waiter); anything else is logged and dropped.
 """
@@ -63,11 +63,14 @@ class CoordinatorLink:
             await send_message(self._sock, msg)
 
     async def run_receiver(self, on_failed: Callable[[proto.RequestFailed], None],
-                           on_lost: Callable[[proto.RequestLost], None] | None = None) -> None:
+                           on_lost: Callable[[proto.RequestLost], None] | None = None,
+                           on_placed: Callable[[proto.RequestPlaced], None] | None = None) -> None:
         while True:
             _, msg = await recv_message(self._sock)
             if isinstance(msg, proto.RequestFailed):
                 on_failed(msg)
+            elif isinstance(msg, proto.RequestPlaced) and on_placed is not None:
+                on_placed(msg)
             elif isinstance(msg, proto.RequestLost) and on_lost is not None:
                 on_lost(msg)
             elif isinstance(msg, proto.ClusterStatus):

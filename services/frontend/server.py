@@ -102,7 +102,8 @@ async def serve(config: FrontendConfig, directory: ClientDirectory, slo_policy: 
     background = [
         asyncio.create_task(tracker.run_token_stream(stream_sock), name="token-stream"),
         asyncio.create_task(coordinator.run_sender(), name="coordinator-send"),
-        asyncio.create_task(coordinator.run_receiver(tracker.on_failed, tracker.on_lost), name="coordinator-recv"),
+        asyncio.create_task(coordinator.run_receiver(tracker.on_failed, tracker.on_lost, tracker.on_placed),
+                            name="coordinator-recv"),
         asyncio.create_task(sdk.run(), name="sdk"),
         asyncio.create_task(watch_coordinator(coordinator, tracker.migrate_all), name="coordinator-watch"),
     ]

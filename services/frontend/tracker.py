@@ -34,7 +34,7 @@ from typing import Any
 import zmq.asyncio
 
 from diptych import proto
-from diptych.services.common.sockets import recv_message
+from diptych.services.common.sockets import recv_authenticated
 from diptych.services.frontend.api_errors import APIError
 from diptych.services.frontend.coordinator_link import CoordinatorLink
 from diptych.services.frontend.detokenizer import IncrementalDetokenizer
@@ -42,6 +42,7 @@ from diptych.services.frontend.identity import ClientIdentity
 from diptych.services.frontend.migration import resubmission
 from diptych.services.frontend.model_info import ModelInfo
 from diptych.services.frontend.timeline import Timeline
+from diptych.services.frontend.token_owners import TokenOwners
 from diptych.services.frontend.validation import Generation
 
 log = logging.getLogger(__name__)
@@ -93,6 +94,7 @@ class RequestTracker:
         self._coordinator = coordinator
         self._stream_addr = stream_addr
         self._stream_key = stream_key
+        self._owners = TokenOwners(lambda cluster_id: cluster_id in self._by_cluster_id)
         self._timeout_s = timeout_s
         self._requests: dict[str, RequestState] = {}
         self._by_cluster_id: dict[str, RequestState] = {}
@@ -165,18 +167,25 @@ class RequestTracker:
     async def run_token_stream(self, sock: zmq.asyncio.Socket) -> None:
         """Receive loop of the token-stream PULL socket."""
         while True:
-            _, msg = await recv_message(sock)
+            _, sender, msg = await recv_authenticated(sock)
             if isinstance(msg, proto.TokenBatch):
-                for output in msg.outputs:
-                    try:
-                        self.on_output(output)
-                    except Exception:  # e.g. a token id the tokenizer cannot decode: fail that request only
-                        log.exception("req=%s cannot apply output %d", output.request_id, output.index)
-                        self._fail(output.request_id, 500, "internal error while processing the output")
+                self._apply_outputs(self._owners.admit(sender, msg.outputs))
             elif isinstance(msg, proto.ProtocolError):
                 log.warning("dropping a malformed token-stream message: %s", msg)
             else:
                 log.warning("dropping unexpected %s on the token stream", type(msg).__name__)
+
+    def on_placed(self, msg: proto.RequestPlaced) -> None:
+        """The workers a request runs on: only they may stream its outputs (``token_owners``)."""
+        self._apply_outputs(self._owners.place(msg))
+
+    def _apply_outputs(self, outputs: list[proto.TokenOutput]) -> None:
+        for output in outputs:
+            try:
+                self.on_output(output)
+            except Exception:  # e.g. a token id the tokenizer cannot decode: fail that request only
+                log.exception("req=%s cannot apply output %d", output.request_id, output.index)
+                self._fail(output.request_id, 500, "internal error while processing the output")
 
     def on_output(self, output: proto.TokenOutput) -> None:
         state = self._by_cluster_id.get(output.request_id)
@@ -224,6 +233,7 @@ class RequestTracker:
             self._retire(state, "error:503", detail=f"lost: {reason}")
             return
         del self._by_cluster_id[state.cluster_id]
+        self._owners.forget(state.cluster_id)
         state.migrations += 1
         state.cluster_id, state.index_base = again.request_id, state.next_index
         state.pending.clear()
@@ -280,6 +290,7 @@ class RequestTracker:
     def _retire(self, state: RequestState, outcome: str, detail: str = "") -> None:
         del self._requests[state.request_id]
         self._by_cluster_id.pop(state.cluster_id, None)
+        self._owners.forget(state.cluster_id)
         log.info("req=%s finished client=%s prompt_tokens=%d output_tokens=%d finish=%s %s latency=%.3fs%s",
                  state.request_id, state.client.client_id, state.prompt_len, state.num_output_tokens, outcome,
                  state.timeline.summary(), time.time() - state.timeline.arrival, f" ({detail})" if detail else "")
