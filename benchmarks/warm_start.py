@@ -42,6 +42,7 @@ def add_warm_start_parser(kinds: argparse._SubParsersAction) -> None:
     w.add_argument("--serve-arg", action="append", default=[], metavar="ARG",
                    help="extra argument for diptych serve, repeatable (--serve-arg=--prefill-workers --serve-arg=2)")
     w.add_argument("--json", default=None, help="also write the numbers to this JSON file")
+    w.add_argument("--server-log", default=None, help="write the server's output to this file")
 
 
 @dataclass
@@ -126,6 +127,9 @@ def run_warm_start(args: argparse.Namespace) -> int:
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait()
+        if args.server_log:
+            with open(args.server_log, "w") as f:
+                f.write("\n".join(log.lines) + "\n")
 
 
 def report(log: ServerLog, started: float, first: float, first_chunks: int, steady: list[float]) -> dict:

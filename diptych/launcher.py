@@ -5,7 +5,7 @@ its own process (the same ``python -m diptych.services.<role>`` commands docker-
 process behind (SIGTERM, then SIGKILL after ``grace_s``); ``wait()`` supervises: a child that exits while the
 cluster runs is restarted with the same command after a backoff (``diptych.supervision.RestartPolicy``, logged to
 stderr), and ``wait()`` returns (the caller stops the rest) only when a child keeps dying at start.
- CURVE is on unless ``insecure_no_curve``: every process gets ``--keys-dir``, the
+CURVE is on unless ``insecure_no_curve``: every process gets ``--keys-dir``, the
 spec's ``keys_dir`` or else an ephemeral key set (one name per process) written to a temporary directory when the
 commands are first built and removed by ``stop()``.
 """
@@ -24,10 +24,14 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from diptych.supervision import RestartPolicy
+
+DEFAULT_GPU_MEMORY_UTILIZATION = 0.9
+"""Fraction of each GPU the workers on it fill together (weights, activations, KV pools), divided between them."""
 
 
 @dataclass
@@ -62,7 +66,8 @@ class ClusterSpec:
     kv_memory_gb: float | None = None
     """KV pool GiB per worker; None: ``gpu_memory_utilization`` of the GPU on CUDA, 0.25 GiB on CPU."""
     gpu_memory_utilization: float | None = None
-    """Fraction of each worker's GPU it may fill (weights, activations, KV pool); None: the workers' 0.9."""
+    """Fraction of each GPU that the workers on it fill together (weights, activations, KV pools), divided evenly
+    between them; None: ``DEFAULT_GPU_MEMORY_UTILIZATION``."""
     api_keys_file: str | None = None
     admin_keys_file: str | None = None
     slo_tiers_file: str | None = None
@@ -134,6 +139,7 @@ class Cluster:
         """(time, name, exit status) of every restart ``wait()`` made."""
         self._logs: list = []
         self._launch_args: dict[str, tuple[list[str], dict[str, str], Any]] = {}
+        self._stopping = False
         self._ephemeral_keys: str | None = None
         """The temporary directory of the key set made for this run, removed by ``stop``."""
 
@@ -150,7 +156,6 @@ class Cluster:
             "--policy", s.policy, "--log-level", s.log_level, *_opts("--policy-opt", s.policy_opts),
             *(["--num-blocks", str(s.num_blocks)] if s.num_blocks else []), "--engine", s.engine,
             *(["--kv-memory-gb", str(s.kv_memory_gb)] if s.kv_memory_gb else []),
-            *(["--gpu-memory-utilization", str(s.gpu_memory_utilization)] if s.gpu_memory_utilization else []),
             *(["--cost-model", s.cost_model] if s.cost_model else []), *s.extra_worker_args,
         ]
         cmds = {"coordinator": [*py, "diptych.services.coordinator", *curve, "--address", coordinator,
@@ -159,10 +164,17 @@ class Cluster:
                                 *_opts("--pool-opt", s.pool_opts), "--log-level", s.log_level,
                                 *s.extra_coordinator_args]}
         devices = [d.strip() for d in s.device.split(",")]
+        assigned = [devices[i % len(devices)] for i in range(s.num_workers)]
+        sharing = Counter(_gpu(d) for d in assigned)
+        utilization = s.gpu_memory_utilization or DEFAULT_GPU_MEMORY_UTILIZATION
 
         def device() -> list[str]:
-            index = sum(1 for name in cmds if name != "coordinator")
-            return ["--device", devices[index % len(devices)]]
+            """The next worker's device flags: on a GPU, its share of the memory of the GPU it shares."""
+            chosen = assigned[sum(1 for name in cmds if name != "coordinator")]
+            gpu = _gpu(chosen)
+            if gpu is None:
+                return ["--device", chosen]
+            return ["--device", chosen, "--gpu-memory-utilization", f"{utilization / sharing[gpu]:.4f}"]
 
         for i in range(s.prefill_workers):
             cmds[f"prefill-{i}"] = [*py, "diptych.services.prefill_worker", "--worker-id", f"prefill-{i}", *device(),
@@ -245,10 +257,11 @@ class Cluster:
 
     def wait(self, policy: RestartPolicy | None = None) -> dict[str, int]:
         """Supervise until a child keeps dying at start (``policy``; default ``RestartPolicy()``): restart each
-        child that exits, after its backoff. Returns the children given up on, with their exit statuses."""
+        child that exits, after its backoff. Returns the children given up on, with their exit statuses ({} once
+        ``stop`` was called)."""
         policy = policy if policy is not None else RestartPolicy()
         due: dict[str, float] = {}
-        while True:
+        while not self._stopping:
             now = time.time()
             for name, status in self.dead().items():
                 if name in due:
@@ -267,8 +280,10 @@ class Cluster:
                     del due[name]
                     self._launch(name)
             time.sleep(0.2)
+        return {}
 
     def stop(self, grace_s: float = 10.0) -> None:
+        self._stopping = True  # a supervising ``wait()`` (on another thread) returns and restarts nothing more
         # frontend first (stops taking requests), then workers, coordinator last
         order = ["frontend", *[n for n in self.procs if "-" in n], "coordinator"]
         for name in order:
@@ -354,6 +369,13 @@ def _own_frontend_tls() -> ssl.SSLContext:
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
     return context
+
+
+def _gpu(device: str) -> str | None:
+    """The GPU a --device value names (``cuda`` is ``cuda:0``), None for the CPU."""
+    if not device.startswith("cuda"):
+        return None
+    return device if ":" in device else "cuda:0"
 
 
 def _opts(flag: str, values: list[str]) -> list[str]:

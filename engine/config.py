@@ -33,9 +33,9 @@ class EngineConfig:
 
     ``model`` is a Hugging Face hub id or a local directory; None selects the built-in tiny random Llama (built
     once into the local cache). Pool size: ``num_blocks`` if set, else ``kv_memory_gb`` GiB if set, else on CUDA
-    what is left of ``gpu_memory_utilization`` of the GPU once the weights are loaded, less ``ACTIVATION_RESERVE``
-    (``kv_pool_blocks``), and on CPU ``CPU_KV_MEMORY_GB``. ``max_model_len`` None takes the model config's
-    ``max_position_embeddings``.
+    what is left of this worker's ``gpu_memory_utilization`` of the GPU once the weights are loaded, less
+    ``ACTIVATION_RESERVE`` (``kv_pool_bytes``), and on CPU ``CPU_KV_MEMORY_GB``. ``max_model_len`` None takes the
+    model config's ``max_position_embeddings``.
     """
 
     model: str | None = None
@@ -91,18 +91,24 @@ class EngineConfig:
         return max(1, self.kv_pool_bytes() // bytes_per_block)
 
     def kv_pool_bytes(self) -> int:
-        """Bytes for the KV pool: ``kv_memory_gb`` GiB if set; on CPU ``CPU_KV_MEMORY_GB``; on CUDA
-        ``gpu_memory_utilization`` of the device's total memory, less what is already in use on it (this process's
-        weights, other processes, the CUDA context) and less ``ACTIVATION_RESERVE`` of the total for activations
-        and CUDA graphs. ``ValueError`` when nothing is left."""
+        """Bytes for the KV pool: ``kv_memory_gb`` GiB if set; on CPU ``CPU_KV_MEMORY_GB``; on CUDA this worker's
+        share, ``gpu_memory_utilization`` of the device's total memory, less what this process already holds there
+        (the weights) and less ``ACTIVATION_RESERVE`` of the total (activations, CUDA graphs, the CUDA context), and
+        never more than is free now less that reserve. Workers sharing a GPU each take their share (``diptych serve``
+        divides the fraction between them), so they fit whichever sizes its pool first. ``ValueError`` when nothing
+        is left."""
         if self.kv_memory_gb is not None:
             return int(self.kv_memory_gb * 2**30)
         if self.device == "cpu":
             return int(CPU_KV_MEMORY_GB * 2**30)
-        free, total = torch.cuda.mem_get_info(torch.device(self.device))
-        budget = int(total * (self.gpu_memory_utilization - ACTIVATION_RESERVE)) - (total - free)
+        device = torch.device(self.device)
+        free, total = torch.cuda.mem_get_info(device)
+        reserve = int(total * ACTIVATION_RESERVE)
+        own = torch.cuda.memory_reserved(device)
+        budget = min(int(total * self.gpu_memory_utilization) - own - reserve, free - reserve)
         if budget <= 0:
-            raise ValueError(f"no GPU memory left for the KV pool on {self.device}: {(total - free) / 2**30:.1f} of "
-                             f"{total / 2**30:.1f} GiB in use, gpu_memory_utilization {self.gpu_memory_utilization} "
-                             f"(raise it, or set kv_memory_gb / num_blocks)")
+            raise ValueError(f"no GPU memory left for the KV pool on {self.device}: this worker holds "
+                             f"{own / 2**30:.1f} GiB, {free / 2**30:.1f} of {total / 2**30:.1f} GiB are free, "
+                             f"gpu_memory_utilization {self.gpu_memory_utilization} (raise it, or set kv_memory_gb "
+                             f"or num_blocks)")
         return budget

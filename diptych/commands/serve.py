@@ -60,8 +60,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--kv-memory-gb", type=float, default=None,
                    help="KV pool GiB per worker [on CUDA: what --gpu-memory-utilization leaves; on CPU 0.25]")
     p.add_argument("--gpu-memory-utilization", type=float, default=None, metavar="FRACTION",
-                   help="fraction of its GPU each worker fills with weights, activations and the KV pool (give "
-                        "workers sharing a GPU a share each) [0.9]")
+                   help="fraction of each GPU that the workers on it fill with weights, activations and KV pools, "
+                        "divided evenly between them [0.9]")
     p.add_argument("--api-keys-file", default=None,
                    help="JSON file mapping API keys to clients (id, fairness weight, SLO tier) [anonymous]")
     p.add_argument("--admin-keys", default=None, metavar="FILE",

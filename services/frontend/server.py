@@ -22,6 +22,7 @@ import zmq.asyncio
 from diptych.services.common.cli import NO_KEYS_ERROR
 from diptych.services.common.security import ZapAuthenticator, load_keys
 from diptych.services.common.sockets import bind_address, make_socket
+from diptych.services.frontend.api_errors import APIError
 from diptych.services.frontend.config import FrontendConfig
 from diptych.services.frontend.coordinator_link import CoordinatorLink, frontend_identity
 from diptych.services.frontend.http_api import create_app
@@ -61,6 +62,7 @@ async def serve(config: FrontendConfig, directory: ClientDirectory, slo_policy: 
     try:
         assert config.served_model_name is not None  # set by FrontendConfig.__post_init__
         info = ModelInfo.load(resolve_model_path(config.model), config.served_model_name, config.max_model_len)
+        _warm_up_tokenizer(info)
         if config.ssl_certfile:  # fail here, not at the first connection
             ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(config.ssl_certfile,
                                                                                 config.ssl_keyfile)
@@ -135,3 +137,10 @@ async def serve(config: FrontendConfig, directory: ClientDirectory, slo_policy: 
     ctx.term()
     log.info("stopped")
     return status
+
+
+def _warm_up_tokenizer(info: ModelInfo) -> None:
+    """Encode a prompt and render the chat template once (compiling it) so the first client does not wait for it."""
+    info.encode("warm-up")
+    with contextlib.suppress(APIError):  # no chat template: /v1/chat/completions refuses every request anyway
+        info.encode_chat([{"role": "user", "content": "warm-up"}])
