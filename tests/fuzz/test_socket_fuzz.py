@@ -21,8 +21,7 @@ import httpx
 import msgpack
 import pytest
 import zmq
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from diptych import proto
 from diptych.launcher import Cluster, ClusterSpec, free_port_block
@@ -73,7 +72,8 @@ def _typed(hint: Any) -> st.SearchStrategy:
 def _body(cls: type) -> st.SearchStrategy:
     """A body map of ``cls``: each field mostly of its type (sometimes of any), a required field rarely missing."""
     hints = _hints(cls)
-    required, optional = {}, {}
+    required: dict[str, st.SearchStrategy] = {}
+    optional: dict[str, st.SearchStrategy] = {}
     for f in dataclasses.fields(cls):
         value = st.integers(0, 3) if f.metadata.get("payload") else st.one_of(*[_typed(hints[f.name])] * 7, _ANY)
         needed = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
@@ -177,7 +177,7 @@ def test_fuzzed_socket_leaves_the_cluster_serving(cluster, sockets, target):
 def _assert_serves(running: Cluster, timeout_s: float = 60.0) -> None:
     """A normal request completes (retried while a fuzzed registration or refusal is being cleared up)."""
     deadline = time.monotonic() + timeout_s
-    last = None
+    last: httpx.Response | Exception | None = None
     while time.monotonic() < deadline:
         try:
             last = httpx.post(running.spec.http_url + "/v1/completions", timeout=30,
