@@ -2,6 +2,7 @@
 
 import contextlib
 import dataclasses
+from typing import Any
 
 import msgpack
 import pytest
@@ -31,8 +32,8 @@ from diptych.proto.messages import (
 SHARE = {"host": "h/boot", "device_uuid": "GPU-1", "device_index": 1, "handle": b"\x00\x01ipc", "shape": [8, 2]}
 
 
-def make_request(**kw) -> Request:
-    base = dict(request_id="r1", client_id="alice", prompt_token_ids=[1, 2, 3],
+def make_request(**kw: Any) -> Request:
+    base: dict[str, Any] = dict(request_id="r1", client_id="alice", prompt_token_ids=[1, 2, 3],
                 sampling=SamplingParams(max_tokens=8, temperature=0.0, stop=["\n"], seed=7),
                 arrival_time=1700000000.25, stream_addr="tcp://127.0.0.1:5602",
                 slo=SLO(tier="strict", ttft_s=1.0, tbt_s=0.1))
