@@ -1,0 +1,56 @@
+"""The same faults under ``diptych serve``'s supervision (``Cluster.wait`` on a thread): a killed decode worker,
+prefill worker or coordinator is restarted by the launcher, every stream completes with the reference tokens, the
+cluster stays up and idles with every pool at its starting free count. A child that keeps dying at start makes the
+supervision give up."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from diptych.launcher import Cluster
+from diptych.supervision import RestartPolicy
+from tests.chaos.test_faults import FAST_FAILURE, kill, run_streams
+from tests.integration.conftest import cluster_spec, start_cluster, wait_until_idle
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def supervised(tiny_llama, tmp_path_factory):
+    spec = cluster_spec(tiny_llama, prefill_workers=1, decode_workers=2, num_blocks=256,
+                        extra_coordinator_args=FAST_FAILURE, extra_worker_args=["--heartbeat-interval", "0.2"])
+    cluster = start_cluster(spec, tmp_path_factory.mktemp("supervised-logs"))
+    given_up: list[dict[str, int]] = []
+    thread = threading.Thread(target=lambda: given_up.append(cluster.wait(RestartPolicy(initial_backoff_s=0.2))),
+                              daemon=True)
+    thread.start()
+    yield cluster
+    cluster.stop()
+    thread.join(timeout=5)
+    assert given_up == [{}]
+
+
+@pytest.fixture(scope="module")
+def reference(supervised) -> list[list[int]]:
+    return asyncio.run(run_streams(supervised, None))  # type: ignore[return-value]
+
+
+@pytest.mark.parametrize("name", ["decode-0", "prefill-0", "coordinator"])
+def test_killed_process_is_restarted_and_every_stream_completes_exactly(supervised: Cluster, reference, name):
+    restarts = len(supervised.restarts)
+    got = asyncio.run(run_streams(supervised, kill(supervised, name), after_tokens=1 if name == "prefill-0" else 96))
+    assert got == reference
+    assert [r[1] for r in supervised.restarts[restarts:]] == [name]
+    supervised.wait_ready(timeout_s=120)
+    status = wait_until_idle(supervised, timeout_s=60)
+    assert len(status["workers"]) == 3
+
+
+def test_a_child_that_keeps_dying_at_start_stops_the_supervision():
+    policy = RestartPolicy(initial_backoff_s=1.0, max_backoff_s=4.0, stable_after_s=10.0, max_quick_exits=3)
+    assert [policy.on_exit("w", 0.0, 1.0) for _ in range(3)] == [1.0, 2.0, 4.0]
+    assert policy.on_exit("w", 0.0, 1.0) is None
+    assert policy.on_exit("w", 0.0, 60.0) == 1.0  # it had been running: the count starts over
