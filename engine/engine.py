@@ -40,6 +40,9 @@ prefill alone, then several lengths together (chunked prefill mixed with decodes
 WARM_UP_DECODE_BATCH = 16
 """Most short requests ``Engine.warm_up`` decodes together, with filtered sampling (fewer if the pool is small)."""
 WARM_UP_OUTPUT_TOKENS = 4
+WARM_UP_SWEEP_TOKENS = (2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536)
+"""On a GPU, ``Engine.warm_up`` also prefills one prompt of each of these lengths alone (one output token): the GEMM
+and attention kernels chosen per row count are loaded (CUDA loads kernels lazily) before the first requests."""
 
 
 class Executor(Protocol):
@@ -277,9 +280,10 @@ class Engine:
 
     def warm_up(self) -> float:
         """Run throwaway requests through every kind of iteration the engine will run (a long prefill, chunked
-        prefills mixed with decodes, a batch of decodes, greedy and filtered sampling), so kernel compilation,
-        autotuning and lazy allocations happen now rather than on the first clients' requests (CUDA graphs are
-        captured when the engine is built). Call it before serving, with no request in the engine; afterwards the
+        prefills mixed with decodes, a batch of decodes, greedy and filtered sampling; on a GPU also a sweep of
+        prompt lengths, ``WARM_UP_SWEEP_TOKENS``), so kernel compilation, autotuning, lazy kernel loading and
+        allocations happen now rather than on the first clients' requests (CUDA graphs are captured when the engine
+        is built). Call it before serving, with no request in the engine; afterwards the
         engine holds no request and every block is free again. A throwaway ``SarathiBatching`` plans these
         iterations, so the batch policy's iteration-time feedback never sees them. Returns the seconds spent."""
         if self.request_ids():
@@ -303,6 +307,11 @@ class Engine:
             if together:
                 self.generate([[token] * n for n in together], greedy)
             self.generate([[token]] * decodes, filtered)
+            if self.config.device != "cpu":
+                first_token = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+                for n in WARM_UP_SWEEP_TOKENS:
+                    if n <= longest:
+                        self.generate([[token] * n], first_token)
         finally:
             self.scheduler.policy = policy
         seconds = time.perf_counter() - started
