@@ -1,5 +1,7 @@
 """Tiny random-weight decoder models with a byte-level tokenizer, for tests and for running without downloads.
 
+Their output is random bytes, not text: the weights are random (``diptych serve`` says so when it serves one).
+
 A tiny model directory loads with ``AutoModelForCausalLM.from_pretrained`` and ``AutoTokenizer.from_pretrained``.
 Its weights depend only on ``(family, seed, config overrides)``. The tokenizer maps every UTF-8 byte to one token
 (byte-level BPE over the 256-byte alphabet with no merges), so any text round-trips; ids 0, 1, 2 are ``<pad>``,
