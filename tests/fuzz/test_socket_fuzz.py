@@ -30,7 +30,7 @@ from diptych.services.common.security import generate_key_set
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-EXAMPLES = int(os.environ.get("DIPTYCH_FUZZ_EXAMPLES", "150"))
+EXAMPLES = int(os.environ.get("DIPTYCH_FUZZ_EXAMPLES", "100"))
 """Hypothesis examples per socket."""
 
 _ANY = st.recursive(st.none() | st.booleans() | st.integers(-(2 ** 63), 2 ** 64 - 1) | st.floats()
@@ -39,7 +39,8 @@ _ANY = st.recursive(st.none() | st.booleans() | st.integers(-(2 ** 63), 2 ** 64 
                     max_leaves=10)
 """A msgpack-encodable value of any type."""
 
-_INTS = st.integers(-3, 40) | st.integers(-(2 ** 63), 2 ** 64 - 1) | st.sampled_from([0, 1, 2 ** 31, 2 ** 40])
+_INTS = st.one_of(*[st.integers(0, 40)] * 4, st.integers(-3, -1), st.integers(-(2 ** 63), 2 ** 64 - 1),
+                  st.sampled_from([2 ** 20, 2 ** 31, 2 ** 40]))
 _IDS = st.sampled_from(["", "r1", "decode-0", "prefill-0", "frontend", "x" * 300]) | st.text(max_size=12)
 
 
@@ -88,11 +89,61 @@ def frames(draw: st.DrawFn, tags: list[str]) -> list[bytes]:
     random bytes."""
     if draw(st.integers(0, 9)) == 0:
         return draw(st.lists(st.binary(max_size=64), min_size=1, max_size=3))
-    tag = draw(st.sampled_from(tags) | st.sampled_from(sorted(_REGISTRY)))
-    body = draw(_body(_REGISTRY[tag]))
+    if draw(st.integers(0, 2)) == 0 and any(tag in _TEMPLATES for tag in tags):
+        tag = draw(st.sampled_from([tag for tag in tags if tag in _TEMPLATES]))
+        body = _mutated(draw, _TEMPLATES[tag]())
+    else:
+        tag = draw(st.sampled_from(tags) | st.sampled_from(sorted(_REGISTRY)))
+        body = draw(_body(_REGISTRY[tag]))
     header = msgpack.packb({"v": draw(st.sampled_from([proto.PROTOCOL_VERSION] * 19 + [0])),
                             "t": tag, "b": body}, use_bin_type=True)
-    return [header, *draw(st.lists(st.binary(max_size=256), max_size=3))]
+    payload = sum(v for k, v in body.items() if isinstance(v, int) and k in _PAYLOAD_FIELDS.get(tag, ()))
+    if not 0 <= payload <= 4 or draw(st.integers(0, 9)) == 0:
+        payload = draw(st.integers(0, 3))
+    return [header, *draw(st.lists(st.binary(max_size=256), min_size=payload, max_size=payload))]
+
+
+_PAYLOAD_FIELDS = {tag: {f.name for f in dataclasses.fields(cls) if f.metadata.get("payload")}
+                   for tag, cls in _REGISTRY.items()}
+
+
+def _template_request() -> proto.Request:
+    return proto.Request(request_id=f"fuzz-{time.monotonic_ns()}", client_id="fuzz", prompt_token_ids=[1, 5, 9],
+                         sampling=proto.SamplingParams(max_tokens=4), arrival_time=time.time(),
+                         stream_addr="tcp://127.0.0.1:1")
+
+
+def _map(msg: Any) -> dict:
+    return msgpack.unpackb(proto.encode(msg)[0])["b"]
+
+
+_TEMPLATES = {
+    "submit": lambda: _map(proto.SubmitRequest(_template_request())),
+    "client_generate": lambda: _map(proto.ClientGenerate(request_id=f"c{time.monotonic_ns()}", prompt="hi",
+                                                         prompt_token_ids=None,
+                                                         sampling=proto.SamplingParams(max_tokens=4))),
+    "tokens": lambda: _map(proto.TokenBatch([proto.TokenOutput("r1", 0, [5])])),
+    "kv_handoff": lambda: {**_map(proto.KVHandoff(request=_template_request(), first_token_id=5,
+                                                  first_token_time=time.time(), num_tokens=3,
+                                                  layout=proto.KVLayout(2, 2, 8, 16, "float32"))),
+                           "path": proto.HANDOFF_CUDA_IPC},
+}
+"""Valid bodies (fresh ids each time) that ``_mutated`` spoils one field of: these reach the receivers' handlers."""
+
+
+def _mutated(draw: st.DrawFn, body: dict) -> dict:
+    """``body`` with one field, at any depth, replaced by a random value (of its type or not)."""
+    target = body
+    while True:
+        key = draw(st.sampled_from(sorted(target)))
+        if isinstance(target[key], dict) and target[key] and draw(st.booleans()):
+            target = target[key]
+            continue
+        current = target[key]
+        kind = type(current) if current is not None else type(None)
+        target[key] = draw(st.one_of(_typed(kind), _INTS, _ANY) if kind is not list else
+                           st.lists(_INTS, max_size=8) | _ANY)
+        return body
 
 
 @pytest.fixture(scope="module")
