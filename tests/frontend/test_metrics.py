@@ -24,6 +24,10 @@ KEYS = {"sk-alice": {"client_id": "alice", "tier": "strict"}, "sk-bob": {"client
 RPM_LIMIT = 8
 """Admission is ``rpm`` with this limit per client and minute, so alice's extra request is refused with 429."""
 
+LONG_OUTPUT = 440
+"""Output tokens of one long request (the tiny model's context is 512), running for seconds: longer than the 1 s
+the frontend reuses a coordinator status, so a scrape sees it running."""
+
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
@@ -103,7 +107,8 @@ def test_metrics_follow_a_small_load(cluster: Cluster):
                 results.append((key, response))
 
     threads = [threading.Thread(target=client, args=("sk-alice", RPM_LIMIT, 24))]
-    threads += [threading.Thread(target=client, args=("sk-bob", 4, 32)) for _ in range(2)]
+    threads += [threading.Thread(target=client, args=("sk-bob", 3, 32)) for _ in range(2)]
+    threads.append(threading.Thread(target=client, args=("sk-bob", 1, LONG_OUTPUT)))
     for t in threads:
         t.start()
     running_seen, deadline = 0.0, time.time() + 120
