@@ -8,8 +8,8 @@ already answers or drops. The limits are documented in ``proto/README.md``.
 
 What no message can tell on its own stays with the receiver: a prompt against the model's context length or
 vocabulary (the coordinator's ``max_model_len``), a block count against a pool's size, a request id it never issued.
-``ClientGenerate.sampling`` gets only size checks here: the frontend checks its ranges and answers with the SDK's
-request id (a 400 naming the parameter), which a decode error could not carry.
+``ClientGenerate.sampling`` and ``ClientGenerate.slo`` get only size checks here: the frontend checks their ranges
+and answers with the SDK's request id (a 400 naming the parameter), which a decode error could not carry.
 
 Cost: a few comparisons per message, plus one pass over each token-id list (``min``/``max`` in C).
 """
@@ -318,8 +318,8 @@ def _client_generate(msg: m.ClientGenerate) -> None:
     sampling_sizes(msg.sampling, "sampling")
     if msg.api_key is not None:
         text(msg.api_key, "api_key", MAX_API_KEY_CHARS)
-    if msg.slo is not None:
-        slo(msg.slo, "slo")
+    if msg.slo is not None:  # sizes only, like the sampling: the frontend's SloPolicy checks the targets
+        text(msg.slo.tier, "slo.tier", MAX_NAME_CHARS)
 
 
 def _client_cancel(msg: m.ClientCancel) -> None:
