@@ -46,6 +46,8 @@ MAX_BLOCKS = 1 << 22
 """Bound of a block count or list (a reservation, a pool, a handoff's frames)."""
 MAX_BATCH_OUTPUTS = 65536
 """Outputs in one ``TokenBatch``."""
+MAX_PLACEMENT = 16
+"""Workers named in one ``RequestPlaced`` (a request's prefill and decode workers)."""
 MAX_MAP_ENTRIES = 65536
 """Entries of a map field (``TokenReport.counts``, ``TokenOutput.events``, ``WorkerLoad.handoffs``)."""
 MAX_PROMPT_CHARS = 16 << 20
@@ -162,7 +164,7 @@ def load(value: m.WorkerLoad, where: str) -> None:
     count(value.num_waiting, where + ".num_waiting", 1 << 30)
     count(value.num_running, where + ".num_running", 1 << 30)
     count(value.waiting_prompt_tokens, where + ".waiting_prompt_tokens", 1 << 40)
-    count(getattr(value, "preemptions", 0), where + ".preemptions", 1 << 40)
+    count(value.preemptions, where + ".preemptions", 1 << 40)
     finite(value.prefill_tps, where + ".prefill_tps", 0.0)
     names(value.handoffs, where + ".handoffs", len(value.handoffs))
     for stats in value.handoffs.values():
@@ -212,6 +214,14 @@ def _failed(msg: m.RequestFailed) -> None:
 def _lost(msg: m.RequestLost) -> None:
     ident(msg.request_id, "request_id")
     text(msg.reason, "reason", MAX_MESSAGE_CHARS)
+
+
+def _placed(msg: m.RequestPlaced) -> None:
+    ident(msg.request_id, "request_id")
+    if len(msg.workers) > MAX_PLACEMENT:
+        raise _bad("workers", f"{len(msg.workers)} workers, more than {MAX_PLACEMENT}")
+    for worker_id in msg.workers:
+        ident(worker_id, "workers")
 
 
 def _register(msg: m.RegisterWorker) -> None:
@@ -347,7 +357,8 @@ def _cluster_status(msg: m.ClusterStatus) -> None:
 
 
 _CHECKS: dict[type, Callable[[Any], None]] = {
-    m.SubmitRequest: _submit, m.CancelRequest: _cancel, m.RequestFailed: _failed, m.RequestLost: _lost,
+    m.SubmitRequest: _submit, m.CancelRequest: _cancel, m.RequestFailed: _failed,
+    m.RequestLost: _lost, m.RequestPlaced: _placed,
     m.RegisterWorker: _register, m.RegisterAck: _register_ack, m.Heartbeat: _heartbeat, m.ReserveKV: _reserve,
     m.KVReserved: _reserved, m.PrefillTask: _prefill, m.PrefillDone: _prefill_done, m.KVReceived: _kv_received,
     m.TokenReport: _token_report, m.RequestDone: _request_done, m.KVHandoff: _handoff,
