@@ -39,7 +39,7 @@ async def kv_handoff_seconds(keys: KeySet | None, repeats: int) -> list[float]:
         auth.start()
     pull = make_socket(server_ctx, zmq.PULL, bind="tcp://127.0.0.1:0", max_msg_bytes=KV_MAX_MSG_BYTES,
                        security=keys.server("decode-0") if keys is not None else None)
-    push = make_socket(client_ctx, zmq.PUSH, connect=pull.getsockopt(zmq.LAST_ENDPOINT).decode(),
+    push = make_socket(client_ctx, zmq.PUSH, connect=pull.getsockopt_string(zmq.LAST_ENDPOINT),
                        security=keys.client("prefill-0", "decode-0") if keys is not None else None)
     blocks = [bytes(BLOCK_BYTES) for _ in range(PROMPT_TOKENS // 16)]
     request = proto.Request("bench", "c", list(range(PROMPT_TOKENS)), proto.SamplingParams(max_tokens=1), 0.0,

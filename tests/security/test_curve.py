@@ -69,7 +69,7 @@ async def _exchange(keys: KeySet, client_security, *, authenticator: bool = True
     if authenticator:
         auth.start()
     server = make_socket(ctx, zmq.ROUTER, bind="tcp://127.0.0.1:0", security=keys.server("coordinator"))
-    address = server.getsockopt(zmq.LAST_ENDPOINT).decode()
+    address = server.getsockopt_string(zmq.LAST_ENDPOINT)
     client = make_socket(ctx, zmq.DEALER, connect=address, identity="w", security=client_security)
     try:
         await send_message(client, proto.StatusQuery())
@@ -121,7 +121,7 @@ def test_plain_sockets_carry_no_user_id():
     async def main():
         ctx = zmq.asyncio.Context()
         pull = make_socket(ctx, zmq.PULL, bind="tcp://127.0.0.1:0")
-        push = make_socket(ctx, zmq.PUSH, connect=pull.getsockopt(zmq.LAST_ENDPOINT).decode())
+        push = make_socket(ctx, zmq.PUSH, connect=pull.getsockopt_string(zmq.LAST_ENDPOINT))
         await send_message(push, proto.StatusQuery())
         received = await asyncio.wait_for(recv_authenticated(pull), 5)
         await send_message(push, proto.StatusQuery())
@@ -141,7 +141,7 @@ def test_an_authenticator_bound_before_the_loop_admits_once_it_serves(keys):
     auth = ZapAuthenticator(ctx, keys)
     auth.bind()  # as a service does when it makes its sockets before its loop runs
     server = make_socket(ctx, zmq.ROUTER, bind="tcp://127.0.0.1:0", security=keys.server("coordinator"))
-    client = make_socket(ctx, zmq.DEALER, connect=server.getsockopt(zmq.LAST_ENDPOINT).decode(), identity="p",
+    client = make_socket(ctx, zmq.DEALER, connect=server.getsockopt_string(zmq.LAST_ENDPOINT), identity="p",
                          security=keys.client("prefill-0", "coordinator"))
 
     async def main():
@@ -171,7 +171,7 @@ def test_a_kv_sized_message_arrives_over_curve(keys):
         auth.start()
         pull = make_socket(server_ctx, zmq.PULL, bind="tcp://127.0.0.1:0", max_msg_bytes=KV_MAX_MSG_BYTES,
                            security=keys.server("coordinator"))
-        push = make_socket(client_ctx, zmq.PUSH, connect=pull.getsockopt(zmq.LAST_ENDPOINT).decode(),
+        push = make_socket(client_ctx, zmq.PUSH, connect=pull.getsockopt_string(zmq.LAST_ENDPOINT),
                            security=keys.client("prefill-0", "coordinator"))
         try:
             await push.send_multipart([*proto.encode(proto.StatusQuery()), *(bytes(2 << 20) for _ in range(4))])
