@@ -1,5 +1,6 @@
-"""Overload on real processes: a burst far beyond the admission queue's bound is shed at once with explicit 503s
-carrying Retry-After, the rest complete, /health keeps answering within a second, and the cluster idles after."""
+"""Overload on real processes: a burst far beyond the admission queue's bound (the session's cluster queues
+``MAX_QUEUED`` requests at most) is shed at once with explicit 503s carrying Retry-After, the rest complete, /health
+keeps answering within a second, and the cluster idles after."""
 
 from __future__ import annotations
 
@@ -10,21 +11,11 @@ import httpx
 import pytest
 
 from diptych.client import AsyncClient, DiptychError
-from tests.integration.conftest import cluster_spec, start_cluster, wait_until_idle
+from tests.integration.conftest import wait_until_idle
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 BURST = 400
-MAX_QUEUED = 32
-
-
-@pytest.fixture(scope="module")
-def small_queue(tiny_llama, tmp_path_factory):
-    spec = cluster_spec(tiny_llama, prefill_workers=1, decode_workers=1, num_blocks=128,
-                        extra_coordinator_args=["--max-queued-requests", str(MAX_QUEUED)])
-    cluster = start_cluster(spec, tmp_path_factory.mktemp("overload-logs"))
-    yield cluster
-    cluster.stop()
 
 
 async def burst(address: str) -> list[int | DiptychError]:
@@ -53,12 +44,12 @@ async def health_latencies(url: str, ready: asyncio.Event, stop: asyncio.Event) 
     return latencies
 
 
-def test_a_burst_beyond_the_queue_is_shed_with_retry_after_and_health_stays_fast(small_queue):
+def test_a_burst_beyond_the_queue_is_shed_with_retry_after_and_health_stays_fast(chaos_cluster):
     async def main() -> tuple[list[int | DiptychError], list[float]]:
         ready, stop = asyncio.Event(), asyncio.Event()
-        probe = asyncio.create_task(health_latencies(small_queue.spec.http_url, ready, stop))
+        probe = asyncio.create_task(health_latencies(chaos_cluster.spec.http_url, ready, stop))
         await ready.wait()
-        results = await burst(small_queue.spec.sdk_addr)
+        results = await burst(chaos_cluster.spec.sdk_addr)
         stop.set()
         return results, await probe
 
@@ -68,4 +59,4 @@ def test_a_burst_beyond_the_queue_is_shed_with_retry_after_and_health_stays_fast
     assert shed and served and all(r == 16 for r in served)
     assert all(e.status == 503 and e.retry_after_s for e in shed), {repr(e) for e in shed}
     assert latencies and max(latencies) < 1.0
-    wait_until_idle(small_queue, timeout_s=60)
+    wait_until_idle(chaos_cluster, timeout_s=60)

@@ -12,30 +12,17 @@ import pytest
 
 from diptych.launcher import Cluster
 from diptych.supervision import RestartPolicy
-from tests.chaos.test_faults import FAST_FAILURE, kill, run_streams
-from tests.integration.conftest import cluster_spec, start_cluster, wait_until_idle
+from tests.chaos.streams import kill, run_streams
+from tests.integration.conftest import wait_until_idle
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
-def supervised(tiny_llama, tmp_path_factory):
-    spec = cluster_spec(tiny_llama, prefill_workers=1, decode_workers=2, num_blocks=256,
-                        extra_coordinator_args=FAST_FAILURE, extra_worker_args=["--heartbeat-interval", "0.2"])
-    cluster = start_cluster(spec, tmp_path_factory.mktemp("supervised-logs"))
-    given_up: list[dict[str, int]] = []
-    thread = threading.Thread(target=lambda: given_up.append(cluster.wait(RestartPolicy(initial_backoff_s=0.2))),
-                              daemon=True)
-    thread.start()
-    yield cluster
-    cluster.stop()
-    thread.join(timeout=5)
-    assert given_up == [{}]
-
-
-@pytest.fixture(scope="module")
-def reference(supervised) -> list[list[int]]:
-    return asyncio.run(run_streams(supervised, None))  # type: ignore[return-value]
+def supervised(chaos_cluster: Cluster) -> Cluster:
+    """The session's cluster under supervision from here on (``Cluster.stop`` at the end of the session ends it)."""
+    threading.Thread(target=chaos_cluster.wait, args=(RestartPolicy(initial_backoff_s=0.2),), daemon=True).start()
+    return chaos_cluster
 
 
 @pytest.mark.parametrize("name", ["decode-0", "prefill-0", "coordinator"])
