@@ -126,8 +126,8 @@ def format_summary(s: dict[str, Any]) -> str:
         return f"{value:.{digits}g}{unit}" if abs(value) < 1e4 else f"{value:,.0f}{unit}"
 
     rows = [
-        ("requests (finished / rejected / unfinished)",
-         f"{s['requests']} ({s['finished']} / {s['rejected']} / {s['unfinished']})"),
+        ("requests (finished / rejected / failed / unfinished)",
+         f"{s['requests']} ({s['finished']} / {s['rejected']} / {s['failed']} / {s['unfinished']})"),
         ("offered load", f(s["offered_qps"], " req/s")),
         ("TTFT median / P99", f"{f(s['ttft_p50'], ' s')} / {f(s['ttft_p99'], ' s')}"),
         ("TBT median / P99 (all tiers)", f"{f(s['tbt_p50'], ' s')} / {f(s['tbt_p99'], ' s')}"),

@@ -102,8 +102,6 @@ class ClusterConfig:
                 registry.create(spec.name, **spec.knobs)
             except KeyError as exc:
                 raise ValueError(str(exc.args[0])) from None
-            except TypeError as exc:
-                raise ValueError(f"bad option for {registry.kind} policy {spec.name!r}: {exc}") from None
         if self.pool_policy.name != "static" and self.colocated_workers:
             raise ValueError("pool policies move workers between prefill and decode pools; "
                              "a colocated cluster has none")

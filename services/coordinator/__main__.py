@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from diptych.services.common.cli import check_curve_arguments
-from diptych.services.common.lifecycle import run_service, setup_logging
+from diptych.services.common.lifecycle import add_logging_arguments, run_service, setup_logging
 from diptych.services.common.security import load_keys
 from diptych.services.coordinator import config as coordinator_config
 
@@ -19,9 +19,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     coordinator_config.add_arguments(parser)
     parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING [INFO]")
+    add_logging_arguments(parser)
     args = parser.parse_args(argv)
     check_curve_arguments(parser, args)
-    setup_logging("coordinator", args.log_level)
+    setup_logging("coordinator", args.log_level, args.log_format)
     try:
         config = coordinator_config.from_args(args)
         keys = load_keys(config.keys_dir, config.key_name)

@@ -12,7 +12,7 @@ from diptych.services.frontend.identity import load_access
 
 def main(argv: list[str] | None = None) -> None:
     config = parse_config(argv)
-    setup_logging("frontend", config.log_level)
+    setup_logging("frontend", config.log_level, config.log_format)
     try:  # before importing the server, so a bad keys or tiers file fails in well under a second
         directory, slo_policy = load_access(config.api_keys_file, config.slo_tiers_file, config.admin_keys_file)
     except ValueError as exc:

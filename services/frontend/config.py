@@ -6,6 +6,7 @@ import argparse
 from dataclasses import dataclass
 
 from diptych.services.common.cli import add_curve_arguments, env_default
+from diptych.services.common.lifecycle import add_logging_arguments
 
 BUILTIN_MODEL_NAME = "diptych-tiny"
 
@@ -33,6 +34,7 @@ class FrontendConfig:
     max_model_len: int | None = None
     request_timeout_s: float = 600.0
     log_level: str | None = None
+    log_format: str = "text"
     admin_keys_file: str | None = None
     ssl_certfile: str | None = None
     ssl_keyfile: str | None = None
@@ -108,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="private key of --ssl-certfile, if not in that file")
     add_curve_arguments(p, d.key_name)
     p.add_argument("--log-level", default=None, help="logging level [DIPTYCH_LOG_LEVEL or INFO]")
+    add_logging_arguments(p)
     return p
 
 
@@ -119,7 +122,8 @@ def parse_config(argv: list[str] | None = None) -> FrontendConfig:
             model=args.model, served_model_name=args.served_model_name, host=args.host, http_port=args.http_port,
             sdk_addr=args.sdk_addr, stream_addr=args.stream_addr, coordinator_addr=args.coordinator_addr,
             api_keys_file=args.api_keys_file, slo_tiers_file=args.slo_tiers, max_model_len=args.max_model_len,
-            request_timeout_s=args.request_timeout, log_level=args.log_level, admin_keys_file=args.admin_keys,
+            request_timeout_s=args.request_timeout, log_level=args.log_level, log_format=args.log_format,
+            admin_keys_file=args.admin_keys,
             ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile,
             keys_dir=None if args.insecure_no_curve else args.keys_dir, insecure_no_curve=args.insecure_no_curve,
             key_name=args.key_name, max_body_bytes=args.max_body_bytes,

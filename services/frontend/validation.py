@@ -22,13 +22,15 @@ from diptych.proto import SamplingParams
 from diptych.proto.validation import MAX_STOP_CHARS, MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS
 from diptych.services.frontend.api_errors import APIError, bad_request
 from diptych.services.frontend.model_info import ModelInfo
-from diptych.services.frontend.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
+from diptych.services.frontend.schemas import (
+    UNIMPLEMENTED_PARAMETERS,
+    ChatCompletionRequest,
+    CompletionRequest,
+    SamplingFields,
+)
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16
 
-_UNSUPPORTED = ("logprobs", "top_logprobs", "echo", "suffix", "best_of", "logit_bias", "presence_penalty",
-                "frequency_penalty", "repetition_penalty", "tools", "tool_choice", "response_format")
-"""OpenAI parameters this server does not implement; sending one with a non-neutral value is a 400."""
 
 _NEUTRAL: tuple[object, ...] = (None, False, 0, "", [], {})
 
@@ -164,7 +166,7 @@ def _http_sampling(req: SamplingFields, max_tokens: int, prompt_ids: list[int], 
     if req.n != 1:
         raise bad_request("only n=1 is supported", "n")
     extra = req.model_extra or {}
-    for name in _UNSUPPORTED:
+    for name in UNIMPLEMENTED_PARAMETERS:
         value = extra.get(name)
         if value not in _NEUTRAL and not (name == "best_of" and value == 1):
             raise bad_request(f"parameter {name!r} is not supported by this server", name)

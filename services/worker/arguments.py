@@ -7,6 +7,7 @@ import uuid
 
 from diptych.engine.protocol import WorkerEngine
 from diptych.services.common.cli import add_curve_arguments, env_default
+from diptych.services.common.lifecycle import add_logging_arguments
 
 
 def add_worker_arguments(parser: argparse.ArgumentParser, name: str) -> None:
@@ -45,6 +46,7 @@ def add_worker_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument("--heartbeat-interval", type=float, default=0.5, help="seconds between heartbeats")
     add_curve_arguments(parser, None)
     parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING [INFO]")
+    add_logging_arguments(parser)
 
 
 def build_engine(args: argparse.Namespace) -> WorkerEngine:

@@ -56,7 +56,7 @@ def worker_main(name: str, description: str, default_role: WorkerRole,
     args = parser.parse_args(argv)
     check_curve_arguments(parser, args)
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
-    setup_logging(args.worker_id, args.log_level)
+    setup_logging(args.worker_id, args.log_level, args.log_format)
     key_name = args.key_name or args.worker_id
     try:
         keys = load_keys(None if args.insecure_no_curve else args.keys_dir, key_name)

@@ -119,5 +119,8 @@ def test_bench_serve_line(server: Server, tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "diptych", *args], capture_output=True, text=True, timeout=120,
                           cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "failed" not in proc.stdout and "failed" not in proc.stderr, proc.stdout + proc.stderr
+    requests = re.search(r"requests \(finished / rejected / failed / unfinished\) \| (\d+) \((\d+) / 0 / 0 / 0\)",
+                         proc.stdout)
+    assert requests is not None and requests.group(1) == requests.group(2), proc.stdout + proc.stderr
+    assert "failed or were refused" not in proc.stderr, proc.stderr
     assert (tmp_path / "bench-serve.json").exists()
