@@ -39,6 +39,7 @@ class CoordinatorLink:
         self._sock = make_socket(ctx, zmq.DEALER, connect=address, identity=identity, security=security)
         self._outbox: asyncio.Queue[Any] = asyncio.Queue()
         self._status_waiters: list[asyncio.Future[proto.ClusterStatus]] = []
+        self._on_failed: Callable[[proto.RequestFailed], None] | None = None
 
     def post(self, msg: Any) -> None:
         """Queue ``msg`` for the coordinator; never blocks."""
@@ -58,13 +59,23 @@ class CoordinatorLink:
                 self._status_waiters.remove(waiter)
 
     async def run_sender(self) -> None:
+        """Send the outbox in order. A message that cannot be encoded or sent is logged and dropped, never ends the
+        task; a ``SubmitRequest`` among them fails its request with a 400 through the ``on_failed`` callback of
+        ``run_receiver`` (the server starts both before any request arrives)."""
         while True:
             msg = await self._outbox.get()
-            await send_message(self._sock, msg)
+            try:
+                await send_message(self._sock, msg)
+            except (zmq.ZMQError, ValueError, TypeError, proto.ProtocolError) as exc:
+                log.error("could not send %s to the coordinator: %s", type(msg).__name__, exc)
+                if isinstance(msg, proto.SubmitRequest) and self._on_failed is not None:
+                    self._on_failed(proto.RequestFailed(request_id=msg.request.request_id, code=400,
+                                                        message="the request could not be encoded"))
 
     async def run_receiver(self, on_failed: Callable[[proto.RequestFailed], None],
                            on_lost: Callable[[proto.RequestLost], None] | None = None,
                            on_placed: Callable[[proto.RequestPlaced], None] | None = None) -> None:
+        self._on_failed = on_failed
         while True:
             _, msg = await recv_message(self._sock)
             if isinstance(msg, proto.RequestFailed):
