@@ -17,6 +17,8 @@ class Endpoint:
     """Where it receives KV handoffs (decode and flex roles)."""
     load: WorkerLoad
     """As of its last heartbeat."""
+    max_model_len: int
+    """The longest sequence (prompt plus outputs, tokens) its engine takes."""
     kv_share: dict[str, Any] = field(default_factory=dict)
     """Decode roles on a GPU: their pool shared for GPU-to-GPU pushes (``RegisterWorker.kv_share``)."""
 

@@ -205,6 +205,12 @@ class Coordinator:
             await self._send(identity, RequestFailed(request_id=rid, code=400, message=f"duplicate request id {rid}"))
             return
         prompt, max_tokens = len(request.prompt_token_ids), request.sampling.max_tokens
+        context = min((e.max_model_len for e in self.endpoints.values()), default=None)
+        if context is not None and prompt + max_tokens > context:
+            reason = f"prompt ({prompt} tokens) plus max_tokens ({max_tokens}) exceeds the context of {context} tokens"
+            log.info("req=%s refused: %s", rid, reason)
+            await self._send(identity, RequestFailed(request_id=rid, code=400, message=reason))
+            return
         if self.core.never_fits(prompt, max_tokens):  # an empty pool may still get a worker: such requests wait
             reason = "request larger than any worker's KV pool"
             log.info("req=%s refused: %s", rid, reason)
@@ -276,7 +282,7 @@ class Coordinator:
             log.warning("refused worker %s: %s", msg.worker_id, error)
             error = REFUSED if self.keys is not None else error
         else:
-            self.endpoints[msg.worker_id] = Endpoint(identity, msg.kv_addr, msg.load, msg.kv_share)
+            self.endpoints[msg.worker_id] = Endpoint(identity, msg.kv_addr, msg.load, msg.max_model_len, msg.kv_share)
             log.info("worker %s joined as %s (%d KV blocks of %d tokens)", msg.worker_id, msg.role,
                      msg.load.total_blocks, msg.layout.block_size)
         await self._send(identity, RegisterAck(ok=not error, error=error or ""))

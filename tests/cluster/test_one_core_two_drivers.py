@@ -72,7 +72,8 @@ class CoordinatorPath:
         for worker_id in ("w0", "w1", "w2", "w3"):
             await self.coordinator.handle(worker_id.encode(), RegisterWorker(
                 worker_id=worker_id, role="flex", model="m", layout=LAYOUT, kv_addr=f"tcp://{worker_id}",
-                load=WorkerLoad(BLOCKS, BLOCKS, 0, 0, 0, prefill_tps=5000.0), max_model_len=4096))
+                load=WorkerLoad(free_blocks=BLOCKS, total_blocks=BLOCKS, num_waiting=0, num_running=0,
+                                waiting_prompt_tokens=0, prefill_tps=5000.0), max_model_len=4096))
 
     async def arrive(self, rid: str, prompt: int, max_tokens: int) -> dict[str, tuple[str, str, int]]:
         """Submit; returns the placements made, confirming each reservation so the prefill task goes out."""
@@ -110,8 +111,10 @@ class CoordinatorPath:
         """Heartbeats (a measured prefill rate), then the watchdog twice: the move starts, then empty drains end."""
         self.clock.advance(1.0)
         for worker_id in ("w0", "w1", "w2", "w3"):
-            await self.coordinator.handle(worker_id.encode(), Heartbeat(
-                worker_id=worker_id, load=WorkerLoad(BLOCKS, BLOCKS, 0, 0, 0, prefill_tps=5000.0), time=self.clock()))
+            load = WorkerLoad(free_blocks=BLOCKS, total_blocks=BLOCKS, num_waiting=0, num_running=0,
+                              waiting_prompt_tokens=0, prefill_tps=5000.0)
+            await self.coordinator.handle(worker_id.encode(), Heartbeat(worker_id=worker_id, load=load,
+                                                                        time=self.clock()))
         await self.coordinator.watchdog()
         moved = [m["worker"] for m in self.coordinator.pools.moves]
         await self.coordinator.watchdog()

@@ -27,7 +27,8 @@ LOAD = WorkerLoad(free_blocks=1, total_blocks=1, num_waiting=0, num_running=0, w
 
 
 def _record() -> RequestRecord:
-    request = Request("r1", "alice", [1, 2], SamplingParams(max_tokens=2), time.time(), "tcp://127.0.0.1:1")
+    request = Request(request_id="r1", client_id="alice", prompt_token_ids=[1, 2],
+                      sampling=SamplingParams(max_tokens=2), arrival_time=time.time(), stream_addr="tcp://127.0.0.1:1")
     record = RequestRecord("r1", "alice", 2, 2, payload=Submission(request, b"fe", "frontend"))
     record.prefill_worker, record.decode_worker = "prefill-0", "decode-0"
     return record
@@ -38,15 +39,15 @@ def lookup(request_id: str) -> RequestRecord | None:
 
 
 def test_only_frontend_keys_submit_read_status_and_cancel_their_own():
-    submit = SubmitRequest(_record().payload.request)
+    submit = SubmitRequest(request=_record().payload.request)
     assert authorize(submit, "frontend", lookup) is None
     assert authorize(StatusQuery(), "frontend-2", lookup) is None
     for worker in ("prefill-0", "decode-0", "coordinator"):
         assert authorize(submit, worker, lookup) is not None
         assert authorize(StatusQuery(), worker, lookup) is not None
-        assert authorize(CancelRequest("r1", "abort"), worker, lookup) is not None
-    assert authorize(CancelRequest("r1", "abort"), "frontend", lookup) is None
-    assert "another frontend" in str(authorize(CancelRequest("r1", "abort"), "frontend-2", lookup))
+        assert authorize(CancelRequest(request_id="r1", reason="abort"), worker, lookup) is not None
+    assert authorize(CancelRequest(request_id="r1", reason="abort"), "frontend", lookup) is None
+    assert "another frontend" in str(authorize(CancelRequest(request_id="r1", reason="abort"), "frontend-2", lookup))
     assert authorize(StatusQuery(), None, lookup) == "no authenticated key"
 
 
@@ -57,18 +58,24 @@ def test_a_worker_registers_and_speaks_only_as_itself():
     assert authorize(register, "decode-1", lookup) is not None
     register.worker_id = "frontend"
     assert authorize(register, "frontend", lookup) is not None  # a frontend key is never a worker
-    assert authorize(Heartbeat("decode-0", LOAD, 0.0), "decode-0", lookup) is None
-    assert "names worker" in str(authorize(Heartbeat("decode-0", LOAD, 0.0), "decode-1", lookup))
-    assert authorize(TokenReport("decode-1", {"r1": 1}), "decode-1", lookup) is None  # counts filtered later
+    assert authorize(Heartbeat(worker_id="decode-0", load=LOAD, time=0.0), "decode-0", lookup) is None
+    assert "names worker" in str(authorize(Heartbeat(worker_id="decode-0", load=LOAD, time=0.0), "decode-1", lookup))
+    assert authorize(TokenReport(worker_id="decode-1", counts={"r1": 1}), "decode-1",
+                     lookup) is None  # counts filtered later
 
 
 def test_request_messages_only_from_the_worker_holding_the_request():
-    assert authorize(KVReserved("r1", "decode-0", True), "decode-0", lookup) is None
-    assert authorize(KVReserved("r1", "prefill-0", True), "prefill-0", lookup) is not None
-    assert authorize(KVReceived("r1", "decode-0", 2, 0.0), "decode-0", lookup) is None
-    assert authorize(PrefillDone("r1", "prefill-0", True, 0.0, 0.0), "prefill-0", lookup) is None
-    assert authorize(PrefillDone("r1", "decode-0", True, 0.0, 0.0), "decode-0", lookup) is not None
+    assert authorize(KVReserved(request_id="r1", worker_id="decode-0", ok=True), "decode-0", lookup) is None
+    assert authorize(KVReserved(request_id="r1", worker_id="prefill-0", ok=True), "prefill-0", lookup) is not None
+    assert authorize(KVReceived(request_id="r1", worker_id="decode-0", num_tokens=2, transfer_s=0.0), "decode-0",
+                     lookup) is None
+    assert authorize(PrefillDone(request_id="r1", worker_id="prefill-0", handed_off=True, prefill_start=0.0,
+                                 prefill_end=0.0), "prefill-0", lookup) is None
+    assert authorize(PrefillDone(request_id="r1", worker_id="decode-0", handed_off=True, prefill_start=0.0,
+                                 prefill_end=0.0), "decode-0", lookup) is not None
     for holder in ("prefill-0", "decode-0"):
-        assert authorize(RequestDone("r1", holder, "stop"), holder, lookup) is None
-    assert "not on this worker" in str(authorize(RequestDone("r1", "decode-7", "stop"), "decode-7", lookup))
-    assert authorize(RequestDone("gone", "decode-7", "stop"), "decode-7", lookup) is None  # unknown: harmless
+        assert authorize(RequestDone(request_id="r1", worker_id=holder, finish_reason="stop"), holder, lookup) is None
+    assert "not on this worker" in str(authorize(RequestDone(request_id="r1", worker_id="decode-7",
+                                                             finish_reason="stop"), "decode-7", lookup))
+    assert authorize(RequestDone(request_id="gone", worker_id="decode-7", finish_reason="stop"), "decode-7",
+                     lookup) is None  # unknown: harmless

@@ -35,18 +35,20 @@ async def test_the_coordinator_holds_requests_back_at_the_cap():
     peers = {name: Peer(ctx, addr, name) for name in ("frontend", "prefill-0", "decode-0")}
     try:
         for name, role in (("prefill-0", "prefill"), ("decode-0", "decode")):
-            await peers[name].send(RegisterWorker(name, role, "m", LAYOUT, "tcp://127.0.0.1:1" if role == "decode"
-                                                  else "", WorkerLoad(64, 64, 0, 0, 0), 512))
+            load = WorkerLoad(free_blocks=64, total_blocks=64, num_waiting=0, num_running=0, waiting_prompt_tokens=0)
+            await peers[name].send(RegisterWorker(worker_id=name, role=role, model="m", layout=LAYOUT,
+                                                  kv_addr="tcp://127.0.0.1:1" if role == "decode" else "",
+                                                  load=load, max_model_len=512))
             assert (await peers[name].recv()).ok
         for rid in ("a", "b"):  # 2 blocks each of 64: only the cap holds b back
-            await peers["frontend"].send(SubmitRequest(request(rid)))
+            await peers["frontend"].send(SubmitRequest(request=request(rid)))
         reserve = await peers["decode-0"].recv()
         assert isinstance(reserve, ReserveKV) and reserve.request_id == "a"
         await peers["decode-0"].expect_nothing()
         assert coordinator.placer.waiting_for == "decode"
-        await peers["decode-0"].send(KVReserved("a", "decode-0", True))
+        await peers["decode-0"].send(KVReserved(request_id="a", worker_id="decode-0", ok=True))
         await peers["prefill-0"].recv()
-        await peers["decode-0"].send(RequestDone("a", "decode-0", "abort"))
+        await peers["decode-0"].send(RequestDone(request_id="a", worker_id="decode-0", finish_reason="abort"))
         reserve = await peers["decode-0"].recv()
         assert isinstance(reserve, ReserveKV) and reserve.request_id == "b"
         assert coordinator.workers.workers["decode-0"].decode_requests == 1

@@ -29,7 +29,8 @@ async def test_a_refused_registration_is_retried_not_fatal(monkeypatch):
 async def test_kv_only_from_the_named_prefill_worker():
     worker, _ = make_worker(WorkerRole.DECODE)
     decode = next(r for r in worker.roles if isinstance(r, DecodeRole))
-    await decode.handle(ReserveKV("r1", 1, prefill_worker_id="prefill-0"))
-    assert decode._may_push("prefill-0", KVPushAborted("r1", "prefill-0"))
-    assert not decode._may_push("prefill-1", KVPushAborted("r1", "prefill-1"))
-    assert not decode._may_push("prefill-0", KVPushAborted("r2", "prefill-0"))  # nothing reserved for r2
+    await decode.handle(ReserveKV(request_id="r1", num_blocks=1, prefill_worker_id="prefill-0"))
+    assert decode._may_push("prefill-0", KVPushAborted(request_id="r1", worker_id="prefill-0"))
+    assert not decode._may_push("prefill-1", KVPushAborted(request_id="r1", worker_id="prefill-1"))
+    # nothing reserved for r2
+    assert not decode._may_push("prefill-0", KVPushAborted(request_id="r2", worker_id="prefill-0"))
