@@ -25,10 +25,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from diptych import proto
-from diptych.services.frontend.identity import ClientIdentity
 from diptych.services.frontend.timeline import Timeline
-from diptych.services.frontend.tracker import RequestState, RequestTracker
-from diptych.services.frontend.validation import Generation
+from diptych.services.frontend.tracker import RequestState
 
 STATUS_MAX_AGE_S = 1.0
 """A scrape reuses a ``ClusterStatus`` fetched at most this long ago (seconds)."""
@@ -78,6 +76,10 @@ class RequestMetrics:
         self.cancelled = Counter("diptych_requests_cancelled", "Requests the frontend gave up on (client gone, "
                                  "stop string, timeout)", ["reason"], registry=registry)
 
+    def on_retire(self, state: RequestState, outcome: str) -> None:
+        """The request tracker's callback: ``state`` left the frontend with ``outcome``."""
+        self.observe(state.tier, state.client.client_id, state.prompt_len, state.timeline, outcome)
+
     def observe(self, tier: str, client_id: str, prompt_tokens: int, timeline: Timeline, outcome: str) -> None:
         """``outcome``: the tracker's ("stop", "length", "cancelled:<reason>" or "error:<HTTP status>")."""
         self.generation_tokens.labels(tier).inc(len(timeline.token_times))
@@ -103,28 +105,6 @@ class RequestMetrics:
         admitted = timeline.phases.get("admitted")
         if admitted is not None:
             self.queue.labels(tier).observe(max(0.0, admitted - timeline.arrival))
-
-
-class MeteredRequestTracker(RequestTracker):
-    """``RequestTracker`` that reports every request to ``RequestMetrics`` as it leaves (finished, failed or
-    cancelled), with the SLO tier it was submitted under."""
-
-    def __init__(self, metrics: RequestMetrics, *args: Any, **kwargs: Any) -> None:
-        """``args`` and ``kwargs``: ``RequestTracker``'s."""
-        super().__init__(*args, **kwargs)
-        self._metrics = metrics
-        self._tiers: dict[str, str] = {}
-
-    def submit(self, client: ClientIdentity, gen: Generation, slo: proto.SLO, arrival: float, source: str,
-               note: str = "") -> RequestState:
-        state = super().submit(client, gen, slo, arrival, source, note)
-        self._tiers[state.request_id] = slo.tier
-        return state
-
-    def _retire(self, state: RequestState, outcome: str, detail: str = "") -> None:
-        super()._retire(state, outcome, detail)
-        tier = self._tiers.pop(state.request_id, "default")
-        self._metrics.observe(tier, state.client.client_id, state.prompt_len, state.timeline, outcome)
 
 
 class StatusCache:
@@ -261,7 +241,7 @@ def _client_families(clients: dict[str, Any], admission: dict[str, Any]) -> Iter
 
 
 class FrontendMetrics:
-    """Everything ``GET /metrics`` shows. ``requests`` feeds the tracker (``MeteredRequestTracker``)."""
+    """Everything ``GET /metrics`` shows. ``requests.on_retire`` is the request tracker's ``on_retire`` callback."""
 
     content_type = CONTENT_TYPE_LATEST
 

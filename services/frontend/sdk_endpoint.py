@@ -51,7 +51,7 @@ class SdkEndpoint:
             except Exception:  # a bug handling one message must not take the endpoint down
                 log.exception("error handling %s from SDK peer %r", type(msg).__name__, peer)
                 request_id = getattr(msg, "request_id", "")
-                await self._reply(peer, proto.ClientError(request_id, 500, "internal error"))
+                await self._reply(peer, proto.ClientError(request_id=request_id, code=500, message="internal error"))
 
     async def _dispatch(self, peer: bytes, msg: object) -> None:
         if isinstance(msg, proto.ClientGenerate):
@@ -60,10 +60,11 @@ class SdkEndpoint:
             self._on_cancel(peer, msg)
         elif isinstance(msg, proto.ProtocolError):
             log.warning("bad SDK frame from %r: %s", peer, msg)
-            await self._reply(peer, proto.ClientError("", 400, f"bad message: {msg}"))
+            await self._reply(peer, proto.ClientError(request_id="", code=400, message=f"bad message: {msg}"))
         else:
             log.warning("unexpected %s from SDK peer %r", type(msg).__name__, peer)
-            await self._reply(peer, proto.ClientError("", 400, f"{type(msg).__name__} is not an SDK message"))
+            await self._reply(peer, proto.ClientError(request_id="", code=400,
+                                                      message=f"{type(msg).__name__} is not an SDK message"))
 
     async def close(self, grace_s: float = 1.0) -> None:
         """Let the pumps deliver their final replies (the tracker was closed first), then stop them and close."""
@@ -79,11 +80,13 @@ class SdkEndpoint:
         arrival = time.time()
         key = (peer, msg.request_id)
         if key in self._running:
-            await self._reply(peer, proto.ClientError(msg.request_id, 400, "duplicate request_id"))
+            await self._reply(peer, proto.ClientError(request_id=msg.request_id, code=400,
+                                                      message="duplicate request_id"))
             return
         client = self._directory.authenticate(msg.api_key)
         if client is None:
-            await self._reply(peer, proto.ClientError(msg.request_id, 401, "incorrect or missing API key"))
+            await self._reply(peer, proto.ClientError(request_id=msg.request_id, code=401,
+                                                      message="incorrect or missing API key"))
             return
         try:
             gen = await self._validate(msg)
@@ -91,7 +94,8 @@ class SdkEndpoint:
             slo = self._slo_policy.resolve(client.tier, requested.tier, requested.ttft_s, requested.tbt_s, "slo")
             state = self._tracker.submit(client, gen, slo, arrival, source="sdk", note=f"sdk_req={msg.request_id}")
         except APIError as exc:
-            await self._reply(peer, proto.ClientError(msg.request_id, exc.status, exc.message, exc.retry_after_s))
+            await self._reply(peer, proto.ClientError(request_id=msg.request_id, code=exc.status,
+                                                      message=exc.message, retry_after_s=exc.retry_after_s))
             return
         task = asyncio.create_task(self._pump(peer, msg.request_id, state, msg.stream))
         self._running[key] = (state, task)
@@ -122,10 +126,12 @@ class SdkEndpoint:
                 event = await self._tracker.next_event(state)
                 finished = event.finish_reason is not None
                 if stream and (event.text or event.token_ids or finished):
-                    chunk = proto.ClientChunk(sdk_id, event.text, event.token_ids, event.finish_reason)
+                    chunk = proto.ClientChunk(request_id=sdk_id, text=event.text, token_ids=event.token_ids,
+                                              finish_reason=event.finish_reason)
                 elif finished:
-                    chunk = proto.ClientChunk(sdk_id, "".join(texts) + event.text, token_ids + event.token_ids,
-                                              event.finish_reason)
+                    chunk = proto.ClientChunk(request_id=sdk_id, text="".join(texts) + event.text,
+                                              token_ids=token_ids + event.token_ids,
+                                              finish_reason=event.finish_reason)
                 else:
                     texts.append(event.text)
                     token_ids.extend(event.token_ids)
@@ -137,7 +143,8 @@ class SdkEndpoint:
                 if finished:
                     return
         except APIError as exc:
-            await self._reply(peer, proto.ClientError(sdk_id, exc.status, exc.message, exc.retry_after_s))
+            await self._reply(peer, proto.ClientError(request_id=sdk_id, code=exc.status, message=exc.message,
+                                                      retry_after_s=exc.retry_after_s))
         except zmq.ZMQError as exc:
             log.info("req=%s sdk_req=%s SDK connection gone (%s); cancelling", state.request_id, sdk_id, exc)
         finally:

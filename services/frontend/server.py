@@ -27,11 +27,12 @@ from diptych.services.frontend.config import FrontendConfig
 from diptych.services.frontend.coordinator_link import CoordinatorLink, frontend_identity
 from diptych.services.frontend.http_api import create_app
 from diptych.services.frontend.identity import ClientDirectory
-from diptych.services.frontend.metrics import FrontendMetrics, MeteredRequestTracker
+from diptych.services.frontend.metrics import FrontendMetrics
 from diptych.services.frontend.migration import watch_coordinator
 from diptych.services.frontend.model_info import ModelInfo
 from diptych.services.frontend.sdk_endpoint import SdkEndpoint
 from diptych.services.frontend.slo import SloPolicy
+from diptych.services.frontend.tracker import RequestTracker
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +85,8 @@ async def serve(config: FrontendConfig, directory: ClientDirectory, slo_policy: 
         coordinator = CoordinatorLink(ctx, config.coordinator_addr, frontend_identity(), link_security)
         stream_sock = make_socket(ctx, zmq.PULL, bind=bind_address(config.stream_addr), security=stream_security)
         metrics = FrontendMetrics(coordinator.query_status)
-        tracker = MeteredRequestTracker(metrics.requests, info, coordinator, config.stream_addr,
-                                        config.request_timeout_s, config.key_name)
+        tracker = RequestTracker(info, coordinator, config.stream_addr, config.request_timeout_s, config.key_name,
+                                 on_retire=metrics.requests.on_retire)
         sdk = SdkEndpoint(ctx, config.sdk_addr, tracker, info, directory, slo_policy)
     except zmq.ZMQError as exc:
         log.error("cannot start: %s (sdk=%s, stream=%s)", exc, config.sdk_addr, config.stream_addr)

@@ -28,6 +28,7 @@ import dataclasses
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -84,12 +85,17 @@ class RequestState:
     output_ids: list[int] = field(default_factory=list)
     """Token ids applied to the client's stream so far."""
     migrations: int = 0
+    tier: str = "default"
+    """The SLO tier it was submitted under."""
 
 
 class RequestTracker:
     def __init__(self, info: ModelInfo, coordinator: CoordinatorLink, stream_addr: str, timeout_s: float,
-                 stream_key: str = "frontend") -> None:
-        """``stream_key``: the name of this frontend's CURVE key, which workers expect at ``stream_addr``."""
+                 stream_key: str = "frontend",
+                 on_retire: Callable[[RequestState, str], None] | None = None) -> None:
+        """``stream_key``: the name of this frontend's CURVE key, which workers expect at ``stream_addr``.
+        ``on_retire(state, outcome)`` is called once per request as it leaves (finished, failed or cancelled)."""
+        self._on_retire = on_retire
         self._info = info
         self._coordinator = coordinator
         self._stream_addr = stream_addr
@@ -113,7 +119,7 @@ class RequestTracker:
         if self._closed:
             raise APIError(503, "the frontend is shutting down")
         state = RequestState(request_id=uuid.uuid4().hex, client=client, prompt_len=len(gen.prompt_token_ids),
-                             sampling=gen.sampling, timeline=Timeline(arrival),
+                             sampling=gen.sampling, timeline=Timeline(arrival), tier=slo.tier,
                              detokenizer=IncrementalDetokenizer(self._info.tokenizer, gen.sampling.stop))
         self._requests[state.request_id] = state
         request = proto.Request(request_id=state.request_id, client_id=client.client_id,
@@ -122,7 +128,7 @@ class RequestTracker:
                                 weight=client.weight, stream_key=self._stream_key)
         state.request, state.cluster_id = request, request.request_id
         self._by_cluster_id[state.cluster_id] = state
-        self._coordinator.post(proto.SubmitRequest(request))
+        self._coordinator.post(proto.SubmitRequest(request=request))
         log.info("req=%s admitted via %s client=%s prompt_tokens=%d max_tokens=%d tier=%s tbt_s=%g ttft_s=%s%s",
                  state.request_id, source, client.client_id, state.prompt_len, gen.sampling.max_tokens, slo.tier,
                  slo.tbt_s, "-" if slo.ttft_s is None else f"{slo.ttft_s:g}", f" {note}" if note else "")
@@ -150,7 +156,7 @@ class RequestTracker:
         state = self._requests.get(request_id)
         if state is None:
             return False
-        self._coordinator.post(proto.CancelRequest(state.cluster_id, reason))
+        self._coordinator.post(proto.CancelRequest(request_id=state.cluster_id, reason=reason))
         state.timeline.close("abort", time.time())
         state.queue.put_nowait(Delta("", [], "abort", state.timeline.as_dict()))
         self._retire(state, f"cancelled:{reason}")
@@ -221,7 +227,7 @@ class RequestTracker:
         """The coordinator restarted: the requests it held are gone. Resubmit every running request like a lost
         one, cancelling its old attempt in case the new coordinator received it."""
         for state in list(self._requests.values()):
-            self._coordinator.post(proto.CancelRequest(state.cluster_id, "abort"))
+            self._coordinator.post(proto.CancelRequest(request_id=state.cluster_id, reason="abort"))
             self._migrate(state, reason)
 
     def _migrate(self, state: RequestState, reason: str) -> None:
@@ -238,7 +244,7 @@ class RequestTracker:
         state.cluster_id, state.index_base = again.request_id, state.next_index
         state.pending.clear()
         self._by_cluster_id[state.cluster_id] = state
-        self._coordinator.post(proto.SubmitRequest(again))
+        self._coordinator.post(proto.SubmitRequest(request=again))
         log.warning("req=%s migrated as %s after %d output tokens: %s", state.request_id, again.request_id,
                     len(state.output_ids), reason)
 
@@ -246,7 +252,7 @@ class RequestTracker:
         """Fail a request the cluster may still be running: its client gets ``status``, the cluster a cancel."""
         state = self._by_cluster_id.get(request_id) or self._requests.get(request_id)
         if state is not None:
-            self._coordinator.post(proto.CancelRequest(state.cluster_id, "abort"))
+            self._coordinator.post(proto.CancelRequest(request_id=state.cluster_id, reason="abort"))
             state.queue.put_nowait(APIError(status, message))
             self._retire(state, f"error:{status}", detail=message)
 
@@ -283,7 +289,7 @@ class RequestTracker:
         if text or ids or finish:
             state.queue.put_nowait(Delta(text, ids, finish, timeline))
         if stopped and output.finish_reason is None:
-            self._coordinator.post(proto.CancelRequest(state.cluster_id, "stop"))
+            self._coordinator.post(proto.CancelRequest(request_id=state.cluster_id, reason="stop"))
         if finish is not None:
             self._retire(state, finish)
 
@@ -294,3 +300,5 @@ class RequestTracker:
         log.info("req=%s finished client=%s prompt_tokens=%d output_tokens=%d finish=%s %s latency=%.3fs%s",
                  state.request_id, state.client.client_id, state.prompt_len, state.num_output_tokens, outcome,
                  state.timeline.summary(), time.time() - state.timeline.arrival, f" ({detail})" if detail else "")
+        if self._on_retire is not None:
+            self._on_retire(state, outcome)

@@ -83,7 +83,7 @@ async def test_a_request_lost_too_often_fails_with_503_and_a_cancel_names_its_cu
     state = tracker.submit(ANONYMOUS, gen, proto.SLO(), arrival=0.0, source="test")
     tracker.on_lost(proto.RequestLost(request_id=state.request_id, reason="lost"))
     assert tracker.cancel(state.request_id, "abort")
-    assert link.sent[-1] == proto.CancelRequest(f"{state.request_id}-m1", "abort")
+    assert link.sent[-1] == proto.CancelRequest(request_id=f"{state.request_id}-m1", reason="abort")
 
     state = tracker.submit(ANONYMOUS, gen, proto.SLO(), arrival=0.0, source="test")
     for attempt in range(MAX_MIGRATIONS + 1):

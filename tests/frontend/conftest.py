@@ -114,10 +114,11 @@ class FakeCluster:
 
     def push(self, request: proto.Request, *outputs: proto.TokenOutput) -> None:
         """Send one TokenBatch to the request's stream address, as a worker would."""
-        self._send(request.stream_addr, proto.TokenBatch(list(outputs)))
+        self._send(request.stream_addr, proto.TokenBatch(outputs=list(outputs)))
 
     def fail(self, request_id: str, code: int, message: str = "refused", retry_after_s: float | None = None):
-        self._send("", proto.RequestFailed(request_id, code, message, retry_after_s))
+        self._send("", proto.RequestFailed(request_id=request_id, code=code, message=message,
+                                           retry_after_s=retry_after_s))
 
     def close(self) -> None:
         self._stopping = True
@@ -302,11 +303,12 @@ def replying(tokenizer, text: str, finish_reason: str = "length", per_batch: int
 
     def respond(request: proto.Request) -> list[proto.TokenBatch]:
         ids = text_ids(tokenizer, text)
-        outputs, index = [proto.TokenOutput(request.request_id, 0, ids[:1])], 1
+        outputs, index = [proto.TokenOutput(request_id=request.request_id, index=0, token_ids=ids[:1])], 1
         while index < len(ids):
-            outputs.append(proto.TokenOutput(request.request_id, index, ids[index:index + per_batch]))
+            outputs.append(proto.TokenOutput(request_id=request.request_id, index=index,
+                                             token_ids=ids[index:index + per_batch]))
             index += per_batch
         outputs[-1].finish_reason = finish_reason
-        return [proto.TokenBatch([o]) for o in outputs]
+        return [proto.TokenBatch(outputs=[o]) for o in outputs]
 
     return respond

@@ -218,10 +218,11 @@ async def test_streams_keep_flowing_while_a_large_prompt_is_tokenized(long_conte
     def push_tokens() -> None:
         index = 0
         while not stop_pushing.is_set():
-            fe.cluster.push(request, proto.TokenOutput(request.request_id, index, [token]))
+            fe.cluster.push(request, proto.TokenOutput(request_id=request.request_id, index=index, token_ids=[token]))
             index += 1
             time.sleep(0.02)
-        fe.cluster.push(request, proto.TokenOutput(request.request_id, index, [token], "length"))
+        fe.cluster.push(request, proto.TokenOutput(request_id=request.request_id, index=index, token_ids=[token],
+                                                   finish_reason="length"))
 
     pusher = threading.Thread(target=push_tokens, daemon=True)
     pusher.start()

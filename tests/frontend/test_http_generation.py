@@ -31,7 +31,8 @@ def sse_events(raw: str) -> list:
 
 
 def out(request: proto.Request, index: int, ids: list[int], finish: str | None = None) -> proto.TokenOutput:
-    return proto.TokenOutput(request.request_id, index, ids, finish, [time.time()] * len(ids))
+    return proto.TokenOutput(request_id=request.request_id, index=index, token_ids=ids, finish_reason=finish,
+                             timestamps=[time.time()] * len(ids))
 
 
 async def submitted(fe) -> proto.Request:
@@ -244,7 +245,8 @@ async def test_client_disconnect_while_waiting_cancels(anon):
 
 
 async def test_outputs_for_unknown_requests_are_dropped(anon, tokenizer):
-    ghost = proto.Request("ghost", "x", [1], proto.SamplingParams(), time.time(), anon.stream_addr)
+    ghost = proto.Request(request_id="ghost", client_id="x", prompt_token_ids=[1], sampling=proto.SamplingParams(),
+                          arrival_time=time.time(), stream_addr=anon.stream_addr)
     anon.cluster.push(ghost, out(ghost, 0, [70], "length"))
     anon.cluster.responder = replying(tokenizer, "alive")
     resp = httpx.post(anon.http_url + "/v1/completions", json={"prompt": "x"}, timeout=10)

@@ -26,7 +26,7 @@ from tests.frontend.conftest import replying, text_ids
 
 
 def out(request: proto.Request, index: int, ids: list[int], finish: str | None = None) -> proto.TokenOutput:
-    return proto.TokenOutput(request.request_id, index, ids, finish)
+    return proto.TokenOutput(request_id=request.request_id, index=index, token_ids=ids, finish_reason=finish)
 
 
 async def submitted(fe) -> proto.Request:
@@ -147,7 +147,8 @@ async def test_duplicate_request_id_is_400(anon):
     ctx = zmq.asyncio.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.connect(anon.sdk_addr)
-    generate = proto.ClientGenerate("dup", "x", None, proto.SamplingParams())
+    generate = proto.ClientGenerate(request_id="dup", prompt="x", prompt_token_ids=None,
+                                    sampling=proto.SamplingParams())
     try:
         await sock.send_multipart(proto.encode(generate))
         await asyncio.to_thread(anon.cluster.wait_submit)
@@ -168,7 +169,7 @@ async def test_malformed_frames_get_client_error_and_serving_goes_on(anon, token
     sock.connect(anon.sdk_addr)
     wrong_version = msgpack.packb({"v": proto.PROTOCOL_VERSION + 1, "t": "client_cancel", "b": {"request_id": "r"}})
     bad_body = msgpack.packb({"v": proto.PROTOCOL_VERSION, "t": "client_generate", "b": {"request_id": 5}})
-    not_for_us = proto.encode(proto.CancelRequest("r"))
+    not_for_us = proto.encode(proto.CancelRequest(request_id="r"))
     try:
         for frames in [[b"\xc1garbage"], [wrong_version], [bad_body], not_for_us, [b""]]:
             await sock.send_multipart(frames)

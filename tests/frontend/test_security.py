@@ -105,7 +105,7 @@ def test_token_stream_refuses_a_key_outside_the_set(secure):
     CurveClient(KeyPair("stranger", public, secret), server).apply(sock)
     sock.connect(fe.stream_addr)
     with contextlib.suppress(zmq.Again):  # no connection completes: the handshake is refused
-        sock.send_multipart(proto.encode(proto.TokenBatch([])), flags=zmq.NOBLOCK)
+        sock.send_multipart(proto.encode(proto.TokenBatch(outputs=[])), flags=zmq.NOBLOCK)
     deadline = time.monotonic() + 10
     while public.decode() not in fe.log() and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -133,8 +133,8 @@ def test_tokens_come_only_from_the_worker_the_request_is_on(secure, tokenizer):
     sock.setsockopt(zmq.LINGER, 1000)
     fe.cluster._keys.client(OTHER_WORKER, "frontend").apply(sock)
     sock.connect(fe.stream_addr)
-    sock.send_multipart(proto.encode(proto.TokenBatch([proto.TokenOutput(
-        request.request_id, 0, text_ids(tokenizer, "forged"), "stop")])))
+    sock.send_multipart(proto.encode(proto.TokenBatch(outputs=[proto.TokenOutput(
+        request_id=request.request_id, index=0, token_ids=text_ids(tokenizer, "forged"), finish_reason="stop")])))
     deadline = time.monotonic() + 10
     refusal = f"refused output 0 from key {OTHER_WORKER}"
     while refusal not in fe.log() and time.monotonic() < deadline:
@@ -142,7 +142,8 @@ def test_tokens_come_only_from_the_worker_the_request_is_on(secure, tokenizer):
     sock.close()
     ctx.term()
     assert refusal in fe.log()
-    fe.cluster.push(request, proto.TokenOutput(request.request_id, 0, text_ids(tokenizer, "real"), "stop"))
+    fe.cluster.push(request, proto.TokenOutput(request_id=request.request_id, index=0,
+                                               token_ids=text_ids(tokenizer, "real"), finish_reason="stop"))
     caller.join(30)
     assert answer["response"].status_code == 200
     assert answer["response"].json()["choices"][0]["text"] == "real"

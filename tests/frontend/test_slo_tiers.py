@@ -102,11 +102,11 @@ def test_frontend_refuses_to_start_with_a_bad_tier_configuration(tmp_path):
 
 
 @pytest.mark.parametrize("diptych,slo", [
-    (None, proto.SLO("default", None, 0.2)),
-    ({}, proto.SLO("default", None, 0.2)),
-    ({"tier": "strict"}, proto.SLO("strict", None, 0.1)),
-    ({"tier": "relaxed", "ttft_s": 2, "tbt_s": 0.3}, proto.SLO("relaxed", 2.0, 0.3)),
-    ({"tbt_s": 0.05, "timeline": False}, proto.SLO("default", None, 0.05)),
+    (None, proto.SLO(tier="default", ttft_s=None, tbt_s=0.2)),
+    ({}, proto.SLO(tier="default", ttft_s=None, tbt_s=0.2)),
+    ({"tier": "strict"}, proto.SLO(tier="strict", ttft_s=None, tbt_s=0.1)),
+    ({"tier": "relaxed", "ttft_s": 2, "tbt_s": 0.3}, proto.SLO(tier="relaxed", ttft_s=2.0, tbt_s=0.3)),
+    ({"tbt_s": 0.05, "timeline": False}, proto.SLO(tier="default", ttft_s=None, tbt_s=0.05)),
 ])
 def test_http_slo_without_keys_is_the_requested_one(anon, tokenizer, diptych, slo):
     anon.cluster.responder = replying(tokenizer, "ok")
@@ -158,11 +158,14 @@ def test_http_non_finite_target_is_400(anon, value):
 
 
 @pytest.mark.parametrize("key,diptych,slo", [
-    ("sk-alice", None, proto.SLO("strict", 1.0, 0.1)),  # the keys file's strict tier has a TTFT target
-    ("sk-alice", {"tier": "relaxed"}, proto.SLO("strict", 1.0, 0.1)),  # cannot change tier, not even down
-    ("sk-alice", {"tier": "default", "ttft_s": 2.5, "tbt_s": 0.3}, proto.SLO("strict", 2.5, 0.3)),  # looser: ok
-    ("sk-alice", {"ttft_s": 1.0, "tbt_s": 0.1}, proto.SLO("strict", 1.0, 0.1)),  # equal: ok
-    ("sk-bob", {"tier": "strict"}, proto.SLO("default", None, 0.2)),
+    # the keys file's strict tier has a TTFT target
+    ("sk-alice", None, proto.SLO(tier="strict", ttft_s=1.0, tbt_s=0.1)),
+    # cannot change tier, not even down
+    ("sk-alice", {"tier": "relaxed"}, proto.SLO(tier="strict", ttft_s=1.0, tbt_s=0.1)),
+    # looser: ok
+    ("sk-alice", {"tier": "default", "ttft_s": 2.5, "tbt_s": 0.3}, proto.SLO(tier="strict", ttft_s=2.5, tbt_s=0.3)),
+    ("sk-alice", {"ttft_s": 1.0, "tbt_s": 0.1}, proto.SLO(tier="strict", ttft_s=1.0, tbt_s=0.1)),  # equal: ok
+    ("sk-bob", {"tier": "strict"}, proto.SLO(tier="default", ttft_s=None, tbt_s=0.2)),
 ])
 def test_http_slo_with_keys_is_the_clients_tier(keyed, tokenizer, key, diptych, slo):
     keyed.cluster.responder = replying(tokenizer, "ok")
@@ -194,12 +197,15 @@ async def test_sdk_slo_keywords(anon, keyed, tokenizer):
     anon.cluster.responder = keyed.cluster.responder = replying(tokenizer, "ok")
     async with AsyncClient(anon.sdk_addr, timeout_s=10) as client:
         await client.complete("hi", max_tokens=2)
-        assert (await asyncio.to_thread(anon.cluster.wait_submit)).slo == proto.SLO("default", None, 0.2)
+        assert (await asyncio.to_thread(anon.cluster.wait_submit)).slo == proto.SLO(tier="default", ttft_s=None,
+                                                                                    tbt_s=0.2)
         await client.complete("hi", max_tokens=2, tier="relaxed", ttft_s=3)
-        assert (await asyncio.to_thread(anon.cluster.wait_submit)).slo == proto.SLO("relaxed", 3.0, 0.5)
+        assert (await asyncio.to_thread(anon.cluster.wait_submit)).slo == proto.SLO(tier="relaxed", ttft_s=3.0,
+                                                                                    tbt_s=0.5)
     async with AsyncClient(keyed.sdk_addr, api_key="sk-alice", timeout_s=10) as client:
         await client.complete("hi", max_tokens=2, tier="relaxed", tbt_s=0.25)
-        assert (await asyncio.to_thread(keyed.cluster.wait_submit)).slo == proto.SLO("strict", 1.0, 0.25)
+        assert (await asyncio.to_thread(keyed.cluster.wait_submit)).slo == proto.SLO(tier="strict", ttft_s=1.0,
+                                                                                     tbt_s=0.25)
 
 
 @pytest.mark.parametrize("kwargs,message", [

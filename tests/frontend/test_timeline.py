@@ -40,18 +40,21 @@ class TimedWorkers:
         at = [start + span * (k + 1) / (steps + 1) for k in range(steps)]
         phases = dict(zip(["admitted", "prefill_start", "prefill_end"], at[:3]))
         token_times = [at[2], *at[5:5 + n - 1]]
-        first = proto.TokenOutput(request.request_id, 0, self.ids[:1], None if n > 1 else "length",
-                                  token_times[:1], dict(phases))
+        first = proto.TokenOutput(request_id=request.request_id, index=0, token_ids=self.ids[:1],
+                                  finish_reason=None if n > 1 else "length",
+                                  timestamps=token_times[:1], events=dict(phases))
         outputs = [first]
         if n > 1:
             phases.update(handoff_start=at[3], handoff_end=at[4])
             for index in range(1, n, self.per_batch):
                 last = min(index + self.per_batch, n)
                 events = {"handoff_start": at[3], "handoff_end": at[4]} if index == 1 else {}
-                outputs.append(proto.TokenOutput(request.request_id, index, self.ids[index:last],
-                                                 "length" if last == n else None, token_times[index:last], events))
+                outputs.append(proto.TokenOutput(request_id=request.request_id, index=index,
+                                                 token_ids=self.ids[index:last],
+                                                 finish_reason="length" if last == n else None,
+                                                 timestamps=token_times[index:last], events=events))
         self.sent[request.request_id] = (request, phases, token_times)
-        return [proto.TokenBatch([o]) for o in outputs]
+        return [proto.TokenBatch(outputs=[o]) for o in outputs]
 
     def expected(self, request_id: str) -> dict:
         """The timeline the frontend must return, less ``finish`` (its own clock)."""
@@ -148,10 +151,13 @@ async def test_out_of_order_outputs_missing_timestamps_and_a_stop_string(anon, t
         t0 = request.arrival_time
         ids = text_ids(tokenizer, "abcdef!gh")
         pushed_at = time.time()
-        anon.cluster.push(request, proto.TokenOutput(request.request_id, 1, ids[1:4], None, [],
-                                                     {"handoff_start": t0 + 1e-4, "handoff_end": t0 + 2e-4}))
-        anon.cluster.push(request, proto.TokenOutput(request.request_id, 4, ids[4:], None, [t0 + 3e-4] * 5))
-        anon.cluster.push(request, proto.TokenOutput(request.request_id, 0, ids[:1], None, [t0 + 5e-5], {
+        anon.cluster.push(request, proto.TokenOutput(request_id=request.request_id, index=1, token_ids=ids[1:4],
+                                                     finish_reason=None, timestamps=[],
+                                                     events={"handoff_start": t0 + 1e-4, "handoff_end": t0 + 2e-4}))
+        anon.cluster.push(request, proto.TokenOutput(request_id=request.request_id, index=4, token_ids=ids[4:],
+                                                     finish_reason=None, timestamps=[t0 + 3e-4] * 5))
+        anon.cluster.push(request, proto.TokenOutput(request_id=request.request_id, index=0, token_ids=ids[:1],
+                                                     finish_reason=None, timestamps=[t0 + 5e-5], events={
             "admitted": t0 + 1e-5, "prefill_start": 0.0, "prefill_end": t0 + 5e-5, "unknown_phase": t0}))
         done = await task
     timeline = done.timeline

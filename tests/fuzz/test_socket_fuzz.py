@@ -118,14 +118,15 @@ def _map(msg: Any) -> dict:
 
 
 _TEMPLATES = {
-    "submit": lambda: _map(proto.SubmitRequest(_template_request())),
+    "submit": lambda: _map(proto.SubmitRequest(request=_template_request())),
     "client_generate": lambda: _map(proto.ClientGenerate(request_id=f"c{time.monotonic_ns()}", prompt="hi",
                                                          prompt_token_ids=None,
                                                          sampling=proto.SamplingParams(max_tokens=4))),
-    "tokens": lambda: _map(proto.TokenBatch([proto.TokenOutput("r1", 0, [5])])),
+    "tokens": lambda: _map(proto.TokenBatch(outputs=[proto.TokenOutput(request_id="r1", index=0, token_ids=[5])])),
     "kv_handoff": lambda: {**_map(proto.KVHandoff(request=_template_request(), first_token_id=5,
                                                   first_token_time=time.time(), num_tokens=3,
-                                                  layout=proto.KVLayout(2, 2, 8, 16, "float32"))),
+                                                  layout=proto.KVLayout(num_layers=2, num_kv_heads=2, head_dim=8,
+                                                                        block_size=16, dtype="float32"))),
                            "path": proto.HANDOFF_CUDA_IPC},
 }
 """Valid bodies (fresh ids each time) that ``_mutated`` spoils one field of: these reach the receivers' handlers."""

@@ -42,10 +42,12 @@ async def kv_handoff_seconds(keys: KeySet | None, repeats: int) -> list[float]:
     push = make_socket(client_ctx, zmq.PUSH, connect=pull.getsockopt_string(zmq.LAST_ENDPOINT),
                        security=keys.client("prefill-0", "decode-0") if keys is not None else None)
     blocks = [bytes(BLOCK_BYTES) for _ in range(PROMPT_TOKENS // 16)]
-    request = proto.Request("bench", "c", list(range(PROMPT_TOKENS)), proto.SamplingParams(max_tokens=1), 0.0,
-                            "tcp://127.0.0.1:1")
+    request = proto.Request(request_id="bench", client_id="c", prompt_token_ids=list(range(PROMPT_TOKENS)),
+                            sampling=proto.SamplingParams(max_tokens=1), arrival_time=0.0,
+                            stream_addr="tcp://127.0.0.1:1")
     msg = proto.KVHandoff(request=request, first_token_id=1, first_token_time=0.0, num_tokens=PROMPT_TOKENS,
-                          layout=proto.KVLayout(32, 8, 128, 16, "bfloat16"), blocks=blocks)
+                          layout=proto.KVLayout(num_layers=32, num_kv_heads=8, head_dim=128, block_size=16,
+                                                dtype="bfloat16"), blocks=blocks)
     times = []
     try:
         for _ in range(repeats + 1):  # the first one also connects

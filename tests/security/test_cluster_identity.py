@@ -63,7 +63,7 @@ def wait_for_log(path: Path, text: str, timeout_s: float = 5.0) -> str:
 
 
 def submit_as_alice() -> proto.SubmitRequest:
-    return proto.SubmitRequest(proto.Request(
+    return proto.SubmitRequest(request=proto.Request(
         request_id="forged-1", client_id="alice", prompt_token_ids=[1, 2, 3],
         sampling=proto.SamplingParams(max_tokens=4), arrival_time=time.time(),
         stream_addr="tcp://127.0.0.1:1", weight=1e6))
@@ -71,7 +71,8 @@ def submit_as_alice() -> proto.SubmitRequest:
 
 def fake_registration(worker_id: str) -> proto.RegisterWorker:
     return proto.RegisterWorker(
-        worker_id=worker_id, role="prefill", model="probe", layout=proto.KVLayout(1, 1, 1, 16, "float32"),
+        worker_id=worker_id, role="prefill", model="probe",
+        layout=proto.KVLayout(num_layers=1, num_kv_heads=1, head_dim=1, block_size=16, dtype="float32"),
         kv_addr="", load=proto.WorkerLoad(free_blocks=64, total_blocks=64, num_waiting=0, num_running=0,
                                           waiting_prompt_tokens=0), max_model_len=64)
 
@@ -94,7 +95,7 @@ def test_no_keys_and_unknown_keys_get_nothing(secure_cluster):
     cluster, keys, logs = secure_cluster
     coordinator = cluster.spec.addr(cluster.spec.coordinator_port)
     for msg in (proto.StatusQuery(), submit_as_alice(), fake_registration("prefill-5"),
-                proto.CancelRequest("forged-1", "abort")):
+                proto.CancelRequest(request_id="forged-1", reason="abort")):
         assert ask(coordinator, msg, None) is None
     public, secret = zmq.curve_keypair()
     stranger = CurveClient(KeyPair("stranger", public, secret), keys.public_key("coordinator"))
@@ -113,9 +114,11 @@ def test_a_member_key_can_only_be_itself(secure_cluster):
     member = keys.client(MEMBER, "coordinator")
     assert ask(coordinator, proto.StatusQuery(), member) is None
     assert ask(coordinator, submit_as_alice(), member) is None
-    assert ask(coordinator, proto.CancelRequest("forged-1", "abort"), member) is None
-    assert ask(coordinator, proto.Heartbeat("decode-0", fake_registration("x").load, time.time()), member) is None
-    assert ask(coordinator, proto.RequestDone("forged-1", "decode-0", "stop"), member) is None
+    assert ask(coordinator, proto.CancelRequest(request_id="forged-1", reason="abort"), member) is None
+    assert ask(coordinator, proto.Heartbeat(worker_id="decode-0", load=fake_registration("x").load,
+                                            time=time.time()), member) is None
+    assert ask(coordinator, proto.RequestDone(request_id="forged-1", worker_id="decode-0", finish_reason="stop"),
+               member) is None
     log = wait_for_log(logs / "coordinator.log", "refused RequestDone")
     for kind in ("StatusQuery", "SubmitRequest", "CancelRequest", "Heartbeat"):
         assert f"refused {kind} from b'intruder' (key {MEMBER})" in log, kind
