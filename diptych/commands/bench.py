@@ -49,6 +49,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="capture the Hugging Face modules instead of the fused decode forward")
     e.add_argument("--json", default=None, help="also write the raw numbers to this JSON file")
 
+    from diptych.benchmarks import curve_overhead
     from diptych.benchmarks.replay import add_replay_parser
     from diptych.benchmarks.serve_cli import add_serve_parser
     from diptych.benchmarks.warm_start import add_warm_start_parser
@@ -56,6 +57,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_serve_parser(kinds)
     add_replay_parser(kinds)
     add_warm_start_parser(kinds)
+    curve_overhead.add_parser(kinds)
 
     t = kinds.add_parser("transfer", help="KV handoff: GPU-to-GPU (CUDA IPC) vs ZeroMQ frames vs a plain copy")
     t.set_defaults(run=run_transfer)

@@ -9,7 +9,7 @@
   tokens per second over the whole run.
 
 The clock is this script's ``time.perf_counter``, outside the code measured.
-``python -m tests.security.curve_overhead [--repeats 10] [--streams 16] [--tokens 512]``
+``diptych bench curve [--repeats 10] [--streams 16] [--tokens 512]``
 """
 
 from __future__ import annotations
@@ -96,13 +96,18 @@ async def stream_tokens_per_s(insecure: bool, streams: int, tokens: int) -> floa
             cluster.stop()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--streams", type=int, default=16)
-    parser.add_argument("--tokens", type=int, default=512)
-    parser.add_argument("--skip-stream", action="store_true")
-    args = parser.parse_args()
+def add_parser(kinds: argparse._SubParsersAction) -> None:
+    """``diptych bench curve``."""
+    p = kinds.add_parser("curve", help="what ZeroMQ CURVE costs on the KV frames path and on SDK token streaming",
+                         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.set_defaults(run=run)
+    p.add_argument("--repeats", type=int, default=10, help="KV handoffs per run (median) [%(default)s]")
+    p.add_argument("--streams", type=int, default=16, help="concurrent SDK streams [%(default)s]")
+    p.add_argument("--tokens", type=int, default=512, help="tokens per stream [%(default)s]")
+    p.add_argument("--skip-stream", action="store_true", help="measure the KV path only")
+
+
+def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         keys = generate_key_set(tmp, ["coordinator", "frontend", "prefill-0", "decode-0"])
         mb = BLOCK_BYTES * PROMPT_TOKENS // 16 / 1e6
@@ -116,7 +121,4 @@ def main() -> None:
             rate = asyncio.run(stream_tokens_per_s(insecure, args.streams, args.tokens))
             print(f"SDK stream, CURVE {'off' if insecure else 'on':>3}: {args.streams} streams x {args.tokens} "
                   f"tokens: {rate:.0f} tokens/s")
-
-
-if __name__ == "__main__":
-    main()
+    return 0
