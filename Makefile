@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 SERVE_ARGS ?=
 PIP := $(BIN)/python -m pip install --disable-pip-version-check --progress-bar on
 
-.PHONY: install install-test serve test clean FORCE
+.PHONY: install install-test serve test test-slow clean FORCE
 
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
@@ -39,11 +39,16 @@ $(VENV)/.installed-test: $(VENV)/.installed
 serve: install
 	$(BIN)/diptych serve $(SERVE_ARGS)
 
-# Lint, then type-check, then the tests; the first that fails stops `make test`.
+# Lint, then type-check, then the tests not marked slow; the first that fails stops `make test`.
 test: install-test
 	$(BIN)/ruff check .
 	$(BIN)/mypy
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not slow"
+
+# The slow tests: chaos (kill -9, SIGSTOP, overload), socket fuzzing, the README's snippets, the image's file list,
+# experiments and CPU benchmarks on real processes. CI runs them after `make test`.
+test-slow: install-test
+	$(BIN)/python -m pytest -q -m slow
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
