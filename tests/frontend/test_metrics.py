@@ -128,10 +128,12 @@ def test_metrics_follow_a_small_load(cluster: Cluster):
         timelines[KEYS[key].get("tier", "default")].append(body["timeline"])
 
     after: Samples = {}
+    generated = sum(body["usage"]["completion_tokens"] for _, body in done)
     for _ in range(50):  # the coordinator's ledger and the workers' heartbeats trail the responses a little
         _, after = parse(scrape(url).text)
         if total(after, "diptych_client_requests_total") == len(done) and \
-                total(after, "diptych_kv_handoffs_total") >= len(done):
+                total(after, "diptych_kv_handoffs_total") >= len(done) and \
+                total(after, "diptych_client_generation_tokens_total") >= generated:
             break
         time.sleep(0.2)
 
