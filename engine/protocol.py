@@ -23,7 +23,6 @@ class BlockCounter(Protocol):
     @property
     def num_free(self) -> int:
         """Blocks free now."""
-        ...
 
 
 class KVPoolView(Protocol):
@@ -33,7 +32,7 @@ class KVPoolView(Protocol):
 
     @property
     def allocator(self) -> BlockCounter:
-        ...
+        """Its block allocator."""
 
 
 @runtime_checkable
@@ -48,21 +47,18 @@ class WorkerEngine(Protocol):
     @property
     def model_name(self) -> str:
         """The model served (sent at registration; every worker of a cluster must serve the same one)."""
-        ...
 
     @property
     def layout(self) -> KVLayout:
         """Shape of one KV block; a handoff is accepted only between equal layouts."""
-        ...
 
     @property
     def max_model_len(self) -> int:
         """Longest prompt plus output, in tokens."""
-        ...
 
     @property
     def kv(self) -> KVPoolView:
-        ...
+        """Its KV pool."""
 
     # ------------------------------------------------------------------ requests in
 
@@ -70,16 +66,13 @@ class WorkerEngine(Protocol):
                     arrival_time: float | None = None, slo: SLO | None = None, prefill_only: bool = False) -> None:
         """Queue a request. With ``prefill_only`` it stops after its prefill and first token, its blocks kept for
         the handoff. ``ValueError`` for a request that cannot run here (bad, too long, duplicate id)."""
-        ...
 
     def reserve(self, request_id: str, num_blocks: int) -> bool:
         """Hold ``num_blocks`` blocks for KV that will arrive by ``add_prefilled``; False (holding nothing) when
         fewer are free. Safe while ``step`` runs."""
-        ...
 
     def reserved_blocks(self, request_id: str) -> list[int]:
         """The block ids reserved for ``request_id``; ``KeyError`` if none. Safe while ``step`` runs."""
-        ...
 
     def add_prefilled(self, request_id: str, prompt_token_ids: list[int], first_token_id: int,
                       sampling: SamplingParams, frames: list[Any] | None, num_tokens: int, *,
@@ -89,51 +82,40 @@ class WorkerEngine(Protocol):
         ``num_tokens`` prompt positions) are written into them, or ``None`` when the KV is already there (GPU to
         GPU). ``KeyError`` without a reservation; ``ValueError`` (reservation kept) for a handoff that does not
         fit."""
-        ...
 
     # ------------------------------------------------------------------ KV out, cancellation
 
     def computed_blocks(self, request_id: str) -> tuple[list[int], int]:
         """``(block_table, num_computed)`` of a running or prefilled request (positions with KV); ``KeyError``
         otherwise."""
-        ...
 
     def export_kv(self, request_id: str) -> list[Any]:
         """The prompt KV of a prefilled request, one buffer per block, valid after ``release``. ``KeyError`` if it
         is not prefilled here."""
-        ...
 
     def release(self, request_id: str) -> bool:
         """Free a prefilled request's blocks once its KV is handed off; False if it is not prefilled here."""
-        ...
 
     def abort(self, request_id: str) -> bool:
         """End the request wherever it is and free its blocks; False if the engine does not hold it."""
-        ...
 
     def take_reservation(self, request_id: str) -> list[int] | None:
         """End a reservation without freeing its blocks (a peer may still write into them); the caller gives them
         back with ``free_blocks``. None if there is no reservation."""
-        ...
 
     def free_blocks(self, block_ids: list[int]) -> None:
         """Return blocks taken with ``take_reservation`` to the pool."""
-        ...
 
     # ------------------------------------------------------------------ iterations
 
     def request_ids(self) -> list[str]:
         """Every request id held: waiting, running, prefilled or reserved."""
-        ...
 
     def has_work(self) -> bool:
         """True while a request needs iterations."""
-        ...
 
     def step(self) -> StepOutput:
         """Run one iteration (runs on the worker's engine thread)."""
-        ...
 
     def load(self) -> WorkerLoad:
         """The engine's part of the worker's heartbeat (``prefill_tps`` and ``handoffs`` are the worker's)."""
-        ...

@@ -69,7 +69,6 @@ KV_INGRESS_ROLES = (WorkerRole.DECODE, WorkerRole.FLEX)
 class Clock(Protocol):
     def __call__(self) -> float:
         """Seconds since the epoch."""
-        ...
 
 
 class Coordinator:
