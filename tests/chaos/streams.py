@@ -29,9 +29,11 @@ def prompts(seed: int = 0) -> list[list[int]]:
 
 async def run_streams(cluster: Cluster, fault: Callable[[], None] | None,
                       after_tokens: int = STREAMS * 8) -> list[list[int] | DiptychError]:
-    """Run the streams; call ``fault`` (in a thread) once ``after_tokens`` tokens have arrived in all."""
+    """Run the streams; call ``fault`` (in a thread) once ``after_tokens`` tokens have arrived in all. Returns only
+    after ``fault`` has returned too (streams may finish while a fault still restarts a process)."""
     received = 0
     fired = asyncio.Event()
+    threads: list[threading.Thread] = []
 
     async def one(client: AsyncClient, prompt: list[int]) -> list[int] | DiptychError:
         nonlocal received
@@ -43,13 +45,17 @@ async def run_streams(cluster: Cluster, fault: Callable[[], None] | None,
                 received += len(chunk.token_ids)
                 if fault is not None and received >= after_tokens and not fired.is_set():
                     fired.set()
-                    threading.Thread(target=fault, daemon=True).start()
+                    threads.append(threading.Thread(target=fault, daemon=True))
+                    threads[-1].start()
         except DiptychError as exc:
             return exc
         return ids
 
     async with AsyncClient(cluster.spec.sdk_addr, timeout_s=120) as client:
-        return await asyncio.gather(*[one(client, p) for p in prompts()])
+        results = await asyncio.gather(*[one(client, p) for p in prompts()])
+    for thread in threads:
+        await asyncio.to_thread(thread.join)
+    return results
 
 
 def restored(cluster: Cluster, name: str) -> None:
