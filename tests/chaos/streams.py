@@ -7,6 +7,7 @@ import os
 import random
 import signal
 import threading
+import time
 from collections.abc import Callable
 
 from diptych.client import AsyncClient, DiptychError
@@ -74,5 +75,15 @@ def still_serves(cluster: Cluster, reference: list[list[int]]) -> None:
 
 def kill(cluster: Cluster, name: str) -> Callable[[], None]:
     return lambda: os.kill(cluster.procs[name].pid, signal.SIGKILL)
+
+
+def kill_and_restart(cluster: Cluster, name: str, down_s: float) -> Callable[[], None]:
+    """``kill -9`` the process, then start it again ``down_s`` seconds after it exited (as an operator would)."""
+    def fault() -> None:
+        kill(cluster, name)()
+        cluster.procs[name].wait()
+        time.sleep(down_s)
+        cluster._launch(name)
+    return fault
 
 

@@ -15,7 +15,15 @@ import time
 import pytest
 
 from diptych.client import DiptychError
-from tests.chaos.streams import HEARTBEAT_TIMEOUT_S, QUEUE_TIMEOUT_S, kill, restored, run_streams, still_serves
+from tests.chaos.streams import (
+    HEARTBEAT_TIMEOUT_S,
+    QUEUE_TIMEOUT_S,
+    kill,
+    kill_and_restart,
+    restored,
+    run_streams,
+    still_serves,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -41,13 +49,7 @@ def test_sigstop_decode_worker_past_its_heartbeat_deadline(chaos_cluster, refere
 
 
 def test_kill_prefill_worker_restarted(chaos_cluster, reference):
-    def kill_and_restart() -> None:
-        kill(chaos_cluster, "prefill-0")()
-        chaos_cluster.procs["prefill-0"].wait()
-        time.sleep(0.5)
-        chaos_cluster._launch("prefill-0")
-
-    got = asyncio.run(run_streams(chaos_cluster, kill_and_restart, after_tokens=1))
+    got = asyncio.run(run_streams(chaos_cluster, kill_and_restart(chaos_cluster, "prefill-0", 0.5), after_tokens=1))
     assert got == reference
     restored(chaos_cluster, "prefill-0")
     still_serves(chaos_cluster, reference)
@@ -65,13 +67,7 @@ def test_kill_the_only_prefill_worker_ends_waiting_requests_with_an_error_within
 
 
 def test_kill_coordinator_restarted(chaos_cluster, reference):
-    def kill_and_restart() -> None:
-        kill(chaos_cluster, "coordinator")()
-        chaos_cluster.procs["coordinator"].wait()
-        time.sleep(1.0)
-        chaos_cluster._launch("coordinator")
-
-    got = asyncio.run(run_streams(chaos_cluster, kill_and_restart))
+    got = asyncio.run(run_streams(chaos_cluster, kill_and_restart(chaos_cluster, "coordinator", 1.0)))
     assert got == reference
     restored(chaos_cluster, "coordinator")
     still_serves(chaos_cluster, reference)
