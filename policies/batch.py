@@ -23,9 +23,13 @@ from diptych.policies.registry import Registry
 class SequenceState:
     """What a batch policy may know of one sequence.
 
-    ``num_computed`` prompt tokens already have KV in the pool; the sequence is in prefill while
-    ``num_computed < prompt_len``. ``blocks_to_admit`` is how many free blocks admitting a waiting sequence takes
-    (the worker's reservation rule); ``blocks_to_step`` is how many more a running sequence's next token takes.
+    ``num_computed`` positions already have KV in the pool; the sequence is in prefill while
+    ``num_computed < prefill_len``, where ``prefill_len = prompt_len + recompute_tokens``: a sequence preempted by
+    recompute prefills its prompt and the ``recompute_tokens`` output tokens it had produced, then samples its next
+    token. ``blocks_to_admit`` is how many free blocks admitting a waiting sequence takes (``engine.kv_rules``);
+    ``blocks_to_step`` is how many more a running decode's next token takes (0 or 1: blocks are allocated as
+    positions are computed). ``preemptible`` is False for a sequence the worker must not preempt (a prefill-only
+    prompt whose KV may be streaming to a decode worker).
     ``last_token_time`` is when the iteration that produced its latest token ended (None before the first).
     ``blocks_held`` is how many KV blocks a running sequence holds now (what preempting it frees; a policy never
     preempts a sequence that holds none). ``tbt_slo_s`` / ``ttft_slo_s`` are its latency targets (None: the policy's
@@ -44,21 +48,33 @@ class SequenceState:
     ttft_slo_s: float | None = None
     tier: str = "default"
     blocks_held: int = 0
+    recompute_tokens: int = 0
+    preemptible: bool = True
+
+    @property
+    def prefill_len(self) -> int:
+        """Positions computed before the next token is sampled: the prompt, plus the outputs being recomputed."""
+        return self.prompt_len + self.recompute_tokens
 
     @property
     def in_prefill(self) -> bool:
-        return self.num_computed < self.prompt_len
+        return self.num_computed < self.prefill_len
 
     @property
     def remaining_prompt(self) -> int:
-        return self.prompt_len - self.num_computed
+        """Positions left to prefill (prompt and recomputed outputs)."""
+        return self.prefill_len - self.num_computed
 
 
 @dataclass
 class KVState:
+    """The worker's KV pool as a policy sees it: ``free_blocks`` of ``total_blocks`` (utilisation counts blocks in
+    use), and ``watermark_blocks`` that admitting new sequences must leave free (running decodes may use them)."""
+
     free_blocks: int
     total_blocks: int
     block_size: int
+    watermark_blocks: int = 0
 
     @property
     def utilization(self) -> float:
@@ -68,8 +84,9 @@ class KVState:
 @dataclass
 class BatchPlan:
     """One iteration. ``prefill_chunks`` are (request_id, tokens) in execution order: a waiting request listed here
-    is admitted (its ``blocks_to_admit`` are allocated) and its first chunk runs. ``decodes`` each produce one token.
-    ``preempt`` lists running requests whose KV is dropped so they recompute later."""
+    is admitted (its ``blocks_to_admit`` are allocated) and its first chunk runs. ``decodes`` each produce one token
+    (taking their ``blocks_to_step``). ``preempt`` lists running requests whose KV is dropped so they recompute
+    later; the engine applies preemptions first, so their blocks serve this iteration's decodes."""
 
     prefill_chunks: list[tuple[str, int]] = field(default_factory=list)
     decodes: list[str] = field(default_factory=list)
@@ -116,7 +133,8 @@ class SarathiBatching(BatchPolicy):
     KV pressure (vLLM's rule, which Sarathi-Serve inherits): a decode whose next token needs a block when none is
     free preempts the most recently admitted running sequence (recompute), down to itself; no new request is admitted
     in an iteration that preempted. So a running decode is never silently stalled: it decodes or is preempted.
-    A prompt's KV is reserved whole at admission (``blocks_to_admit``); later chunks take no blocks.
+    A prompt's KV is taken whole at admission (``blocks_to_admit``, leaving the watermark free); later chunks take no
+    blocks; each decode takes a block when its position starts one.
 
     Knobs: ``token_budget`` (tokens per iteration, prefill chunks plus decodes; 512 under strict SLOs, 2048
     relaxed), ``max_running`` (sequences holding KV, 128), ``max_decodes`` (decodes per iteration, 128)."""
@@ -139,7 +157,7 @@ class SarathiBatching(BatchPolicy):
         self, waiting: Sequence[SequenceState], running: Sequence[SequenceState], kv: KVState, now: float
     ) -> BatchPlan:
         plan = BatchPlan()
-        blocks = KVPlanner(kv.free_blocks, plan)
+        blocks = KVPlanner(kv, plan)
         schedule_all_decodes(running, blocks, self.max_decodes)
         budget = continue_prefills(running, blocks, self.token_budget - len(plan.decodes))
         if not plan.preempt:

@@ -48,14 +48,14 @@ class PrefillFirstBatching(BatchPolicy):
         if not plan.is_empty():
             return plan
         plan = BatchPlan()
-        schedule_all_decodes(running, KVPlanner(kv.free_blocks, plan), self.max_decodes)
+        schedule_all_decodes(running, KVPlanner(kv, plan), self.max_decodes)
         return plan
 
     def _prefill_iteration(
         self, waiting: Sequence[SequenceState], running: Sequence[SequenceState], kv: KVState
     ) -> BatchPlan:
         plan = BatchPlan()
-        blocks = KVPlanner(kv.free_blocks, plan)
+        blocks = KVPlanner(kv, plan)
         budget = self.max_num_batched_tokens
         num_running = len(running)
         candidates = [(seq, False) for seq in running if seq.in_prefill] + [(seq, True) for seq in waiting]

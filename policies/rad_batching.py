@@ -71,7 +71,7 @@ class RADBatching(BatchPolicy):
         self, waiting: Sequence[SequenceState], running: Sequence[SequenceState], kv: KVState, now: float
     ) -> BatchPlan:
         plan = BatchPlan()
-        blocks = KVPlanner(kv.free_blocks, plan)
+        blocks = KVPlanner(kv, plan)
         decodes = [seq for seq in running if not seq.in_prefill]
         schedule_decodes(self._decode_order(decodes), running[::-1], blocks, self._decode_cap(len(decodes)))
         budget = self.token_budget - len(plan.decodes)

@@ -101,7 +101,7 @@ class SLAIBatching(BatchPolicy):
         self, waiting: Sequence[SequenceState], running: Sequence[SequenceState], kv: KVState, now: float
     ) -> BatchPlan:
         plan = BatchPlan()
-        blocks = KVPlanner(kv.free_blocks, plan)
+        blocks = KVPlanner(kv, plan)
         decodes = [seq for seq in running if not seq.in_prefill]
         partials = [seq for seq in running if seq.in_prefill]
         lst = self.lst_book.refresh(decodes, kv.utilization)

@@ -35,7 +35,7 @@ if sys.version_info >= (3, 11):
 else:
     from typing_extensions import dataclass_transform
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 MAX_TEXT_CHARS = 16 << 20
 """Longest string any field may hold (a prompt text); ``proto.validation`` sets tighter limits per field."""

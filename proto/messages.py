@@ -24,7 +24,11 @@ class SamplingParams:
     """How to pick tokens and when to stop. Validated by the frontend before it reaches any worker.
 
     ``temperature == 0`` means greedy. ``top_k == 0`` and ``top_p == 1`` disable those filters. ``seed`` makes the
-    request's sampling reproducible regardless of batch composition. ``max_tokens`` counts generated tokens.
+    request's sampling reproducible regardless of batch composition. ``max_tokens`` counts generated tokens and only
+    stops generation: no allocator or scheduling policy reads it (KV is allocated as tokens are produced).
+    ``stop_after_tokens`` [benchmark knob]: stop after exactly this many output tokens (EOS still applies unless
+    ``ignore_eos``); like ``max_tokens`` it is read only by the stop rule, so a load generator can follow a
+    workload's output lengths while sending a realistic ``max_tokens`` cap (None: off).
     """
 
     max_tokens: int = 16
@@ -35,6 +39,7 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    stop_after_tokens: int | None = None
 
 
 @dataclass
@@ -93,7 +98,9 @@ class WorkerLoad:
     """KV this worker handed off since it started, per path (``HANDOFF_FRAMES``, ``HANDOFF_CUDA_IPC``):
     ``requests``, ``bytes``, and ``seconds`` spent after prefill ended until the KV was sent or in place."""
     preemptions: int = 0
-    """Sequences this worker preempted since it started (0 until KV memory is allocated on demand)."""
+    """Sequences this worker preempted (by recompute) since it started."""
+    recomputed_tokens: int = 0
+    """Positions whose KV this worker dropped on preemption and computes again, since it started."""
 
 
 @dataclass

@@ -130,6 +130,8 @@ def sampling(s: m.SamplingParams, where: str) -> None:
     if not 0.0 < s.top_p <= 1.0:
         raise _bad(where + ".top_p", f"{s.top_p} outside (0, 1]")
     count(s.top_k, where + ".top_k", MAX_TOKEN_ID)
+    if s.stop_after_tokens is not None:
+        count(s.stop_after_tokens, where + ".stop_after_tokens", MAX_CONTEXT_TOKENS, minimum=1)
 
 
 def slo(value: m.SLO, where: str) -> None:
@@ -165,6 +167,7 @@ def load(value: m.WorkerLoad, where: str) -> None:
     count(value.num_running, where + ".num_running", 1 << 30)
     count(value.waiting_prompt_tokens, where + ".waiting_prompt_tokens", 1 << 40)
     count(value.preemptions, where + ".preemptions", 1 << 40)
+    count(value.recomputed_tokens, where + ".recomputed_tokens", 1 << 50)
     finite(value.prefill_tps, where + ".prefill_tps", 0.0)
     names(value.handoffs, where + ".handoffs", len(value.handoffs))
     for stats in value.handoffs.values():
