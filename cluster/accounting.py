@@ -1,5 +1,9 @@
 """KV reservation and prefill-backlog accounting: what a placement adds to its workers, released exactly once.
 
+The decoding worker is accounted the placement's expected footprint (``Placement.reserved_blocks``), not the blocks
+its engine holds: engines allocate on demand and preempt, so the account spreads load and bounds queues, and real
+memory may be over-committed by design (``cluster.placement``).
+
 ``commit`` adds a placement to its workers and marks the record accounted; ``release_prefill`` (the prompt left the
 prefill worker's backlog: first token, prefill ended, or the request was let go) and ``release_decode`` (the decoding
 worker let the request go) each undo their half once, whatever number of times they are called.
@@ -24,6 +28,7 @@ def commit(registry: WorkerRegistry, record: RequestRecord, placement: Placement
     record.admitted_time = now
     record.prefill_worker, record.decode_worker = placement.prefill_worker, placement.decode_worker
     record.prefill_blocks, record.decode_reserved_blocks = placement.prefill_blocks, placement.reserved_blocks
+    record.decode_blocks = placement.decode_blocks
     record.prefill_accounted = record.decode_accounted = True
 
 
@@ -41,7 +46,7 @@ def release_prefill(registry: WorkerRegistry, record: RequestRecord) -> bool:
 
 
 def release_decode(registry: WorkerRegistry, record: RequestRecord) -> bool:
-    """Give back the decoding worker's reservation (and its batch slot), once; True if this call released it."""
+    """Give back the decoding worker's footprint (and its batch slot), once; True if this call released it."""
     if not record.decode_accounted:
         return False
     record.decode_accounted = False

@@ -5,6 +5,10 @@ the time takes ``now`` (seconds, the driver's clock).
 The admission loop (``admit``): after every event that can free capacity or add work, the driver calls ``admit``; it
 asks the admission policy for its head request, places it or stops at the first request that cannot be placed (the
 policy's order is never bypassed), pops it, accounts the placement and returns what to dispatch.
+
+A refused handoff reservation (the decode engine had no free blocks at the time: other sequences grew) is not a
+failure: ``reservation_refused`` keeps the request's place and accounting and schedules the reservation again after
+``RESERVE_RETRY_S`` (doubling from the first to the second), and ``reservations_due`` hands the driver those to send.
 """
 
 from __future__ import annotations
@@ -22,11 +26,16 @@ from diptych.cluster.workers import WorkerRegistry, WorkerState
 from diptych.policies.admission import AdmissionPolicy, PendingRequest, Rejection
 from diptych.proto.roles import Pool, RequestPhase
 
+RESERVE_RETRY_S = (0.05, 1.0)
+"""Delay before a refused reservation is sent again (seconds): the first, doubled after each refusal up to the
+second."""
+
 
 @dataclass(slots=True)
 class Dispatch:
     """Request ``request_id`` was admitted: it prefills on ``prefill_worker`` and decodes on ``decode_worker``
-    (the same worker when ``colocated``), which holds ``decode_blocks`` KV blocks for it."""
+    (the same worker when ``colocated``), whose engine takes ``decode_blocks`` KV blocks for its prompt when it
+    arrives (the handoff reservation) and allocates the rest on demand."""
 
     request_id: str
     prefill_worker: str
@@ -119,6 +128,31 @@ class ClusterCore:
         self.admission.on_output_tokens(client_id, count)
         self.ledger.on_output(client_id, count)
 
+    # ------------------------------------------------------------------ refused reservations
+
+    def reservation_refused(self, record: RequestRecord, now: float) -> float:
+        """The decode worker refused ``record``'s reservation and holds nothing for it: the request keeps its
+        placement and accounting, and its reservation is due again after ``RESERVE_RETRY_S``. Returns that delay
+        (seconds)."""
+        record.decode_holds = False
+        record.refused_reservations += 1
+        first, longest = RESERVE_RETRY_S
+        delay = min(first * 2 ** (record.refused_reservations - 1), longest)
+        record.reserve_retry_at = now + delay
+        worker = self.workers.get(record.decode_worker or "")
+        if worker is not None:
+            worker.refused_reservations += 1
+        return delay
+
+    def reservations_due(self, now: float) -> list[RequestRecord]:
+        """The reserving requests whose refused reservation the driver must send again now; each counts as held by
+        its decode worker from here (as at dispatch)."""
+        due = self.requests.reservations_due(now)
+        for record in due:
+            record.reserve_retry_at = None
+            record.decode_holds = True
+        return due
+
     # ------------------------------------------------------------------ releases and endings
 
     def release_prefill(self, record: RequestRecord) -> bool:
@@ -151,11 +185,11 @@ class ClusterCore:
         return holders
 
     def evict(self, worker_id: str) -> tuple[WorkerState | None, list[RequestRecord]]:
-        """Remove the worker; the requests it held, and those reserving KV elsewhere to prefill on it, no longer
-        count as held or accounted there. Returns the worker and those requests (the driver migrates or fails the
-        ones not ended yet, then drops them)."""
+        """Remove the worker; the requests it held, and those reserving KV that it is placed for but does not hold
+        (``RequestTable.waiting_on``), no longer count as held or accounted there. Returns the worker and those
+        requests (the driver migrates or fails the ones not ended yet, then drops them)."""
         worker = self.workers.remove(worker_id)
-        affected = self.requests.held_by(worker_id) + self.requests.reserving_for(worker_id)
+        affected = self.requests.held_by(worker_id) + self.requests.waiting_on(worker_id)
         for record in affected:
             if record.prefill_worker == worker_id:
                 record.prefill_holds = record.prefill_accounted = False

@@ -4,6 +4,11 @@ A request is *held* by a worker from the moment the driver sends it work (a rese
 prefill task to the prefill worker) until that worker lets it go, or is evicted. A record is dropped once it has
 ended and no worker holds it. The accounting a placement adds to its workers is tracked by its own flags
 (``prefill_accounted``, ``decode_accounted``) and released exactly once (``cluster.accounting``).
+
+A handoff reservation the decode worker refused (its engine had no free blocks at the time) is not held by it: the
+request keeps its placement and accounting, and the driver sends the reservation again at ``reserve_retry_at``
+(``ClusterCore.reservation_refused``, ``reservations_due``) until it is accepted, the request ends, a worker it is
+placed on is evicted (``waiting_on``), or its ``deadline`` passes (``overdue``).
 """
 
 from __future__ import annotations
@@ -28,7 +33,9 @@ class RequestRecord:
     prefill_blocks: int = 0
     """KV blocks of the prompt counted in the prefill worker's backlog (0 when colocated)."""
     decode_reserved_blocks: int = 0
-    """KV blocks reserved on the decoding worker (a count; 0 when colocated without reservation)."""
+    """The expected footprint accounted on the decoding worker (KV blocks; 0 when colocated without reservation)."""
+    decode_blocks: int = 0
+    """KV blocks the decoding engine takes for the prompt (``ReserveKV.num_blocks``; ``Placement.decode_blocks``)."""
     prefill_holds: bool = False
     decode_holds: bool = False
     prefill_accounted: bool = False
@@ -36,6 +43,10 @@ class RequestRecord:
     decode_accounted: bool = False
     """The decode reservation still counts on the decoding worker (until it lets the request go)."""
     handoff_deadline: float | None = None
+    refused_reservations: int = 0
+    """Times the decode worker refused this request's reservation."""
+    reserve_retry_at: float | None = None
+    """When to send the refused reservation again (driver's clock, seconds); None while none waits to be sent."""
     admitted_time: float = 0.0
     deadline: float | None = None
     """When the request must have reached a prefill worker (driver's clock, seconds): a request still queued or
@@ -78,10 +89,23 @@ class RequestTable:
             if (r.prefill_holds and r.prefill_worker == worker_id) or (r.decode_holds and r.decode_worker == worker_id)
         ]
 
-    def reserving_for(self, worker_id: str) -> list[RequestRecord]:
-        """Requests reserving decode KV to prefill on ``worker_id`` (placed there, not yet sent to it)."""
+    def waiting_on(self, worker_id: str) -> list[RequestRecord]:
+        """Requests reserving decode KV that ``worker_id`` is placed for but does not hold: to prefill on it (not
+        sent yet), or to decode on it with a refused reservation waiting to be sent again."""
         return [r for r in self._records.values()
-                if r.phase is RequestPhase.RESERVING and r.prefill_worker == worker_id and not r.prefill_holds]
+                if r.phase is RequestPhase.RESERVING and (
+                    (r.prefill_worker == worker_id and not r.prefill_holds)
+                    or (r.decode_worker == worker_id and not r.decode_holds))]
+
+    def reservations_due(self, now: float) -> list[RequestRecord]:
+        """Requests whose refused reservation is to be sent again by ``now``."""
+        return [r for r in self._records.values()
+                if r.phase is RequestPhase.RESERVING and r.reserve_retry_at is not None and now >= r.reserve_retry_at]
+
+    def next_reservation_retry(self) -> float | None:
+        """The earliest ``reserve_retry_at`` of a reserving request, or None."""
+        return min((r.reserve_retry_at for r in self._records.values()
+                    if r.phase is RequestPhase.RESERVING and r.reserve_retry_at is not None), default=None)
 
     def overdue(self, now: float) -> list[RequestRecord]:
         """Requests past their ``deadline`` that have not reached a prefill worker (queued, or reserving)."""

@@ -1,11 +1,16 @@
 """The cluster's workers as the core sees them: role, pool, liveness, and what the coordinator has placed on each.
 
 Accounting invariants (blocks are KV blocks of the worker's own pool, tokens are prompt tokens):
-- ``reserved_blocks`` is the sum of the reservations placed on the worker (to decode, or colocated) and not yet
-  released; placement never reserves more than ``total_blocks - reserved_blocks - backlog_blocks``;
+- ``reserved_blocks`` is the sum of the expected footprints (``cluster.placement``) of the requests placed on the
+  worker to decode (or colocated) and not yet released; placement never adds more than ``total_blocks -
+  reserved_blocks - backlog_blocks``. It is an account, not memory: the engine allocates on demand, a request may
+  outgrow its footprint (the engine then preempts), and ``total_blocks - free_blocks`` as the worker reports it may
+  be above or below it;
 - ``backlog_tokens``/``backlog_blocks`` cover the prompts placed on the worker to prefill whose prefill has not
-  ended (a colocated placement adds tokens only: its reservation covers the prompt's blocks);
-- ``decode_requests``/``prefill_requests`` count the placements whose reservation / backlog still counts here.
+  ended (a colocated placement adds tokens only: its footprint covers the prompt's blocks);
+- ``decode_requests``/``prefill_requests`` count the placements whose reservation / backlog still counts here;
+- ``refused_reservations`` counts the handoff reservations the worker's engine refused (no free blocks at the time,
+  each retried by the driver) since it registered.
 """
 
 from __future__ import annotations
@@ -34,10 +39,11 @@ class WorkerState:
     backlog_blocks: int = 0
     decode_requests: int = 0
     prefill_requests: int = 0
+    refused_reservations: int = 0
 
     @property
     def unreserved_blocks(self) -> int:
-        """Blocks neither reserved for decodes nor held by queued prefills."""
+        """Blocks neither accounted to decodes (expected footprints) nor held by queued prefills."""
         return self.total_blocks - self.reserved_blocks - self.backlog_blocks
 
     @property

@@ -1,4 +1,4 @@
-"""The cluster core driven directly, with a fake clock: admission and placement, reservation and backlog released
+"""The cluster core driven directly, with a fake clock: admission and placement, footprint and backlog released
 exactly once, endings, eviction and liveness, drains, and the service ledger."""
 
 from __future__ import annotations
@@ -36,36 +36,37 @@ def submit(c: ClusterCore, rid: str, prompt: int, max_tokens: int, now: float = 
 
 def test_admission_places_in_order_and_stops_at_the_first_that_does_not_fit():
     c = core({"p0": ("prefill", 100), "d0": ("decode", 10), "d1": ("decode", 8)})
-    submit(c, "a", 20, 12)   # 2 blocks
-    submit(c, "b", 100, 60)  # 10 blocks: only d0 could, once free
+    submit(c, "a", 20, 12)   # footprint 2 blocks
+    submit(c, "b", 140, 20)  # footprint 10 blocks; its 141 positions (9 blocks) never fit d1
     submit(c, "c", 20, 12)   # would fit, but waits behind b
-    assert c.queued_prompt_tokens == 140
+    assert c.queued_prompt_tokens == 180
     first = c.admit(1.0)
     assert first == [Dispatch("a", "p0", "d0", 2, 2, False)]  # d0 has the most unreserved blocks
-    assert c.waiting_for_kv and c.queued_prompt_tokens == 120
+    assert c.waiting_for_kv and c.queued_prompt_tokens == 160
     a = c.requests.get("a")
     assert a is not None and a.phase is RequestPhase.RESERVING and a.admitted_time == 1.0
     assert c.ledger.snapshot()["alice"]["input_tokens"] == 20
     a.decode_holds = False
     assert c.release_decode(a) and not c.release_decode(a)  # exactly once
     assert c.workers.workers["d0"].reserved_blocks == 0 and c.workers.workers["d0"].decode_requests == 0
-    assert [d.request_id for d in c.admit(2.0)] == ["b", "c"]
-    assert c.workers.workers["p0"].backlog_tokens == 140 and c.workers.workers["p0"].backlog_blocks == 2 + 7 + 2
+    assert c.admit(2.0) == [Dispatch("b", "p0", "d0", 9, 9, False), Dispatch("c", "p0", "d1", 2, 2, False)]
+    assert c.workers.workers["d0"].reserved_blocks == 10 and c.workers.workers["d1"].reserved_blocks == 2
+    assert c.workers.workers["p0"].backlog_tokens == 180 and c.workers.workers["p0"].backlog_blocks == 2 + 9 + 2
     assert c.release_prefill(a) and not c.release_prefill(a)
-    assert c.workers.workers["p0"].backlog_tokens == 120 and c.workers.workers["p0"].backlog_blocks == 9
+    assert c.workers.workers["p0"].backlog_tokens == 160 and c.workers.workers["p0"].backlog_blocks == 11
 
 
-def test_colocated_placement_reserves_the_whole_request_and_no_prompt_blocks():
+def test_colocated_placement_accounts_the_expected_footprint_and_no_prompt_blocks():
     c = core({"c0": ("colocated", 50), "c1": ("colocated", 50)}, max_backlog=100)
-    submit(c, "a", 80, 20)
+    submit(c, "a", 80, 20)  # footprint blocks_for(100) = 7, prompt 5 blocks
     submit(c, "b", 40, 8)
     dispatches = c.admit(0.0)
-    assert dispatches == [Dispatch("a", "c0", "c0", 7, 0, True), Dispatch("b", "c1", "c1", 3, 0, True)]
+    assert dispatches == [Dispatch("a", "c0", "c0", 5, 0, True), Dispatch("b", "c1", "c1", 3, 0, True)]
     c0 = c.workers.workers["c0"]
     assert (c0.reserved_blocks, c0.backlog_tokens, c0.backlog_blocks) == (7, 80, 0)
     a = c.requests.get("a")
     assert a is not None and a.phase is RequestPhase.DECODING and not a.prefill_holds and a.decode_holds
-    c.release_prefill(a)  # first token: the prompt left the backlog, the reservation stays
+    c.release_prefill(a)  # first token: the prompt left the backlog, the footprint stays
     assert (c0.reserved_blocks, c0.backlog_tokens) == (7, 0)
 
 

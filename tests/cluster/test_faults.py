@@ -108,7 +108,9 @@ def test_evicting_a_prefill_worker_returns_the_requests_reserving_kv_for_it():
 def test_a_request_waits_for_an_empty_pool_but_one_too_large_for_the_workers_there_is_refused():
     c = core({"d0": ("decode", 4)})
     assert not c.never_fits(20, 12)  # no prefill worker yet: it may come
-    assert c.never_fits(20, 200)  # d0 can never hold it
+    assert not c.never_fits(20, 10**6)  # max_tokens is not compared with pools: the engine stops at its pool
+    assert c.never_fits(64, 2)  # d0 can never hold the prompt and its first decode (65 positions, 5 blocks)
+    assert not c.never_fits(64, 1)  # finished by its prefill: the prompt's 4 blocks are all d0 needs
     c = core({"p0": ("prefill", 4), "d0": ("decode", 100)})
     assert c.never_fits(100, 1) and not c.never_fits(20, 1)
     assert not core({}).never_fits(10**6, 10**6)

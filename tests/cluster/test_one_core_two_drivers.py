@@ -1,6 +1,7 @@
 """One event sequence fed to both drivers of the cluster core: the coordinator (real messages through its handlers,
 a fake clock, sends captured) and the simulator (its callbacks, no event loop). Both must take the same decisions:
-which workers each request goes to, how many blocks it reserves, and which worker a pool move drains.
+which workers each request goes to, how many blocks its decode engine reserves for the prompt, the expected footprint
+each worker is accounted, and which worker a pool move drains.
 
 The coordinator's workers register as ``flex`` (only those move there) in the order prefill, decode, prefill,
 decode, which puts them in the pools the simulator gives its workers 0-1 (prefill) and 2-3 (decode), in the same
@@ -36,7 +37,8 @@ from tests.integration.conftest import free_port_block
 BLOCKS, BLOCK_SIZE = 64, 16
 LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=16, block_size=BLOCK_SIZE, dtype="float32")
 SIM_TO_COORDINATOR = {0: "w0", 1: "w2", 2: "w1", 3: "w3"}  # simulator worker index -> coordinator worker id
-# id, prompt tokens, max tokens: 32, 7, 50, 44 and 5 blocks of reservation
+# id, prompt tokens, max tokens: expected footprints of 32, 7, 50, 44 and 5 blocks (max_tokens under the expected
+# 512 output tokens), prompts of 19, 3, 32, 25 and 3 blocks
 REQUESTS = [("a", 300, 200), ("b", 40, 60), ("c", 500, 300), ("d", 400, 300), ("e", 40, 40)]
 
 
@@ -123,6 +125,9 @@ class CoordinatorPath:
     def pools(self) -> dict[str, str]:
         return {w.worker_id: w.pool.value for w in self.coordinator.workers.workers.values()}
 
+    def accounted(self) -> dict[str, int]:
+        return {w.worker_id: w.reserved_blocks for w in self.coordinator.workers.workers.values()}
+
 
 class SimulatorPath:
     def __init__(self) -> None:
@@ -175,6 +180,10 @@ class SimulatorPath:
     def pools(self) -> dict[str, str]:
         return {SIM_TO_COORDINATOR[int(w.worker_id)]: w.pool.value for w in self.sim.core.workers.workers.values()}
 
+    def accounted(self) -> dict[str, int]:
+        return {SIM_TO_COORDINATOR[int(w.worker_id)]: w.reserved_blocks
+                for w in self.sim.core.workers.workers.values()}
+
 
 async def test_the_coordinator_and_the_simulator_take_the_same_decisions():
     services, simulator = CoordinatorPath(), SimulatorPath()
@@ -186,17 +195,19 @@ async def test_the_coordinator_and_the_simulator_take_the_same_decisions():
         for rid, prompt, max_tokens in REQUESTS[:4]:
             from_services = await services.arrive(rid, prompt, max_tokens)
             from_simulator = simulator.arrive(rid)
-            assert from_services == from_simulator
+            assert from_services == from_simulator and services.accounted() == simulator.accounted()
             placements.append(from_services)
-        assert placements[0] == {"a": ("w0", "w1", 32)}  # blocks_for(500, 16) on the decode worker
-        assert placements[3] == {}  # d waits: neither decode worker has 44 blocks left
+        assert placements[0] == {"a": ("w0", "w1", 19)}  # the engine reserves blocks_for(300, 16) for the prompt
+        assert services.accounted() == {"w0": 0, "w1": 32 + 7, "w2": 0, "w3": 50}  # footprints: prompt + outputs
+        assert placements[3] == {}  # d waits: neither decode worker has room for its 44 blocks of footprint
         finished = await services.finish("a")
-        assert finished == simulator.finish("a") and finished["d"][1:] == ("w1", 44)
+        assert finished == simulator.finish("a") and finished["d"][1:] == ("w1", 25)
+        assert services.accounted() == simulator.accounted() == {"w0": 0, "w1": 7 + 44, "w2": 0, "w3": 50}
         moved = await services.pool_tick()
         assert moved == simulator.pool_tick() == ["w1"]  # the decode worker with the fewest reserved blocks
         assert services.pools() == simulator.pools()  # w1 still drains: it holds d's reservation
         placed = await services.arrive("e", 40, 40)
-        assert placed == simulator.arrive("e") and placed["e"][1:] == ("w3", 5)  # not on the draining w1
+        assert placed == simulator.arrive("e") and placed["e"][1:] == ("w3", 3)  # not on the draining w1
     finally:
         services.coordinator.sock.close()
         services.coordinator.ctx.term()

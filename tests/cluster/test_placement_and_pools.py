@@ -58,8 +58,12 @@ def test_a_decode_worker_takes_at_most_max_decode_sequences():
 
 def test_waiting_for_names_the_pool_without_room():
     workers = registry(decode_blocks=10)
+    for name in ("decode-0", "decode-1"):
+        workers.workers[name].reserved_blocks = 5
     placer = Placer(workers, max_backlog_tokens=100, max_decode_sequences=8)
-    assert placer.place(32, 1000) is None and placer.waiting_for == "decode"  # 66 blocks > 10
+    assert placer.place(32, 1000) is None and placer.waiting_for == "decode"  # footprint min(34, 10) > 5 free
+    placement = placer.place(32, 32)  # footprint 4 blocks
+    assert placement is not None and placement.reserved_blocks == 4 and placer.waiting_for is None
     workers.workers["prefill-0"].backlog_tokens = 90
     assert placer.place(32, 32) is None and placer.waiting_for == "prefill"  # 90 + 32 > 100 tokens of backlog
     assert placer.place(32, 1000) is None and placer.waiting_for == "decode"  # decode first when both are full
