@@ -4,7 +4,13 @@ One ROUTER socket (``proto/README.md``, "control") serves frontends and workers.
 calls the core (admission, placement, accounting, pools, ledger) and sends what the core decided. Every handler runs
 on the one event loop, so the core is never touched concurrently. Admission runs after every event that can free
 capacity or add work. Time comes from an injected clock (seconds since the epoch; ``time.time`` by default); the
-watchdog wakes every ``watchdog_interval_s`` of real time and reads the clock.
+watchdog wakes every ``watchdog_interval_s`` of real time, and sooner when a refused reservation is due again, and
+reads the clock.
+
+KV on demand: a decode worker's engine may refuse a handoff reservation (no free blocks at the moment, because its
+sequences grew). That is not a failure: the request keeps its place and the reservation is sent again after a
+backoff (``ClusterCore.reservation_refused``) until it is accepted, the request is cancelled, its worker is
+evicted, or ``CoordinatorConfig.reserve_limit_s`` passes (503).
 
 Identity (with a CURVE key set; ``docs/security.md``): every message carries the name of the key that sent it
 (``recv_authenticated``), and ``access.authorize`` decides before any handler runs: a worker registers only under
@@ -15,6 +21,7 @@ and cancel (their own submissions). Refusals are logged here and tell the sender
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -59,6 +66,7 @@ from diptych.services.common.sockets import bind_address, make_socket, recv_auth
 from diptych.services.coordinator.access import REFUSED, authorize
 from diptych.services.coordinator.config import CoordinatorConfig
 from diptych.services.coordinator.endpoints import Endpoint, Submission
+from diptych.services.coordinator.status import worker_status
 
 log = logging.getLogger("diptych.coordinator")
 
@@ -79,7 +87,8 @@ class Coordinator:
         self.clock = clock
         self.policy = ADMISSION_POLICIES.create(config.admission_policy, **config.admission_knobs)
         self.workers = WorkerRegistry(config.heartbeat_timeout_s)
-        self.placer = Placer(self.workers, config.max_prefill_backlog_tokens, config.max_decode_sequences)
+        self.placer = Placer(self.workers, config.max_prefill_backlog_tokens, config.max_decode_sequences,
+                             expected_output_tokens=config.expected_output_tokens)
         self.pools = PoolManager(self.workers, POOL_POLICIES.create(config.pool_policy, **config.pool_knobs),
                                  config.pool_interval_s)
         self.core = ClusterCore(self.policy, self.workers, self.placer, self.pools, limits=config.queue_limits())
@@ -88,6 +97,8 @@ class Coordinator:
         """This coordinator process's id in ``ClusterStatus``: a frontend that sees it change knows that the requests
         it had submitted are gone, and resubmits them (``services.frontend.migration``)."""
         self.endpoints: dict[str, Endpoint] = {}
+        self._retry_scheduled = asyncio.Event()
+        """Set when a refused reservation is scheduled: the watchdog loop recomputes when to wake."""
         self.ctx = zmq.asyncio.Context()
         self.keys = keys
         self.authenticator = ZapAuthenticator(self.ctx, keys) if keys is not None else None
@@ -151,25 +162,48 @@ class Coordinator:
             log.exception("error handling %s from %r", type(msg).__name__, identity)
 
     async def _watchdog_loop(self) -> None:
+        """``watchdog`` every ``watchdog_interval_s``; in between, refused reservations as soon as they are due."""
+        interval = self.config.watchdog_interval_s
+        next_tick = self.clock() + interval
         while True:
-            await asyncio.sleep(self.config.watchdog_interval_s)
-            await self.watchdog()
+            retry_at = self.requests.next_reservation_retry()
+            wake_at = next_tick if retry_at is None else min(next_tick, retry_at)
+            delay = wake_at - self.clock()
+            if delay > 0:
+                self._retry_scheduled.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._retry_scheduled.wait(), delay)
+                continue
+            now = self.clock()
+            if now >= next_tick:
+                next_tick = now + interval
+                await self.watchdog()
+            else:
+                await self._retry_reservations(now)
+                await self._admit()
 
     async def watchdog(self) -> None:
-        """Evict silent workers, fail overdue handoffs, complete drains and tick the pool policy, then admit."""
+        """Evict silent workers, fail overdue handoffs and requests, send refused reservations that are due again,
+        complete drains and tick the pool policy, then admit."""
         now = self.clock()
         for worker in self.workers.silent(now):
             await self._evict(worker.worker_id, f"no heartbeat for {now - worker.last_heartbeat:.1f} s")
         for record in self.requests.overdue_handoffs(now):
             await self._fail(record, 503, "KV handoff timed out")
         for record in self.requests.overdue(now):
-            await self._fail(record, 503, f"no worker took the request within {self.config.queue_timeout_s:g} s",
-                             retry_after_s=self.config.retry_after_s)
+            await self._fail(record, 503, self._overdue_reason(record), retry_after_s=self.config.retry_after_s)
+        await self._retry_reservations(now)
         for worker in self.pools.drained():
             self.pools.complete_drain(worker.worker_id, now)
         if self.pools.due(now):
             self.pools.decide(self._pool_stats(now), now)
         await self._admit()
+
+    def _overdue_reason(self, record: RequestRecord) -> str:
+        if record.refused_reservations:
+            return (f"decode worker {record.decode_worker} had no free KV blocks for the request's prompt within "
+                    f"{self.config.reserve_limit_s:g} s ({record.refused_reservations} reservations refused)")
+        return f"no worker took the request within {self.config.queue_timeout_s:g} s"
 
     def _pool_stats(self, now: float) -> PoolStats | None:
         """``PoolStats`` from the workers' heartbeats: measured prefill throughput (unmeasured workers are assumed
@@ -211,7 +245,7 @@ class Coordinator:
             await self._send(identity, RequestFailed(request_id=rid, code=400, message=reason))
             return
         if self.core.never_fits(prompt, max_tokens):  # an empty pool may still get a worker: such requests wait
-            reason = "request larger than any worker's KV pool"
+            reason = f"prompt ({prompt} tokens) larger than any worker's KV pool"
             log.info("req=%s refused: %s", rid, reason)
             await self._send(identity, RequestFailed(request_id=rid, code=400, message=reason))
             return
@@ -220,7 +254,8 @@ class Coordinator:
         record = RequestRecord(rid, request.client_id, prompt, max_tokens,
                                payload=Submission(request, identity, user_id))
         now = self.clock()
-        record.deadline = now + self.config.queue_timeout_s
+        if self.config.queue_timeout_s is not None:
+            record.deadline = now + self.config.queue_timeout_s
         rejection = self.core.submit(record, pending, now)
         if rejection is not None:
             code = rejection.code if isinstance(rejection, Shed) else 429
@@ -258,9 +293,19 @@ class Coordinator:
                 request=_request(record), decode_worker_id=dispatch.decode_worker, decode_kv_addr="",
                 admitted_time=record.admitted_time, colocated=True))
         else:
-            await self._send(endpoint.identity, ReserveKV(request_id=dispatch.request_id,
-                                                          num_blocks=dispatch.decode_blocks,
-                                                          prefill_worker_id=dispatch.prefill_worker))
+            await self._send_reservation(record)
+
+    async def _send_reservation(self, record: RequestRecord) -> None:
+        """Ask the decode worker to reserve the prompt's blocks (``RequestRecord.decode_blocks``) for the handoff."""
+        await self._send_worker(record.decode_worker, ReserveKV(
+            request_id=record.request_id, num_blocks=record.decode_blocks,
+            prefill_worker_id=record.prefill_worker or ""))
+
+    async def _retry_reservations(self, now: float) -> None:
+        for record in self.core.reservations_due(now):
+            log.debug("req=%s asking %s again to reserve %d blocks (refused %d times)", record.request_id,
+                      record.decode_worker, record.decode_blocks, record.refused_reservations)
+            await self._send_reservation(record)
 
     # ------------------------------------------------------------------ worker messages
 
@@ -293,14 +338,26 @@ class Coordinator:
         self.endpoints[msg.worker_id].load = msg.load
 
     async def _on_kv_reserved(self, identity: bytes, msg: KVReserved, user_id: str | None) -> None:
+        """A refused reservation (the engine had no room at the moment) holds nothing on the worker: a reserving
+        request keeps its place and asks again later; an ended one (cancelled meanwhile) is released."""
         record = self.requests.get(msg.request_id)
-        if record is None or record.phase is not RequestPhase.RESERVING:
+        if record is None or msg.worker_id != record.decode_worker:
             return
-        if not msg.ok:
-            record.decode_holds = False
-            self.core.release_decode(record)
-            self.core.release_prefill(record)
-            await self._fail(record, 500, f"decode worker refused the reservation: {msg.error}")
+        if not msg.ok and record.decode_holds:
+            if record.phase is RequestPhase.RESERVING:
+                now = self.clock()
+                delay = self.core.reservation_refused(record, now)
+                if record.deadline is None:
+                    record.deadline = now + self.config.reserve_timeout_s
+                log.debug("req=%s reservation refused by %s (%s); asking again in %.0f ms", msg.request_id,
+                          msg.worker_id, msg.error, delay * 1e3)
+                self._retry_scheduled.set()
+            else:
+                record.decode_holds = False
+                self.core.release_decode(record)
+                self.requests.drop_if_released(record)
+            return
+        if not msg.ok or record.phase is not RequestPhase.RESERVING:
             return
         prefill = self.endpoints.get(record.prefill_worker or "")
         decode = self.endpoints.get(record.decode_worker or "")
@@ -391,18 +448,9 @@ class Coordinator:
             self.requests.drop_if_released(record)
 
     async def _on_status_query(self, identity: bytes, msg: StatusQuery, user_id: str | None) -> None:
-        workers = {}
         held = self.requests.held_count()
-        for w in self.workers.workers.values():
-            load = self.endpoints[w.worker_id].load
-            workers[w.worker_id] = {
-                "role": w.role.value, "pool": w.pool.value,
-                "draining_to": w.draining_to.value if w.draining_to else None,
-                "reserved_blocks": w.reserved_blocks, "total_blocks": w.total_blocks, "free_blocks": load.free_blocks,
-                "backlog_tokens": w.backlog_tokens, "requests": held.get(w.worker_id, 0),
-                "prefill_tps": load.prefill_tps, "shares_kv_pool": bool(self.endpoints[w.worker_id].kv_share),
-                "kv_handoffs": load.handoffs, "preemptions": load.preemptions,
-            }
+        workers = {w.worker_id: worker_status(w, self.endpoints[w.worker_id], held.get(w.worker_id, 0))
+                   for w in self.workers.workers.values()}
         await self._send(identity, ClusterStatus(
             prefill_workers=len(self.workers.in_pool(Pool.PREFILL)),
             decode_workers=len(self.workers.in_pool(Pool.DECODE)), waiting=len(self.policy),

@@ -120,7 +120,7 @@ async def test_happy_path_releases_all_accounting(cluster):
     _coordinator, peers, *_ = cluster
     await peers["frontend"].send(SubmitRequest(request=request("r1")))
     reserve = await drive_to_decoding(peers, "r1")
-    assert reserve.num_blocks == 2  # ceil((20 + 12) / 16)
+    assert reserve.num_blocks == 2  # ceil(20 / 16): the decode engine reserves the prompt, the rest comes on demand
     await peers["prefill-0"].send(PrefillDone(request_id="r1", worker_id="prefill-0", handed_off=True,
                                               prefill_start=time.time(), prefill_end=time.time()))
     await peers["decode-0"].send(KVReceived(request_id="r1", worker_id="decode-0", num_tokens=20, transfer_s=0.001))
@@ -131,14 +131,14 @@ async def test_happy_path_releases_all_accounting(cluster):
     assert st.workers["decode-0"]["reserved_blocks"] == 0 and st.workers["prefill-0"]["backlog_tokens"] == 0
 
 
-async def test_never_over_commits_decode_kv(cluster):
+async def test_expected_footprints_bound_decode_placement(cluster):
     _coordinator, peers, _register, _ = cluster
-    # decode-0 has 64 blocks; each request needs ceil((200 + 300) / 16) = 32 blocks
+    # decode-0 has 64 blocks; each request is expected to take ceil((200 + 300) / 16) = 32 blocks
     for rid in ("a", "b", "c"):
         await peers["frontend"].send(SubmitRequest(request=request(rid, prompt=200, max_tokens=300)))
     first = await peers["decode-0"].recv()
     second = await peers["decode-0"].recv()
-    assert {first.request_id, second.request_id} == {"a", "b"}
+    assert {first.request_id, second.request_id} == {"a", "b"} and first.num_blocks == 13  # the prompt's
     await peers["decode-0"].expect_nothing()
     st = await eventually(peers, lambda st: st.waiting == 1)
     assert st.waiting == 1 and st.workers["decode-0"]["reserved_blocks"] == 64
