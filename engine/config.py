@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from diptych.engine.kv_rules import DEFAULT_WATERMARK_FRACTION
+
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "bfloat16": torch.bfloat16,
@@ -32,7 +34,8 @@ class EngineConfig:
     """How to build an ``Engine``. Every field is validated on construction (``ValueError`` with the reason).
 
     ``model`` is a Hugging Face hub id or a local directory; None selects the built-in tiny random Llama (built
-    once into the local cache). Pool size: ``num_blocks`` if set, else ``kv_memory_gb`` GiB if set, else on CUDA
+    once into the local cache). ``kv_watermark``: fraction of the pool that admitting new sequences leaves free
+    while sequences run, for them to grow into (``engine.kv_rules``). Pool size: ``num_blocks`` if set, else ``kv_memory_gb`` GiB if set, else on CUDA
     what is left of this worker's ``gpu_memory_utilization`` of the GPU once the weights are loaded, less
     ``ACTIVATION_RESERVE`` (``kv_pool_bytes``), and on CPU ``CPU_KV_MEMORY_GB``. ``max_model_len`` None takes the
     model config's ``max_position_embeddings``.
@@ -52,6 +55,7 @@ class EngineConfig:
     cuda_fused_decode: bool = True
     """CUDA only: iterations (decode graphs and packed prefill/mixed passes) run the fused Llama-family forward
     (``engine.fast_decoder``) when the model supports it, else the Hugging Face modules."""
+    kv_watermark: float = DEFAULT_WATERMARK_FRACTION
 
     def __post_init__(self) -> None:
         if self.model is not None and (not isinstance(self.model, str) or not self.model.strip()):
@@ -74,6 +78,8 @@ class EngineConfig:
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
         if not isinstance(self.cuda_fused_decode, bool):
             raise ValueError(f"cuda_fused_decode must be a bool, got {self.cuda_fused_decode!r}")
+        if not isinstance(self.kv_watermark, (int, float)) or not 0 <= self.kv_watermark < 1:
+            raise ValueError(f"kv_watermark must be a fraction in [0, 1), got {self.kv_watermark!r}")
         if not isinstance(self.cuda_graph_max_batch, int) or self.cuda_graph_max_batch < 0:
             raise ValueError(f"cuda_graph_max_batch must be an integer >= 0, got {self.cuda_graph_max_batch!r}")
 

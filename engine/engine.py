@@ -27,7 +27,6 @@ from diptych.engine.model_runner import ModelRunner
 from diptych.engine.outputs import StepOutput
 from diptych.engine.sampler import Sampler, SamplingRequest
 from diptych.engine.scheduler import ForwardItem, Scheduler
-from diptych.engine.sequence import blocks_to_reserve
 from diptych.engine.tiny_model import resolve_model
 from diptych.policies.batch import BatchPolicy, SarathiBatching
 from diptych.proto.messages import SLO, KVLayout, SamplingParams, WorkerLoad
@@ -101,6 +100,7 @@ class Engine:
         self.scheduler = Scheduler(
             policy if policy is not None else SarathiBatching(), kv.allocator, block_size=self.block_size,
             vocab_size=executor.vocab_size, max_model_len=max_model_len, eos_token_ids=eos_token_ids,
+            watermark=config.kv_watermark,
         )
         self.blocks_lock: threading.RLock = self.scheduler.blocks_lock
         log.info("KV pool: %d blocks of %d tokens = %d tokens on %s", self.num_blocks, self.block_size,
@@ -142,9 +142,9 @@ class Engine:
         self.scheduler.add_request(request_id, prompt_token_ids, sampling, arrival_time=arrival_time, slo=slo,
                                    prefill_only=prefill_only)
 
-    def blocks_needed(self, prompt_len: int, max_tokens: int) -> int:
-        """Blocks a decode worker must ``reserve`` for a handed-off request (the admission reservation rule)."""
-        return blocks_to_reserve(prompt_len, max_tokens, self.block_size)
+    def blocks_needed(self, prompt_len: int) -> int:
+        """Blocks a decode worker must ``reserve`` for a handed-off request: its prompt's (it grows on demand)."""
+        return blocks_for(prompt_len, self.block_size)
 
     def reserve(self, request_id: str, num_blocks: int) -> bool:
         """Hold ``num_blocks`` blocks for a request whose KV will arrive by ``add_prefilled``. False (holding
@@ -235,8 +235,8 @@ class Engine:
         with self.blocks_lock:
             planned = scheduler.plan_iteration(start_time)
         plan = planned.plan
-        if plan.is_empty():
-            return StepOutput()
+        if plan.is_empty():  # nothing runs (a plan may still have preempted a decode that did not fit)
+            return StepOutput(preempted=list(plan.preempt))
         logits = self.runner.execute([item for _, item in planned.scheduled])
         sampling_sequences = scheduler.advance(planned)
         token_ids = self.sampler.sample(
@@ -245,7 +245,7 @@ class Engine:
         ended = time.time()
         output = StepOutput(
             num_prefill_tokens=sum(n for _, n in plan.prefill_chunks), num_decodes=len(plan.decodes),
-            admitted=planned.admitted, start_time=start_time,
+            admitted=planned.admitted, start_time=start_time, preempted=list(plan.preempt),
         )
         with self.blocks_lock:
             scheduler.record_tokens(sampling_sequences, token_ids, ended, output)
@@ -268,7 +268,7 @@ class Engine:
         outputs: dict[str, list[int]] = {request_id: [] for request_id in request_ids}
         while any(self.scheduler.in_flight(request_id) for request_id in request_ids):
             step = self.step()
-            if step.duration_s == 0 and not step.tokens:
+            if step.duration_s == 0 and not step.tokens and not step.preempted:
                 raise RuntimeError("the batch policy scheduled nothing although requests are waiting")
             for token in step.tokens:
                 if token.request_id in outputs:
@@ -293,9 +293,9 @@ class Engine:
         longest = max(1, min(self.max_model_len - output - 1, self.num_blocks * self.block_size - output - 1))
         lengths = [min(n, longest) for n in WARM_UP_PROMPT_TOKENS]
         together = [n for n in lengths[1:] if n < longest] or [1]
-        while sum(blocks_to_reserve(n, output, self.block_size) for n in together) > self.num_blocks:
+        while sum(blocks_for(n + output, self.block_size) for n in together) > self.num_blocks:
             together.pop()
-        per_decode = blocks_to_reserve(1, output, self.block_size)
+        per_decode = blocks_for(1 + output, self.block_size)
         decodes = max(1, min(WARM_UP_DECODE_BATCH, self.num_blocks // per_decode))
         greedy = SamplingParams(max_tokens=output, temperature=0.0, ignore_eos=True)
         filtered = SamplingParams(max_tokens=output, temperature=0.8, top_p=0.9, top_k=40, seed=0, ignore_eos=True)

@@ -25,7 +25,9 @@ class StepOutput:
     them: their KV is ready for ``Engine.export_kv``. ``finished`` lists requests that finished (their blocks are
     already free). ``num_prefill_tokens`` counts prompt tokens computed, ``num_decodes`` decode tokens;
     ``duration_s`` is the iteration's wall time in seconds (0 when nothing ran). ``admitted`` lists requests whose
-    first prefill chunk ran in this iteration (their prefill started at ``start_time``, seconds since the epoch).
+    first prefill chunk ran in this iteration (their prefill started at ``start_time``, seconds since the epoch);
+    a preempted request recomputing is not admitted again. ``preempted`` lists requests preempted by recompute at
+    the start of this iteration (their blocks freed, their tokens kept: they wait to recompute).
     """
 
     tokens: list[SampledToken] = field(default_factory=list)
@@ -36,3 +38,4 @@ class StepOutput:
     duration_s: float = 0.0
     admitted: list[str] = field(default_factory=list)
     start_time: float = 0.0
+    preempted: list[str] = field(default_factory=list)

@@ -1,14 +1,19 @@
 """The request state machine of one engine, shared by the model engine and the sim engine (no torch).
 
-Lifecycle of a request id: ``add_request`` (waiting) -> admitted by the batch policy's plan (running: its blocks
-are taken) -> finished (blocks freed), or, with ``prefill_only``, prefilled (blocks kept) -> ``release``. On a
-decode worker: ``reserve`` (blocks held) -> ``add_prefilled`` (running) -> finished. ``abort`` ends a request in any
-of these states and frees what it holds; ``take_reservation`` ends a reservation handing its blocks to the caller.
+Lifecycle of a request id: ``add_request`` (waiting) -> admitted by the batch policy's plan (running: the blocks
+of its prefill are taken) -> finished (blocks freed), or, with ``prefill_only``, prefilled (blocks kept) ->
+``release``. On a decode worker: ``reserve`` (the handed-off prompt's blocks held) -> ``add_prefilled`` (running) ->
+finished. A running request may be preempted by the batch policy (blocks freed, tokens kept: back to waiting, to
+recompute its prompt and outputs, ``Sequence.preempt``). ``abort`` ends a request in any of these states and frees
+what it holds; ``take_reservation`` ends a reservation handing its blocks to the caller.
+
+KV on demand (``engine.kv_rules``): a decode takes a block when its position starts one; admission and reservations
+leave the watermark free while sequences run; ``max_tokens`` is never read here except by the stop rule.
 
 Invariants: a request id lives in at most one of waiting / running / prefilled / reserved; every allocated block
-belongs to exactly one of them (or to a caller of ``take_reservation`` until ``free_blocks``); blocks are taken once
-per request (``blocks_to_reserve``), so a running request never needs another block and a plan that preempts is
-refused (until "KV memory on demand" allocates as tokens are produced and preempts by recompute).
+belongs to exactly one of them (or to a caller of ``take_reservation`` until ``free_blocks``); a waiting request
+holds no block; a running request holds at least ``blocks_for(num_computed)`` blocks (those of its whole prefill
+while in prefill; a handed-off request may hold more, reserved for it).
 
 Only an iteration's cost is not here: ``plan_iteration`` admits and returns the forward items, the executor (a
 model forward or a modelled wait) runs them, ``record_tokens`` applies the sampled tokens. ``blocks_lock`` guards
@@ -25,10 +30,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from diptych.cluster.blocks import blocks_for
+from diptych.engine import kv_rules
 from diptych.engine.block_pool import Blocks
 from diptych.engine.outputs import SampledToken, StepOutput
-from diptych.engine.sequence import Sequence, SequenceStatus, blocks_to_reserve
-from diptych.policies.batch import BatchPlan, BatchPolicy, KVState, SequenceState
+from diptych.engine.sequence import Sequence, SequenceStatus
+from diptych.policies.batch import BatchPlan, BatchPolicy, SequenceState
 from diptych.proto.messages import SLO, SamplingParams, WorkerLoad
 
 
@@ -54,50 +60,63 @@ class PlannedIteration:
 
 
 def check_plan(plan: BatchPlan, states: Mapping[str, SequenceState], free_blocks: int, policy_name: str) -> int:
-    """Reject a plan an engine cannot execute, before anything changes; returns the blocks its admissions take.
+    """Reject a plan an engine cannot execute, before anything changes; returns the blocks it takes (admissions
+    plus decodes' ``blocks_to_step``).
 
     ``states``: the requests the policy was shown, by id; a state holding no blocks (``blocks_held == 0``) is
     waiting, one holding blocks is running (a running request always holds at least one). ``RuntimeError`` for a
-    preemption, a request scheduled twice, a prefill chunk for a request not in prefill, a decode for one not
-    decoding, or admissions needing more than ``free_blocks``."""
-    if plan.preempt:  # refused until "KV memory on demand" (allocation per token, preemption by recompute)
-        raise RuntimeError(f"{policy_name} asked to preempt {plan.preempt}; this engine reserves all blocks at "
-                           "admission and never preempts")
-    ids = [request_id for request_id, _ in plan.prefill_chunks] + list(plan.decodes)
+    request scheduled twice (or both scheduled and preempted), a preemption of a request that is not running or
+    not preemptible, a prefill chunk for a request not in prefill, a decode for one not decoding, or blocks taken
+    beyond ``free_blocks`` plus those the preemptions free."""
+    ids = [request_id for request_id, _ in plan.prefill_chunks] + list(plan.decodes) + list(plan.preempt)
     if len(set(ids)) != len(ids):
-        raise RuntimeError(f"{policy_name} scheduled a request twice in one iteration: {ids}")
-    admit_blocks = 0
+        raise RuntimeError(f"{policy_name} scheduled or preempted a request twice in one iteration: {ids}")
+    freed = 0
+    for request_id in plan.preempt:
+        state = states.get(request_id)
+        if state is None or state.blocks_held == 0 or not state.preemptible:
+            raise RuntimeError(f"{policy_name} preempted {request_id}, which is not a preemptible running request")
+        freed += state.blocks_held
+    taken = 0
     for request_id, _ in plan.prefill_chunks:
         state = states.get(request_id)
         if state is not None and state.blocks_held == 0:
-            admit_blocks += state.blocks_to_admit
-        elif state is None or state.num_computed >= state.prompt_len:
+            taken += state.blocks_to_admit
+        elif state is None or not state.in_prefill:
             raise RuntimeError(f"{policy_name} scheduled a prefill chunk for {request_id}, which is not in prefill")
     for request_id in plan.decodes:
         state = states.get(request_id)
-        if state is None or state.blocks_held == 0 or state.num_computed < state.prompt_len:
+        if state is None or state.blocks_held == 0 or state.in_prefill:
             raise RuntimeError(f"{policy_name} scheduled a decode for {request_id}, which is not decoding")
-    if admit_blocks > free_blocks:
-        raise RuntimeError(f"{policy_name} admitted requests needing {admit_blocks} blocks with {free_blocks} free")
-    return admit_blocks
+        taken += state.blocks_to_step
+    if taken > free_blocks + freed:
+        raise RuntimeError(f"{policy_name} planned iterations taking {taken} blocks with {free_blocks} free "
+                           f"and {freed} preempted")
+    return taken
 
 
 class Scheduler:
     """Request tables, block accounting, plan admission and stop rules of one engine (module docstring).
 
     ``blocks``: the KV pool's allocator; ``vocab_size``, ``max_model_len`` (tokens) and ``eos_token_ids`` come
-    from the executor's model. ``clock``: seconds since the epoch (arrival and token times)."""
+    from the executor's model. ``watermark``: fraction of the pool admission leaves free while sequences run
+    (``kv_rules``). ``clock``: seconds since the epoch (arrival and token times). ``num_preemptions`` and
+    ``num_recomputed_tokens`` count preemptions and the computed positions they dropped since start."""
 
     def __init__(self, policy: BatchPolicy, blocks: Blocks[list[int]], *, block_size: int, vocab_size: int,
-                 max_model_len: int, eos_token_ids: set[int], clock: Callable[[], float] = time.time) -> None:
+                 max_model_len: int, eos_token_ids: set[int], clock: Callable[[], float] = time.time,
+                 watermark: float = kv_rules.DEFAULT_WATERMARK_FRACTION) -> None:
         self.policy = policy
         self.blocks = blocks
         self.block_size = block_size
         self.num_blocks = blocks.num_blocks
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
+        self.watermark_blocks = kv_rules.watermark_blocks(watermark, blocks.num_blocks)
         self.eos_token_ids = eos_token_ids
         self.clock = clock
+        self.num_preemptions = 0
+        self.num_recomputed_tokens = 0
         self.waiting: dict[str, Sequence] = {}
         self.running: dict[str, Sequence] = {}
         self.prefilled: dict[str, Sequence] = {}
@@ -109,12 +128,9 @@ class Scheduler:
     def add_request(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams, *,
                     arrival_time: float | None = None, slo: SLO | None = None, prefill_only: bool = False) -> None:
         """Queue a request (waiting). ``ValueError`` for a bad request (empty prompt, duplicate id, unknown token
-        ids, too long, or needing more blocks than the pool)."""
+        ids, too long, or a prompt larger than the KV pool)."""
         self.check_new_id(request_id)
         self.check_request(prompt_token_ids, sampling)
-        needed = blocks_to_reserve(len(prompt_token_ids), sampling.max_tokens, self.block_size, prefill_only)
-        if needed > self.num_blocks:
-            raise ValueError(f"request {request_id} needs {needed} KV blocks, the pool has {self.num_blocks}")
         self.waiting[request_id] = Sequence(
             request_id=request_id, prompt_token_ids=list(prompt_token_ids), sampling=sampling,
             arrival_time=self.clock() if arrival_time is None else arrival_time, slo=slo or SLO(),
@@ -122,16 +138,18 @@ class Scheduler:
         )
 
     def reserve(self, request_id: str, num_blocks: int) -> bool:
-        """Hold ``num_blocks`` blocks for a request whose KV arrives by ``add_prefilled``. False (holding nothing)
-        when fewer are free; repeating an identical reservation returns True; a non-positive count or an id
-        otherwise in use raises ``ValueError``. Takes ``blocks_lock``."""
+        """Hold ``num_blocks`` blocks (the handed-off prompt's) for a request whose KV arrives by
+        ``add_prefilled``. False (holding nothing) when that would leave less than the admission watermark free;
+        repeating an identical reservation returns True; a non-positive count or an id otherwise in use raises
+        ``ValueError``. Takes ``blocks_lock``."""
         if num_blocks <= 0:
             raise ValueError(f"reserve needs a positive number of blocks, got {num_blocks}")
         with self.blocks_lock:
             if len(self.reservations.get(request_id, ())) == num_blocks:
                 return True
             self.check_new_id(request_id)
-            if num_blocks > self.blocks.num_free:
+            if num_blocks + kv_rules.admission_watermark(self.watermark_blocks, len(self.running)) > \
+                    self.blocks.num_free:
                 return False
             self.reservations[request_id] = self.blocks.allocate(num_blocks)
             return True
@@ -144,7 +162,8 @@ class Scheduler:
         handed off, with ``[first_token_id]`` as its output so far. ``write_kv`` gets the prompt's blocks to fill
         before the request runs (None: the KV is already there). ``KeyError`` without a reservation;
         ``ValueError`` (reservation kept, nothing written) for mismatched sizes, a too small reservation, or a
-        first token that already finishes the request."""
+        first token that already finishes the request. Reserved blocks beyond the prompt's stay in the table, for
+        its growth."""
         if request_id not in self.reservations:
             raise KeyError(f"no KV reservation for request {request_id}")
         blocks = self.reservations[request_id]
@@ -152,7 +171,7 @@ class Scheduler:
         self.check_vocabulary([first_token_id])
         if num_tokens != len(prompt_token_ids):
             raise ValueError(f"handoff of {num_tokens} positions for a prompt of {len(prompt_token_ids)} tokens")
-        needed = blocks_to_reserve(num_tokens, sampling.max_tokens, self.block_size)
+        needed = blocks_for(num_tokens, self.block_size)
         if len(blocks) < needed:
             raise ValueError(f"request {request_id} reserved {len(blocks)} blocks, it needs {needed}")
         now = self.clock()
@@ -162,7 +181,7 @@ class Scheduler:
             num_computed=num_tokens, status=SequenceStatus.RUNNING,
         )
         token_time = now if first_token_time is None else first_token_time
-        if sequence.append_token(first_token_id, token_time, self.eos_token_ids, self.max_model_len) is not None:
+        if sequence.append_token(first_token_id, token_time, self.eos_token_ids, self.max_positions) is not None:
             raise ValueError(f"request {request_id} already finished with its first token")
         if write_kv is not None:
             write_kv(blocks[: blocks_for(num_tokens, self.block_size)])
@@ -236,28 +255,41 @@ class Scheduler:
         """True while ``request_id`` waits or runs."""
         return request_id in self.waiting or request_id in self.running
 
+    @property
+    def max_positions(self) -> int:
+        """The most positions a sequence may reach here (``kv_rules.max_positions``)."""
+        return kv_rules.max_positions(self.max_model_len, self.num_blocks, self.block_size)
+
     def plan_iteration(self, now: float) -> PlannedIteration:
-        """Ask the policy for a plan, check it (``check_plan``) and admit its new requests (blocks taken)."""
+        """Ask the policy for a plan, check it (``check_plan``), apply its preemptions (at ``now``), admit its new
+        requests and take the blocks its decodes grow into."""
         block_size = self.block_size
         states = {request_id: sequence.to_state(block_size)
                   for table in (self.waiting, self.running) for request_id, sequence in table.items()}
         waiting = [states[request_id] for request_id in self.waiting]
         running = [states[request_id] for request_id in self.running]
-        kv = KVState(free_blocks=self.blocks.num_free, total_blocks=self.num_blocks, block_size=block_size)
+        kv = kv_rules.kv_state(self.blocks.num_free, self.num_blocks, block_size, self.watermark_blocks,
+                               len(running))
         plan = self.policy.schedule(waiting, running, kv, now)
         check_plan(plan, states, kv.free_blocks, type(self.policy).__name__)
+        for request_id in plan.preempt:
+            self._preempt(request_id, now)
         scheduled: list[tuple[Sequence, ForwardItem]] = []
         admitted: list[str] = []
         for request_id, num_tokens in plan.prefill_chunks:
             sequence = self.running.get(request_id)
             if sequence is None:
                 sequence = self._admit(request_id)
-                admitted.append(request_id)
+                if not sequence.preempted_times:
+                    admitted.append(request_id)
             chunk, start = sequence.next_chunk(num_tokens)
-            last = start + num_tokens == sequence.prompt_len
+            last = start + num_tokens == sequence.prefill_len
             scheduled.append((sequence, ForwardItem(chunk, start, sequence.block_table, needs_logits=last)))
         for request_id in plan.decodes:
             sequence = self.running[request_id]
+            step_blocks = sequence.blocks_to_step(block_size)
+            if step_blocks:
+                sequence.block_table.extend(self.blocks.allocate(step_blocks))
             token, position = sequence.decode_input()
             scheduled.append((sequence, ForwardItem(token, position, sequence.block_table, needs_logits=True)))
         return PlannedIteration(plan, scheduled, admitted)
@@ -277,7 +309,7 @@ class Scheduler:
         """Apply one sampled token per sequence at ``now``: stop rules (``Sequence.append_token``), finished
         requests freed, prefill-only ones moved to prefilled; fills ``output``. Caller holds ``blocks_lock``."""
         for sequence, token_id in zip(sequences, token_ids):
-            reason = sequence.append_token(token_id, now, self.eos_token_ids, self.max_model_len)
+            reason = sequence.append_token(token_id, now, self.eos_token_ids, self.max_positions)
             index = len(sequence.output_token_ids) - 1
             output.tokens.append(SampledToken(sequence.request_id, token_id, index, reason, now))
             if reason is not None:
@@ -294,7 +326,8 @@ class Scheduler:
         return WorkerLoad(
             free_blocks=self.blocks.num_free, total_blocks=self.num_blocks, num_waiting=len(self.waiting),
             num_running=len(self.running),
-            waiting_prompt_tokens=sum(sequence.prompt_len for sequence in self.waiting.values()),
+            waiting_prompt_tokens=sum(sequence.prefill_len for sequence in self.waiting.values()),
+            preemptions=self.num_preemptions, recomputed_tokens=self.num_recomputed_tokens,
         )
 
     # ------------------------------------------------------------------ checks and internals
@@ -311,6 +344,9 @@ class Scheduler:
         if len(prompt_token_ids) + sampling.max_tokens > self.max_model_len:
             raise ValueError(f"prompt of {len(prompt_token_ids)} tokens + max_tokens {sampling.max_tokens} "
                              f"exceeds max_model_len {self.max_model_len}")
+        if len(prompt_token_ids) > self.max_positions:
+            raise ValueError(f"prompt of {len(prompt_token_ids)} tokens is larger than the KV pool "
+                             f"({self.num_blocks} blocks of {self.block_size} tokens)")
 
     def check_vocabulary(self, token_ids: list[int]) -> None:
         bad = [t for t in token_ids if not isinstance(t, int) or not 0 <= t < self.vocab_size]
@@ -323,6 +359,18 @@ class Scheduler:
         sequence.status = SequenceStatus.RUNNING
         self.running[request_id] = sequence
         return sequence
+
+    def _preempt(self, request_id: str, now: float) -> None:
+        """Free a running request's blocks and queue it again, in arrival order, to recompute (``Sequence.preempt``).
+        """
+        sequence = self.running.pop(request_id)
+        self.num_preemptions += 1
+        self.num_recomputed_tokens += sequence.num_computed
+        self.blocks.free(sequence.block_table)
+        sequence.preempt(now)
+        self.waiting[request_id] = sequence
+        if len(self.waiting) > 1:
+            self.waiting = dict(sorted(self.waiting.items(), key=lambda item: item[1].arrival_time))
 
     def _free(self, sequence: Sequence) -> None:
         self.blocks.free(sequence.block_table)

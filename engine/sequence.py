@@ -1,12 +1,15 @@
 """One request inside an engine: its tokens, KV blocks, progress and stop conditions.
 
 Token positions: the prompt occupies positions ``0 .. prompt_len - 1``, output token ``k`` position
-``prompt_len + k``. ``num_computed`` positions (a prefix) have KV in the pool. While ``num_computed < prompt_len``
+``prompt_len + k``. ``num_computed`` positions (a prefix) have KV in the pool. While ``num_computed < prefill_len``
 the sequence is in prefill; afterwards each iteration computes the KV of the newest token (position
 ``num_computed``, which is then ``num_tokens - 1``) and samples the next.
 
-Reservation rule: a sequence's blocks are taken once, at admission, and cover every position it can ever need
-(``blocks_to_reserve``), so a running sequence never asks for another block and no one is ever preempted.
+KV on demand (``engine.kv_rules``): admission takes the blocks of the ``prefill_len`` positions, each decode a
+block when its position starts one. Preemption by recompute (``preempt``) drops every block and keeps every token:
+the sequence waits again with ``recompute_tokens = len(output_token_ids)``, so ``prefill_len`` covers the prompt and
+all its outputs; the prefill that recomputes them samples the next output token (index ``len(output_token_ids)``),
+so the stream to the client continues without a lost or repeated token.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from diptych.cluster.blocks import blocks_for
+from diptych.engine import kv_rules
 from diptych.policies.batch import SequenceState
 from diptych.proto.messages import SLO, SamplingParams
 
@@ -33,13 +36,8 @@ class SequenceStatus(enum.Enum):
 FINISH_STOP = "stop"
 """EOS or a stop token id."""
 FINISH_LENGTH = "length"
-"""``max_tokens`` generated or ``max_model_len`` reached."""
-
-
-def blocks_to_reserve(prompt_len: int, max_tokens: int, block_size: int, prefill_only: bool = False) -> int:
-    """Blocks a request takes at admission (the reservation rule): ``blocks_for(prompt_len + max_tokens)``, or
-    only ``blocks_for(prompt_len)`` for a prefill-only request (its decode runs elsewhere)."""
-    return blocks_for(prompt_len if prefill_only else prompt_len + max_tokens, block_size)
+"""``max_tokens`` (or ``stop_after_tokens``) generated, or the most positions the engine allows
+(``kv_rules.max_positions``: the context length, or the whole KV pool) reached."""
 
 
 @dataclass
@@ -58,6 +56,11 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None
     last_token_time: float | None = None
+    recompute_tokens: int = 0
+    """Output tokens whose KV is being recomputed after a preemption (0 otherwise); reset when the next token is
+    sampled."""
+    preempted_times: list[float] = field(default_factory=list)
+    """When this sequence was preempted (seconds since the epoch), in order."""
 
     @property
     def prompt_len(self) -> int:
@@ -69,21 +72,46 @@ class Sequence:
         return self.prompt_len + len(self.output_token_ids)
 
     @property
+    def prefill_len(self) -> int:
+        """Positions computed before the next token is sampled: the prompt, plus outputs being recomputed."""
+        return len(self.prompt_token_ids) + self.recompute_tokens
+
+    @property
     def in_prefill(self) -> bool:
-        return self.num_computed < self.prompt_len
+        return self.num_computed < self.prefill_len
 
     def blocks_to_admit(self, block_size: int) -> int:
-        return blocks_to_reserve(self.prompt_len, self.sampling.max_tokens, block_size, self.prefill_only)
+        return kv_rules.blocks_to_admit(self.prefill_len, block_size)
+
+    def blocks_to_step(self, block_size: int) -> int:
+        """Blocks the next decode takes (0 or 1); 0 while in prefill (admission took the prefill's blocks)."""
+        if self.in_prefill:
+            return 0
+        return kv_rules.blocks_to_step(self.num_computed, len(self.block_table), block_size)
 
     def next_chunk(self, num_tokens: int) -> tuple[list[int], int]:
-        """The next ``num_tokens`` prompt tokens to prefill and the position of the first."""
+        """The next ``num_tokens`` tokens to prefill (prompt, then outputs being recomputed) and the position of
+        the first."""
         start = self.num_computed
-        if num_tokens <= 0 or start + num_tokens > self.prompt_len:
+        if num_tokens <= 0 or start + num_tokens > self.prefill_len:
             raise ValueError(
                 f"request {self.request_id}: prefill chunk of {num_tokens} tokens at {start} "
-                f"exceeds its prompt of {self.prompt_len}"
+                f"exceeds its prefill of {self.prefill_len}"
             )
-        return self.prompt_token_ids[start : start + num_tokens], start
+        prompt_len = len(self.prompt_token_ids)
+        end = start + num_tokens
+        if end <= prompt_len:
+            return self.prompt_token_ids[start:end], start
+        tokens = self.prompt_token_ids + self.output_token_ids[: end - prompt_len]
+        return tokens[start:end], start
+
+    def preempt(self, now: float) -> None:
+        """Drop the KV (the caller frees ``block_table``) and wait to recompute prompt and outputs."""
+        self.recompute_tokens = len(self.output_token_ids)
+        self.num_computed = 0
+        self.block_table = []
+        self.status = SequenceStatus.WAITING
+        self.preempted_times.append(now)
 
     def decode_input(self) -> tuple[list[int], int]:
         """The newest token (whose KV is not computed yet) and its position."""
@@ -93,32 +121,38 @@ class Sequence:
             raise ValueError(f"request {self.request_id} is not ready to decode")
         return [self.output_token_ids[-1]], self.num_computed
 
-    def append_token(self, token_id: int, now: float, eos_token_ids: set[int], max_model_len: int) -> str | None:
-        """Record sampled output token; returns (and stores) the finish reason, or None if it keeps going."""
+    def append_token(self, token_id: int, now: float, eos_token_ids: set[int], max_positions: int) -> str | None:
+        """Record sampled output token; returns (and stores) the finish reason, or None if it keeps going.
+        ``max_positions``: the most positions the sequence may reach (``kv_rules.max_positions``)."""
         self.output_token_ids.append(token_id)
         self.last_token_time = now
-        self.finish_reason = self._stop_reason(token_id, eos_token_ids, max_model_len)
+        self.recompute_tokens = 0
+        self.finish_reason = self._stop_reason(token_id, eos_token_ids, max_positions)
         return self.finish_reason
 
-    def _stop_reason(self, token_id: int, eos_token_ids: set[int], max_model_len: int) -> str | None:
-        if not self.sampling.ignore_eos and token_id in eos_token_ids:
+    def _stop_reason(self, token_id: int, eos_token_ids: set[int], max_positions: int) -> str | None:
+        sampling = self.sampling
+        if not sampling.ignore_eos and token_id in eos_token_ids:
             return FINISH_STOP
-        if token_id in self.sampling.stop_token_ids:
+        if token_id in sampling.stop_token_ids:
             return FINISH_STOP
         num_output = len(self.output_token_ids)
-        if num_output >= self.sampling.max_tokens or len(self.prompt_token_ids) + num_output >= max_model_len:
+        limit = sampling.max_tokens if sampling.stop_after_tokens is None else min(sampling.max_tokens,
+                                                                                   sampling.stop_after_tokens)
+        if num_output >= limit or len(self.prompt_token_ids) + num_output >= max_positions:
             return FINISH_LENGTH
         return None
 
     def to_state(self, block_size: int) -> SequenceState:
-        """What the batch policy sees. Under the reservation rule a running sequence needs no more blocks
-        (``blocks_to_step == 0``)."""
-        prompt_len = len(self.prompt_token_ids)
+        """What the batch policy sees: the blocks admission takes (waiting), the blocks the next decode takes
+        (running), and whether it may be preempted (not a prefill-only prompt, whose KV may be streaming out)."""
         slo = self.slo
+        waiting = self.status is SequenceStatus.WAITING
         return SequenceState(
-            request_id=self.request_id, arrival_time=self.arrival_time, prompt_len=prompt_len,
-            num_computed=min(self.num_computed, prompt_len), num_output=len(self.output_token_ids),
-            blocks_to_admit=self.blocks_to_admit(block_size) if self.status is SequenceStatus.WAITING else 0,
-            blocks_to_step=0, blocks_held=len(self.block_table), last_token_time=self.last_token_time,
-            tbt_slo_s=slo.tbt_s, ttft_slo_s=slo.ttft_s, tier=slo.tier,
+            request_id=self.request_id, arrival_time=self.arrival_time, prompt_len=len(self.prompt_token_ids),
+            num_computed=min(self.num_computed, self.prefill_len), num_output=len(self.output_token_ids),
+            blocks_to_admit=self.blocks_to_admit(block_size) if waiting else 0,
+            blocks_to_step=0 if waiting else self.blocks_to_step(block_size), blocks_held=len(self.block_table),
+            last_token_time=self.last_token_time, tbt_slo_s=slo.tbt_s, ttft_slo_s=slo.ttft_s, tier=slo.tier,
+            recompute_tokens=self.recompute_tokens, preemptible=not self.prefill_only,
         )

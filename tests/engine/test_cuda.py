@@ -34,7 +34,7 @@ def test_handoff_from_cuda_prefill_to_cpu_decode(tiny_llama, make_engine, random
             prompt = prompts[int(request_id[1:])]
             frames = prefill.export_kv(request_id)
             prefill.release(request_id)
-            assert decode.reserve(request_id, decode.blocks_needed(len(prompt), GREEDY.max_tokens))
+            assert decode.reserve(request_id, decode.blocks_needed(len(prompt)))
             decode.add_prefilled(request_id, prompt, first[request_id], GREEDY, frames, len(prompt))
             outputs[request_id] = [first[request_id]]
     while decode.has_work():

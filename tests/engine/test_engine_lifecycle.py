@@ -21,11 +21,12 @@ def test_add_request_validation(tiny_llama, make_engine):
         engine.add_request("c", [1, 259], GREEDY)
     with pytest.raises(ValueError, match="max_model_len"):
         engine.add_request("d", [1] * 500, SamplingParams(max_tokens=13))
-    with pytest.raises(ValueError, match="blocks"):
-        engine.add_request("e", [1] * 100, SamplingParams(max_tokens=40))  # 18 blocks > pool of 16
+    with pytest.raises(ValueError, match="larger than the KV pool"):
+        engine.add_request("e", [1] * 129, SamplingParams(max_tokens=1))  # 17 blocks > pool of 16
+    engine.add_request("g", [1] * 100, SamplingParams(max_tokens=40))  # 18 blocks at most: grows on demand
     with pytest.raises(ValueError, match="top_p"):
         engine.add_request("f", [1], SamplingParams(top_p=0.0))
-    assert engine.load().num_waiting == 1 and engine.load().waiting_prompt_tokens == 3
+    assert engine.load().num_waiting == 2 and engine.load().waiting_prompt_tokens == 103
 
 
 def test_blocks_return_after_finished_and_aborted_requests(tiny_llama, make_engine, random_prompts):
@@ -78,11 +79,11 @@ def test_add_prefilled_needs_a_matching_reservation(tiny_llama, make_engine, ran
     assert len(frames) == 3  # 20 prompt positions in blocks of 8
     with pytest.raises(KeyError):
         decode.add_prefilled("r", prompt, first[0].token_id, GREEDY, frames, len(prompt))
-    assert decode.reserve("r", decode.blocks_needed(len(prompt), GREEDY.max_tokens) - 1)
+    assert decode.reserve("r", decode.blocks_needed(len(prompt)) - 1)
     with pytest.raises(ValueError, match="needs"):
         decode.add_prefilled("r", prompt, first[0].token_id, GREEDY, frames, len(prompt))
     decode.abort("r")
-    assert decode.reserve("r", decode.blocks_needed(len(prompt), GREEDY.max_tokens))
+    assert decode.reserve("r", decode.blocks_needed(len(prompt)))
     with pytest.raises(ValueError, match="frames"):
         decode.add_prefilled("r", prompt, first[0].token_id, GREEDY, frames[:2], len(prompt))
     decode.add_prefilled("r", prompt, first[0].token_id, GREEDY, frames, len(prompt))

@@ -59,7 +59,7 @@ def test_prefill_handoff_to_another_engine_matches_hf_generate(tiny_llama, make_
                 prompt = prompts[int(request_id[1:])]
                 frames = over_the_wire(prefill, request_id, prompt, first_tokens[request_id].token_id)
                 assert prefill.release(request_id)
-                assert decode.reserve(request_id, decode.blocks_needed(len(prompt), GREEDY.max_tokens))
+                assert decode.reserve(request_id, decode.blocks_needed(len(prompt)))
                 first = first_tokens[request_id]
                 assert first.index == 0
                 decode.add_prefilled(request_id, prompt, first.token_id, GREEDY, frames, len(prompt),

@@ -63,7 +63,7 @@ def test_add_prefilled_without_frames_uses_kv_already_in_place(tiny_llama, make_
     first = None
     while prefill.has_work():
         first = next((t.token_id for t in prefill.step().tokens), first)
-    assert decode.reserve("r", decode.blocks_needed(len(prompt), GREEDY.max_tokens))
+    assert decode.reserve("r", decode.blocks_needed(len(prompt)))
     blocks = decode.reserved_blocks("r")
     decode.kv.import_blocks(blocks[:4], prefill.export_kv("r"))  # what a GPU-to-GPU push does
     prefill.release("r")

@@ -50,14 +50,14 @@ class FixedPlan(BatchPolicy):
         return self.plan
 
 
-def test_plan_admits_takes_reserved_blocks_and_every_block_returns() -> None:
+def test_plan_admits_takes_prompt_blocks_and_every_block_returns() -> None:
     s = scheduler()
     s.add_request("a", [1] * 6, SamplingParams(max_tokens=3))
     s.add_request("b", [2] * 9, SamplingParams(max_tokens=2))
     first = step(s)
     assert first.admitted == ["a", "b"]
-    assert [len(s.running[r].block_table) for r in ("a", "b")] == [3, 3]  # ceil(9/4), ceil(11/4)
-    assert s.blocks.num_free == POOL - 6
+    assert [len(s.running[r].block_table) for r in ("a", "b")] == [2, 3]  # ceil(6/4), ceil(9/4): prompts only
+    assert s.blocks.num_free == POOL - 5
     outputs = [first, *run_to_end(s)]
     finished = [r for o in outputs for r in o.finished]
     assert sorted(finished) == ["a", "b"]
@@ -136,7 +136,7 @@ def test_reserve_runs_beside_an_iteration_under_the_lock() -> None:
     sequences = s.advance(planned)
     with s.blocks_lock:
         s.record_tokens(sequences, [7], 1.0, StepOutput())
-    assert s.blocks.num_free == POOL - 2 - 2
+    assert s.blocks.num_free == POOL - 2 - 1
 
 
 def test_bad_requests_are_refused() -> None:
@@ -153,22 +153,24 @@ def test_bad_requests_are_refused() -> None:
 
 
 @pytest.mark.parametrize("plan, message", [
-    (BatchPlan(preempt=["a"]), "preempt"),
+    (BatchPlan(preempt=["w"]), "not a preemptible running"),
+    (BatchPlan(preempt=["a"], decodes=["a"]), "twice"),
     (BatchPlan(prefill_chunks=[("w", 2), ("w", 2)]), "twice"),
     (BatchPlan(decodes=["w"]), "not decoding"),
     (BatchPlan(prefill_chunks=[("a", 1)]), "not in prefill"),
     (BatchPlan(prefill_chunks=[("w", 2), ("v", 2)]), "blocks with"),
+    (BatchPlan(prefill_chunks=[("w", 2)], decodes=["a"]), "blocks with"),
 ])
 def test_plans_the_engine_cannot_execute_are_refused_before_anything_changes(plan, message) -> None:
-    s = scheduler(FixedPlan(BatchPlan(prefill_chunks=[("a", 4)])), num_blocks=5)
+    s = scheduler(FixedPlan(BatchPlan(prefill_chunks=[("a", 4)])), num_blocks=3)
     s.add_request("a", [1] * 4, SamplingParams(max_tokens=4))
-    step(s)  # a holds 2 blocks and decodes
-    s.add_request("w", [1] * 4, SamplingParams(max_tokens=4))
-    s.add_request("v", [1] * 4, SamplingParams(max_tokens=4))
+    step(s)  # a holds 1 block; its first decode (position 4) needs a second
+    s.add_request("w", [1] * 8, SamplingParams(max_tokens=4))
+    s.add_request("v", [1] * 8, SamplingParams(max_tokens=4))
     s.policy = FixedPlan(plan)
     with pytest.raises(RuntimeError, match=message):
         s.plan_iteration(2.0)
-    assert list(s.waiting) == ["w", "v"] and s.blocks.num_free == 3
+    assert list(s.waiting) == ["w", "v"] and s.blocks.num_free == 2
 
 
 def test_check_plan_reads_policy_states_and_block_counter() -> None:

@@ -40,7 +40,7 @@ def test_handoff_waits_for_the_modelled_transfer_and_keeps_accounting():
     assert out.prefilled == ["r"]
     frames = prefill.export_kv("r")
     prefill.release("r")
-    assert decode.reserve("r", decode.blocks_needed(100, 5))
+    assert decode.reserve("r", decode.blocks_needed(100))
     sent = time.time()
     decode.add_prefilled("r", [3] * 100, out.tokens[0].token_id, SamplingParams(max_tokens=5), frames, 100)
     assert decode.has_work()
