@@ -33,12 +33,12 @@ _DEVICE_PATTERN = re.compile(r"^(cpu|cuda|cuda:\d+)$")
 class EngineConfig:
     """How to build an ``Engine``. Every field is validated on construction (``ValueError`` with the reason).
 
-    ``model`` is a Hugging Face hub id or a local directory; None selects the built-in tiny random Llama (built
-    once into the local cache). ``kv_watermark``: fraction of the pool that admitting new sequences leaves free
-    while sequences run, for them to grow into (``engine.kv_rules``). Pool size: ``num_blocks`` if set, else
-    ``kv_memory_gb`` GiB if set, else on CUDA what is left of this worker's ``gpu_memory_utilization`` of the GPU once the weights are loaded, less
-    ``ACTIVATION_RESERVE`` (``kv_pool_bytes``), and on CPU ``CPU_KV_MEMORY_GB``. ``max_model_len`` None takes the
-    model config's ``max_position_embeddings``.
+    ``model`` is a Hugging Face hub id or a local directory; None selects the built-in tiny random Llama (built once
+    into the local cache). ``kv_watermark``: fraction of the pool that admitting new sequences leaves free while
+    sequences run, for them to grow into (``engine.kv_rules``). Pool size: ``num_blocks`` if set, else
+    ``kv_memory_gb`` GiB if set, else on CUDA what is left of this worker's ``gpu_memory_utilization`` of the GPU
+    once the weights are loaded, less ``ACTIVATION_RESERVE`` (``kv_pool_bytes``), and on CPU ``CPU_KV_MEMORY_GB``.
+    ``max_model_len`` None takes the model config's ``max_position_embeddings``.
     """
 
     model: str | None = None
