@@ -1,8 +1,10 @@
 """The OpenAI-compatible HTTP API: ``POST /v1/completions``, ``POST /v1/chat/completions`` (both with
 ``stream: true`` as server-sent events), ``GET /v1/models``; and ``GET /health`` (200 when the coordinator answers
 and has at least one prefill and one decode worker, else 503; the body has the worker counts either way) and
-``GET /admin/status`` (the coordinator's ``ClusterStatus`` as JSON, plus this frontend's running requests; operator
-only: an admin key, or no keys configured at all, see ``identity.AdminAccess``) and ``GET /metrics`` (Prometheus,
+``GET /admin/status`` (the coordinator's ``ClusterStatus`` as JSON, each worker's entry as
+``services.coordinator.status`` builds it: KV accounting, preemptions, recomputed tokens, refused reservations; plus
+this frontend's running requests; operator only: an admin key, or no keys configured at all, see
+``identity.AdminAccess``) and ``GET /metrics`` (Prometheus,
 ``services.frontend.metrics``; operator only likewise); ``GET /v1/usage`` (the calling
 client's own service: requests, input and output tokens).
 

@@ -186,12 +186,17 @@ def _worker_families(workers: dict[str, Any]) -> Iterator[Metric]:
                               labels=labels)
     free = GaugeMetricFamily("diptych_kv_cache_free_blocks", "Free KV blocks of the worker", labels=labels)
     total = GaugeMetricFamily("diptych_kv_cache_total_blocks", "KV blocks of the worker's pool", labels=labels)
-    reserved = GaugeMetricFamily("diptych_kv_cache_reserved_blocks", "KV blocks the coordinator has reserved on the "
-                                 "worker", labels=labels)
+    reserved = GaugeMetricFamily("diptych_kv_cache_reserved_blocks", "KV blocks the coordinator has accounted to "
+                                 "the requests placed on the worker (their expected footprints)", labels=labels)
     held = GaugeMetricFamily("diptych_worker_requests", "Requests the coordinator has placed on the worker",
                              labels=labels)
-    preemptions = CounterMetricFamily("diptych_num_preemptions", "Sequences the worker preempted since it started",
-                                      labels=labels)
+    preemptions = CounterMetricFamily("diptych_num_preemptions", "Sequences the worker preempted (by recompute) "
+                                      "since it started", labels=labels)
+    recomputed = CounterMetricFamily("diptych_recomputed_tokens", "Positions whose KV the worker dropped on "
+                                     "preemption and computes again, since it started", labels=labels)
+    refused = CounterMetricFamily("diptych_kv_reservations_refused", "Handoff reservations the worker refused for "
+                                  "lack of free KV blocks (the coordinator retries each), since it registered",
+                                  labels=labels)
     path_labels = ["worker", "path"]
     handoffs = CounterMetricFamily("diptych_kv_handoffs", "KV handoffs the worker made, per transfer path",
                                    labels=path_labels)
@@ -208,11 +213,14 @@ def _worker_families(workers: dict[str, Any]) -> Iterator[Metric]:
         reserved.add_metric(values, w.get("reserved_blocks", 0))
         held.add_metric(values, w.get("requests", 0))
         preemptions.add_metric(values, w.get("preemptions", 0))
+        recomputed.add_metric(values, w.get("recomputed_tokens", 0))
+        refused.add_metric(values, w.get("refused_reservations", 0))
         for path, counts in sorted((w.get("kv_handoffs") or {}).items()):
             handoffs.add_metric([worker_id, path], counts.get("requests", 0))
             handoff_bytes.add_metric([worker_id, path], counts.get("bytes", 0))
             handoff_seconds.add_metric([worker_id, path], counts.get("seconds", 0.0))
-    yield from (usage, free, total, reserved, held, preemptions, handoffs, handoff_bytes, handoff_seconds)
+    yield from (usage, free, total, reserved, held, preemptions, recomputed, refused, handoffs, handoff_bytes,
+                handoff_seconds)
 
 
 def _client_families(clients: dict[str, Any], admission: dict[str, Any]) -> Iterator[Metric]:

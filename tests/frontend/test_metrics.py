@@ -93,7 +93,8 @@ def test_metrics_follow_a_small_load(cluster: Cluster):
     assert first.status_code == 200 and first.headers["content-type"].startswith("text/plain")
     families, before = parse(first.text)
     assert {"diptych_coordinator_up", "diptych_kv_cache_usage_perc", "diptych_num_requests_running",
-            "diptych_num_requests_waiting", "diptych_num_preemptions", "diptych_kv_cache_free_blocks"} <= families
+            "diptych_num_requests_waiting", "diptych_num_preemptions", "diptych_recomputed_tokens",
+            "diptych_kv_reservations_refused", "diptych_kv_cache_free_blocks"} <= families
     assert total(before, "diptych_coordinator_up") == 1
     assert len([k for k in before if k[0] == "diptych_kv_cache_usage_perc"]) == 2  # one per worker
 
@@ -172,14 +173,16 @@ def test_metrics_follow_a_small_load(cluster: Cluster):
     assert total(after, "diptych_kv_handoffs_total") == len(done)  # every request decoded after its first token
     assert total(after, "diptych_kv_handoff_bytes_total") > total(before, "diptych_kv_handoff_bytes_total")
     assert total(after, "diptych_kv_handoff_seconds_total") > 0
-    assert total(after, "diptych_num_preemptions_total") == 0  # no preemption until KV memory on demand
+    # a few short requests in a 256-block pool: KV never runs short, so nothing is preempted, recomputed or refused
+    assert total(after, "diptych_num_preemptions_total") == 0 and total(after, "diptych_recomputed_tokens_total") == 0
+    assert total(after, "diptych_kv_reservations_refused_total") == 0
     assert "diptych_pool_moves" in parse(scrape(url).text)[0]
 
 
 def fake_status(moves: list[dict[str, Any]], waiting: int = 0) -> proto.ClusterStatus:
     worker = {"role": "flex", "pool": "decode", "total_blocks": 100, "free_blocks": 25, "reserved_blocks": 10,
-              "requests": 3, "preemptions": 2, "kv_handoffs": {"zmq_frames": {"requests": 4, "bytes": 4096,
-                                                                               "seconds": 0.5}}}
+              "requests": 3, "preemptions": 2, "recomputed_tokens": 96, "refused_reservations": 1,
+              "kv_handoffs": {"zmq_frames": {"requests": 4, "bytes": 4096, "seconds": 0.5}}}
     return proto.ClusterStatus(prefill_workers=1, decode_workers=1, waiting=waiting, in_flight=3,
                                workers={"flex-0": worker}, pools={"policy": "rad", "moves": moves},
                                clients={"alice": {"requests": 2, "input_tokens": 10, "output_tokens": 5,
@@ -204,7 +207,9 @@ def test_status_is_cached_for_at_most_a_second_and_moves_are_counted_once():
     first = render()
     assert len(queries) == 1 and total(first, "diptych_num_requests_waiting") == 1
     assert total(first, "diptych_kv_cache_usage_perc", worker="flex-0", pool="decode") == pytest.approx(0.75)
-    assert total(first, "diptych_num_preemptions_total") == 2
+    assert total(first, "diptych_num_preemptions_total", worker="flex-0", pool="decode") == 2
+    assert total(first, "diptych_recomputed_tokens_total", worker="flex-0", pool="decode") == 96
+    assert total(first, "diptych_kv_reservations_refused_total", worker="flex-0") == 1
     assert total(first, "diptych_kv_handoff_bytes_total", path="zmq_frames") == 4096
     assert total(first, "diptych_client_vtc_counter", client="alice") == 7.5
     assert total(first, "diptych_pool_moves_total") == 0
