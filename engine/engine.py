@@ -236,7 +236,7 @@ class Engine:
             planned = scheduler.plan_iteration(start_time)
         plan = planned.plan
         if plan.is_empty():  # nothing runs (a plan may still have preempted a decode that did not fit)
-            return StepOutput(preempted=list(plan.preempt))
+            return StepOutput(preempted=list(plan.preempt), start_time=start_time)
         logits = self.runner.execute([item for _, item in planned.scheduled])
         sampling_sequences = scheduler.advance(planned)
         token_ids = self.sampler.sample(

@@ -30,6 +30,11 @@ def add_worker_arguments(parser: argparse.ArgumentParser, name: str) -> None:
                         help="fraction of the GPU this worker fills with weights, activations and the KV pool "
                              "[%(default)s]")
     parser.add_argument("--max-model-len", type=int, default=None, help="context length [model's]")
+    parser.add_argument("--kv-watermark", type=float, default=0.01, metavar="FRACTION",
+                        help="fraction of the KV pool that admitting new requests (and handoff reservations) leaves "
+                             "free while requests run, for them to grow into; KV is allocated as tokens are "
+                             "produced and a sequence that finds no block preempts another by recompute "
+                             "[%(default)s]")
     parser.add_argument("--policy", default="sarathi", choices=BATCH_POLICIES.names(),
                         help="batch composition policy [%(default)s]")
     parser.add_argument("--policy-opt", action="append", metavar="KEY=VALUE",
@@ -59,7 +64,7 @@ def build_engine(args: argparse.Namespace) -> WorkerEngine:
 
     config = EngineConfig(model=args.model, device=args.device, dtype=args.dtype, block_size=args.block_size,
                           num_blocks=args.num_blocks, kv_memory_gb=args.kv_memory_gb, max_model_len=args.max_model_len,
-                          gpu_memory_utilization=args.gpu_memory_utilization)
+                          gpu_memory_utilization=args.gpu_memory_utilization, kv_watermark=args.kv_watermark)
     policy = BATCH_POLICIES.create(args.policy, **parse_knobs(args.policy_opt))
     if args.engine == "sim":
         from diptych.engine.sim_engine import SimEngine, SimHandoff

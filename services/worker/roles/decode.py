@@ -85,9 +85,9 @@ class DecodeRole:
         ok = self.engine.reserve(msg.request_id, msg.num_blocks)  # safe during an iteration (Engine.reserve)
         if ok:
             self._pushers[msg.request_id] = msg.prefill_worker_id
-        if not ok:
-            log.warning("req=%s reservation of %d blocks refused (%d free)", msg.request_id, msg.num_blocks,
-                        self.engine.kv.allocator.num_free)
+        if not ok:  # the coordinator retries: the pool is full of growing sequences now
+            log.info("req=%s reservation of %d blocks refused (%d free)", msg.request_id, msg.num_blocks,
+                     self.engine.kv.allocator.num_free)
         block_ids = self.engine.reserved_blocks(msg.request_id) if ok and self._share else []
         await self.links.send_control(KVReserved(request_id=msg.request_id, worker_id=self.links.worker_id, ok=ok,
                                                  error="" if ok else "not enough free blocks", block_ids=block_ids))
@@ -211,6 +211,13 @@ class DecodeRole:
         return False
 
     async def after_step(self, output: StepOutput) -> None:
+        for rid in output.preempted:  # its next token tells the frontend (timeline phase "preempted")
+            job = self._decoding.get(rid)
+            if job is not None:
+                log.debug("req=%s preempted: its KV is recomputed", rid)
+                events = job.pending_events
+                events.setdefault("preempted", output.start_time)
+                events["preemptions"] = events.get("preemptions", 0) + 1
         streams: dict[tuple[str, str], list[TokenOutput]] = {}
         counts: dict[str, int] = {}
         finish_reasons: dict[str, str] = {}
