@@ -198,11 +198,11 @@ async def test_the_coordinator_and_the_simulator_take_the_same_decisions():
             assert from_services == from_simulator and services.accounted() == simulator.accounted()
             placements.append(from_services)
         assert placements[0] == {"a": ("w0", "w1", 19)}  # the engine reserves blocks_for(300, 16) for the prompt
-        assert services.accounted() == {"w0": 0, "w1": 32 + 7, "w2": 0, "w3": 50}  # footprints: prompt + outputs
+        assert services.accounted() == {"w0": 0, "w1": 32, "w2": 0, "w3": 7 + 50}  # footprints: prompt + outputs
         assert placements[3] == {}  # d waits: neither decode worker has room for its 44 blocks of footprint
         finished = await services.finish("a")
         assert finished == simulator.finish("a") and finished["d"][1:] == ("w1", 25)
-        assert services.accounted() == simulator.accounted() == {"w0": 0, "w1": 7 + 44, "w2": 0, "w3": 50}
+        assert services.accounted() == simulator.accounted() == {"w0": 0, "w1": 44, "w2": 0, "w3": 7 + 50}
         moved = await services.pool_tick()
         assert moved == simulator.pool_tick() == ["w1"]  # the decode worker with the fewest reserved blocks
         assert services.pools() == simulator.pools()  # w1 still drains: it holds d's reservation
