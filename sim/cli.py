@@ -1,9 +1,15 @@
-"""Command-line options for a simulated cluster (``diptych simulate``, experiments)."""
+"""Command-line options for a simulated cluster (``diptych simulate``, experiments).
+
+The cluster's options also tell the workload options what context the ``--max-tokens`` policy fills
+(``simulated_context``): a parser with both gets ``model_context_of`` as a default, which
+``workloads.catalog.workload_from_args`` calls.
+"""
 
 from __future__ import annotations
 
 import argparse
 
+from diptych.engine.kv_rules import max_positions
 from diptych.policies.admission import ADMISSION_POLICIES
 from diptych.policies.batch import BATCH_POLICIES
 from diptych.policies.pool import POOL_POLICIES
@@ -57,6 +63,20 @@ def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
                    help="colocated workers: leave KV admission to the batch policy instead of reserving at placement")
     g.add_argument("--exact", action="store_true",
                    help="call the batch policy before every iteration (no stretch fast-forward; slower)")
+    parser.set_defaults(model_context_of=context_from_args)
+
+
+def simulated_context(config: ClusterConfig) -> int:
+    """Tokens a simulated request may span, prompt plus output: one worker's KV pool (``kv_rules.max_positions``
+    with no model limit, since a cost model names no context length). What ``--max-tokens context`` fills and
+    a fixed cap is clipped to when ``--max-context`` is not given."""
+    blocks = config.blocks_per_worker()
+    return max_positions(blocks * config.block_size, blocks, config.block_size)
+
+
+def context_from_args(args: argparse.Namespace) -> int:
+    """``simulated_context`` of the cluster the parsed options describe (``ValueError`` if they are invalid)."""
+    return simulated_context(cluster_from_args(args))
 
 
 def _knobs(knobs: dict) -> str:

@@ -15,6 +15,11 @@ a seed). The workload name picks the lengths (and, for traces, the arrivals):
 ``max_context`` (tokens) clips every request to fit a server's context: output to at most half of it, then the
 prompt to the rest (``clip_to_context``), so a long-prompt workload runs against a small model.
 
+``max_tokens`` is the policy for what each request asks as ``max_tokens`` (``workloads.max_tokens``: ``oracle``, a
+fixed cap such as the default ``2048``, or ``context``), applied last to every workload kind, within
+``max_context`` if given, else within ``model_context`` (the served context, e.g. a simulated worker's KV pool) if
+given.
+
 Arrivals (``workloads.arrivals``) at ``qps`` requests/s for ``num_requests`` requests (or ``duration_s`` seconds);
 SLO tiers from ``tiers`` (``workloads.tiers``); ``clients`` > 1 spreads requests uniformly over ``client0..``.
 Independent random streams are used for lengths, arrivals, tiers and clients, so changing the rate keeps the lengths.
@@ -29,6 +34,7 @@ import numpy as np
 
 from diptych.workloads import lengths as L
 from diptych.workloads.arrivals import ARRIVAL_KINDS, arrival_times, scale_trace, unit_gaps
+from diptych.workloads.max_tokens import DEFAULT_MAX_TOKENS, MAX_TOKENS_HELP, apply_max_tokens, parse_max_tokens
 from diptych.workloads.spec import RequestSpec, load_specs
 from diptych.workloads.tiers import assign_tiers, parse_tiers
 from diptych.workloads.traces import read_trace
@@ -50,6 +56,10 @@ class WorkloadConfig:
     clients: int = 1
     seed: int = 0
     max_context: int | None = None
+    max_tokens: str = DEFAULT_MAX_TOKENS
+    """The max_tokens policy (``workloads.max_tokens.parse_max_tokens``), as text."""
+    model_context: int | None = None
+    """Tokens: the context the max_tokens policy fits requests into when ``max_context`` is None."""
 
 
 def _rng(seed: int, stream: int) -> np.random.Generator:
@@ -76,6 +86,16 @@ def length_distribution(name: str) -> L.LengthDistribution:
 
 
 def build_workload(config: WorkloadConfig) -> list[RequestSpec]:
+    """The workload's request specs, clipped to ``max_context`` (if given), with the ``max_tokens`` policy applied."""
+    policy = parse_max_tokens(config.max_tokens)
+    specs = _requests(config)
+    if config.max_context is not None:
+        specs = clip_to_context(specs, config.max_context)
+    context = config.max_context if config.max_context is not None else config.model_context
+    return apply_max_tokens(specs, policy, context)
+
+
+def _requests(config: WorkloadConfig) -> list[RequestSpec]:
     name = config.name
     if config.clients < 1:
         raise ValueError("clients must be >= 1")
@@ -110,10 +130,9 @@ def build_workload(config: WorkloadConfig) -> list[RequestSpec]:
         client_ids = [f"client{c}" for c in clients]
     else:
         client_ids = ["client0"] * n
-    specs = [RequestSpec(f"r{i}", float(times[i]), int(prompts[i]), int(outputs[i]), client_id=client_ids[i],
-                         tier=tiers[i].name, tbt_slo_s=tiers[i].tbt_slo_s, ttft_slo_s=tiers[i].ttft_slo_s)
-             for i in range(n)]
-    return specs if config.max_context is None else clip_to_context(specs, config.max_context)
+    return [RequestSpec(f"r{i}", float(times[i]), int(prompts[i]), int(outputs[i]), client_id=client_ids[i],
+                        tier=tiers[i].name, tbt_slo_s=tiers[i].tbt_slo_s, ttft_slo_s=tiers[i].ttft_slo_s)
+            for i in range(n)]
 
 
 def clip_to_context(specs: list[RequestSpec], max_context: int) -> list[RequestSpec]:
@@ -199,15 +218,25 @@ def add_workload_arguments(parser: argparse.ArgumentParser, qps: float | None = 
     g.add_argument("--seed", type=int, default=0, help="random seed [0]")
     g.add_argument("--max-context", type=int, default=None, metavar="TOKENS",
                    help="clip each request to prompt + output <= TOKENS (output to at most half) [no clipping]")
+    g.add_argument("--max-tokens", default=DEFAULT_MAX_TOKENS, metavar="oracle|N|context",
+                   help=f"{MAX_TOKENS_HELP}; context is --max-context if given [%(default)s]")
 
 
 def workload_from_args(args: argparse.Namespace) -> WorkloadConfig:
+    """The validated ``WorkloadConfig`` of the options ``add_workload_arguments`` added (``ValueError`` with a
+    readable message otherwise). A parser whose other options describe where the workload runs may set the default
+    ``model_context_of``: a function of the parsed options giving ``model_context`` (``sim.cli`` does)."""
     num = args.num_requests
     if num is None and args.duration is None:
         num = getattr(args, "default_num_requests", 1000)
     config = WorkloadConfig(name=args.workload, qps=args.qps, num_requests=num, duration_s=args.duration,
                             arrivals=args.arrivals, cv=args.cv, cap_factor=args.cap_factor, tiers=args.tiers,
-                            clients=args.clients, seed=args.seed, max_context=getattr(args, "max_context", None))
+                            clients=args.clients, seed=args.seed, max_context=getattr(args, "max_context", None),
+                            max_tokens=args.max_tokens)
+    parse_max_tokens(config.max_tokens)
+    context_of = getattr(args, "model_context_of", None)
+    if context_of is not None:
+        config.model_context = context_of(args)
     if config.num_requests is not None and config.num_requests < 1:
         raise ValueError("--num-requests must be >= 1")
     if config.duration_s is not None and not config.duration_s > 0:
