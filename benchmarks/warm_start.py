@@ -11,20 +11,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import statistics
-import subprocess
 import sys
-import threading
 import time
-from dataclasses import dataclass, field
 
 import httpx
 
-from diptych.launcher import free_port_block
+from diptych.benchmarks.served import ServerFailed, ServerLog, serve
 
-POOL_LINE = re.compile(r"KV pool: (\d+) blocks of (\d+) tokens = (\d+) tokens")
-UP_LINE = "Diptych is up"
 PROMPT = [{"role": "user", "content": "Write one sentence about the sea."}]
 
 
@@ -43,27 +37,6 @@ def add_warm_start_parser(kinds: argparse._SubParsersAction) -> None:
                    help="extra argument for diptych serve, repeatable (--serve-arg=--prefill-workers --serve-arg=2)")
     w.add_argument("--json", default=None, help="also write the numbers to this JSON file")
     w.add_argument("--server-log", default=None, help="write the server's output to this file")
-
-
-@dataclass
-class ServerLog:
-    """Lines of the server's merged output, read on a thread; ``up`` is set at the banner."""
-
-    lines: list[str] = field(default_factory=list)
-    up: threading.Event = field(default_factory=threading.Event)
-    up_at: float | None = None
-
-    def follow(self, stream) -> None:
-        for raw in stream:
-            line = raw.decode(errors="replace").rstrip("\n")
-            self.lines.append(line)
-            if UP_LINE in line and not self.up.is_set():
-                self.up_at = time.perf_counter()
-                self.up.set()
-
-    def pool_tokens(self) -> list[int]:
-        """Each worker's KV pool size in tokens, in log order."""
-        return [int(m.group(3)) for line in self.lines if (m := POOL_LINE.search(line))]
 
 
 def chat_ttft(http: httpx.Client, model: str, max_tokens: int | None) -> tuple[float, int]:
@@ -94,42 +67,21 @@ def run_warm_start(args: argparse.Namespace) -> int:
     if args.requests < 1:
         print("diptych bench warm-start: --requests must be >= 1", file=sys.stderr)
         return 2
-    base = free_port_block(16)
-    cmd = [sys.executable, "-m", "diptych", "serve", "--device", args.device, "--http-port", str(base),
-           "--coordinator-port", str(base + 1), "--sdk-port", str(base + 2), "--stream-port", str(base + 3),
-           "--kv-base-port", str(base + 4), *(["--model", args.model] if args.model else []), *args.serve_arg]
-    print("starting:", " ".join(cmd), file=sys.stderr)
-    started = time.perf_counter()
-    server = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    log = ServerLog()
-    reader = threading.Thread(target=log.follow, args=(server.stdout,), daemon=True)
-    reader.start()
+    serve_args = ["--device", args.device, *(["--model", args.model] if args.model else []), *args.serve_arg]
     try:
-        deadline = time.perf_counter() + args.startup_timeout
-        while not log.up.wait(0.5):
-            if server.poll() is not None or time.perf_counter() > deadline:
-                tail = "\n".join(log.lines[-30:])
-                print(f"diptych bench warm-start: the server did not come up:\n{tail}", file=sys.stderr)
-                return 1
-        with httpx.Client(base_url=f"http://127.0.0.1:{base}", timeout=args.request_timeout) as http:
-            model = http.get("/v1/models").json()["data"][0]["id"]
-            first, first_chunks = chat_ttft(http, model, None)
-            steady = [chat_ttft(http, model, args.max_tokens)[0] for _ in range(args.requests)]
-        result = report(log, started, first, first_chunks, steady)
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(result, f, indent=2)
-        return 0
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-        if args.server_log:
-            with open(args.server_log, "w") as f:
-                f.write("\n".join(log.lines) + "\n")
+        with serve(serve_args, args.startup_timeout, args.server_log) as served:
+            with httpx.Client(base_url=served.url, timeout=args.request_timeout) as http:
+                model = http.get("/v1/models").json()["data"][0]["id"]
+                first, first_chunks = chat_ttft(http, model, None)
+                steady = [chat_ttft(http, model, args.max_tokens)[0] for _ in range(args.requests)]
+            result = report(served.log, served.started, first, first_chunks, steady)
+    except ServerFailed as exc:
+        print(f"diptych bench warm-start: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
 
 
 def report(log: ServerLog, started: float, first: float, first_chunks: int, steady: list[float]) -> dict:

@@ -123,16 +123,19 @@ def tiny_config(family: str, vocab_size: int, **config_overrides) -> PretrainedC
     return _FAMILY_CONFIGS[family](**fields)
 
 
-def build_tiny_model(path: str | os.PathLike, family: str = "llama", seed: int = 0, **config_overrides) -> str:
+def build_tiny_model(path: str | os.PathLike, family: str = "llama", seed: int = 0, *,
+                     dtype: torch.dtype = torch.float32, device: str = "cpu", **config_overrides) -> str:
     """Write a tiny random-weight model of ``family`` and its byte-level tokenizer to ``path``; returns the path.
+    ``config_overrides`` may give it a real model's shape (``device="cuda"`` and ``dtype=torch.bfloat16`` then
+    build a 7B-parameter one in seconds).
 
-    The weights are a function of ``seed`` and the config only (the global torch RNG is left untouched).
+    The weights are a function of ``seed``, the config and the device only (the global CPU RNG is left untouched).
     """
     tokenizer = build_byte_tokenizer(_FAMILY_EXTRA_SPECIAL_TOKENS.get(family, ()))
     config = tiny_config(family, vocab_size=len(tokenizer), **config_overrides)
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), torch.device(device):
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.generation_config.pad_token_id = config.pad_token_id
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)

@@ -50,6 +50,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--json", default=None, help="also write the raw numbers to this JSON file")
 
     from diptych.benchmarks import curve_overhead
+    from diptych.benchmarks.chat_burst import add_chat_burst_parser
     from diptych.benchmarks.replay import add_replay_parser
     from diptych.benchmarks.serve_cli import add_serve_parser
     from diptych.benchmarks.warm_start import add_warm_start_parser
@@ -57,6 +58,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_serve_parser(kinds)
     add_replay_parser(kinds)
     add_warm_start_parser(kinds)
+    add_chat_burst_parser(kinds)
     curve_overhead.add_parser(kinds)
 
     t = kinds.add_parser("transfer", help="KV handoff: GPU-to-GPU (CUDA IPC) vs ZeroMQ frames vs a plain copy")

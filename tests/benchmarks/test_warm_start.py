@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from diptych.benchmarks.warm_start import ServerLog
+from diptych.benchmarks.served import ServerLog
 
 
 def test_server_log_reads_pool_sizes_and_the_banner() -> None:
