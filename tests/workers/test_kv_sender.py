@@ -45,7 +45,7 @@ def hand_over(tiny_llama, make_engine, prompt, pusher_factory=None, share=None):
     if pusher is not None:
         sender._pusher = lambda decode_worker_id, share: pusher  # type: ignore[method-assign]
     prefill.add_request("r", prompt, GREEDY, prefill_only=True)
-    assert decode.reserve("r", decode.blocks_needed(len(prompt), GREEDY.max_tokens))
+    assert decode.reserve("r", decode.blocks_needed(len(prompt)))
     sender.begin("r", "decode-0", share if share is not None else {"handle": b"h"}, decode.reserved_blocks("r"))
     first, pushed_early = None, 0
     while True:
@@ -103,7 +103,7 @@ def test_abandon_waits_for_issued_copies_and_stops(tiny_llama, make_engine, rand
     sender._pusher = lambda decode_worker_id, share: pusher  # type: ignore[method-assign]
     prompt = random_prompts([29])[0]
     prefill.add_request("r", prompt, GREEDY, prefill_only=True)
-    decode.reserve("r", decode.blocks_needed(len(prompt), GREEDY.max_tokens))
+    decode.reserve("r", decode.blocks_needed(len(prompt)))
     assert sender.begin("r", "decode-0", {"handle": b"h"}, decode.reserved_blocks("r")) == HANDOFF_CUDA_IPC
     prefill.step(), prefill.step()
     sender.advance()
