@@ -7,7 +7,7 @@ import asyncio
 import sys
 from typing import TYPE_CHECKING
 
-from diptych.workloads.catalog import add_workload_arguments, build_workload, clip_to_context, workload_from_args
+from diptych.workloads.catalog import add_workload_arguments, build_workload, workload_from_args
 
 if TYPE_CHECKING:
     from diptych.benchmarks.serve_load import LoadTarget
@@ -30,7 +30,10 @@ def add_serve_parser(kinds: argparse._SubParsersAction) -> None:
     add_workload_arguments(s, qps=1.0, num_requests=200)
     s.set_defaults(max_context=None)
     s.epilog = ("Over HTTP, requests longer than the server's context (GET /v1/models: max_model_len) are clipped to "
-                "it unless --max-context is given; over the SDK give --max-context for a small-context model.")
+                "it unless --max-context is given, and --max-tokens fills that context; over the SDK give "
+                "--max-context for a small-context model (and for --max-tokens context). Each request also sends "
+                "stop_after_tokens = its workload output length, so the output follows the workload whatever "
+                "max_tokens the scheduler sees.")
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -39,29 +42,20 @@ def run_serve(args: argparse.Namespace) -> int:
     from diptych.metrics.summary import format_summary, summarize
     from diptych.metrics.timeline import save_timelines
 
-    try:
-        config = workload_from_args(args)
-        specs = build_workload(config)
-        target = LoadTarget(args.endpoint, load_client_keys(args.client_keys), args.model, args.timeout)
-    except (ValueError, OSError) as exc:
-        print(f"diptych bench serve: {exc}", file=sys.stderr)
-        return 2
     if not args.endpoint.startswith(("tcp://", "ipc://", "http://", "https://")):
         print(f"diptych bench serve: --endpoint must be tcp://, ipc:// or http(s)://, got {args.endpoint!r}",
               file=sys.stderr)
         return 2
-    if config.max_context is None and target.over_http:
-        try:
-            context = server_context(target)
-        except (ValueError, OSError) as exc:
-            print(f"diptych bench serve: {exc}", file=sys.stderr)
-            return 2
-        fitted = clip_to_context(specs, context)
-        clipped = sum(a != b for a, b in zip(specs, fitted))
-        if clipped:
-            print(f"{clipped} of {len(specs)} requests clipped to the server's context of {context} tokens",
-                  file=sys.stderr)
-        specs = fitted
+    try:
+        config = workload_from_args(args)
+        target = LoadTarget(args.endpoint, load_client_keys(args.client_keys), args.model, args.timeout)
+        if config.max_context is None and target.over_http:
+            config.max_context = server_context(target)
+            print(f"requests fitted to the server's context of {config.max_context} tokens", file=sys.stderr)
+        specs = build_workload(config)
+    except (ValueError, OSError) as exc:
+        print(f"diptych bench serve: {exc}", file=sys.stderr)
+        return 2
     try:
         timelines = asyncio.run(run_load(specs, target, seed=config.seed))
     except ValueError as exc:
@@ -71,7 +65,8 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"{sum(FAILURES.values())} requests failed or were refused:", file=sys.stderr)
         for reason, count in FAILURES.most_common(5):
             print(f"  {count} x {reason}", file=sys.stderr)
-    meta = {"workload": config.name, "qps": config.qps, "endpoint": args.endpoint, "requests": len(specs)}
+    meta = {"workload": config.name, "qps": config.qps, "endpoint": args.endpoint, "requests": len(specs),
+            "max_tokens": config.max_tokens, "max_context": config.max_context}
     save_timelines(timelines, args.output, meta=meta)
     print(format_summary(summarize(RunResult.from_timelines(timelines, meta=meta))))
     print(f"timelines written to {args.output}")

@@ -1,8 +1,10 @@
 """``diptych bench serve``: an open-loop load generator against a running Diptych, over the SDK or the HTTP API.
 
 Each ``workloads.RequestSpec`` is sent at its arrival time (seconds from the start of the run), whatever happened
-to earlier requests (open loop), with ``max_tokens = spec.max_tokens``, ``ignore_eos`` (so the output length is the
-spec's, as in the simulator), the spec's SLO tier and targets, and a prompt of ``prompt_len`` token ids. Each
+to earlier requests (open loop), with ``max_tokens = spec.max_tokens`` (what the workload's ``--max-tokens`` policy
+set: the scheduler sees a client's cap, not the output length), ``stop_after_tokens = spec.output_len`` and
+``ignore_eos`` (so the output length is the spec's, as in the simulator, without telling the scheduler), the spec's
+SLO tier and targets, and a prompt of ``prompt_len`` token ids. Each
 request's timeline comes back from the frontend and is kept as a ``metrics.RequestTimeline``; the run is written as
 one JSON file (``metrics.timeline.save_timelines``) and summarised with the same code as ``diptych simulate``.
 
@@ -51,6 +53,12 @@ def prompt_ids(spec: RequestSpec, seed: int) -> list[int]:
     return [rng.randrange(*TOKEN_ID_RANGE) for _ in range(spec.prompt_len)]
 
 
+def sampling_fields(spec: RequestSpec) -> dict[str, Any]:
+    """The generation fields of ``spec``'s request, as SDK keywords and HTTP body fields alike (same names)."""
+    return {"max_tokens": spec.max_tokens, "stop_after_tokens": spec.output_len, "ignore_eos": True,
+            "temperature": 0.0}
+
+
 def slo_fields(spec: RequestSpec) -> dict[str, Any]:
     fields: dict[str, Any] = {"tier": spec.tier}
     if spec.tbt_slo_s is not None:
@@ -64,8 +72,8 @@ async def _send_sdk(clients: dict[str | None, AsyncClient], target: LoadTarget, 
                     seed: int) -> RequestTimeline:
     client = clients[target.client_keys.get(spec.client_id)]
     try:
-        result = await client.complete(prompt_token_ids=prompt_ids(spec, seed), max_tokens=spec.max_tokens,
-                                       ignore_eos=True, temperature=0.0, timeline=True, **slo_fields(spec))
+        result = await client.complete(prompt_token_ids=prompt_ids(spec, seed), timeline=True,
+                                       **sampling_fields(spec), **slo_fields(spec))
     except RateLimitError as exc:
         return _refused(spec, "rejected", f"429 {exc}")
     except DiptychError as exc:
@@ -75,8 +83,8 @@ async def _send_sdk(clients: dict[str | None, AsyncClient], target: LoadTarget, 
 
 async def _send_http(http: httpx.AsyncClient, target: LoadTarget, spec: RequestSpec, seed: int) -> RequestTimeline:
     key = target.client_keys.get(spec.client_id)
-    body = {"model": target.model, "prompt": prompt_ids(spec, seed), "max_tokens": spec.max_tokens,
-            "temperature": 0.0, "ignore_eos": True, "diptych": {"timeline": True, **slo_fields(spec)}}
+    body = {"model": target.model, "prompt": prompt_ids(spec, seed), **sampling_fields(spec),
+            "diptych": {"timeline": True, **slo_fields(spec)}}
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     try:
         resp = await http.post("/v1/completions", json=body, headers=headers)

@@ -9,7 +9,8 @@
         print(client.complete("Hello").text)
 
 Generation keywords are the fields of ``proto.SamplingParams`` (max_tokens, temperature, top_p, top_k, seed, stop,
-stop_token_ids, ignore_eos), those of ``proto.SLO`` (``tier``, and ``ttft_s``/``tbt_s`` in seconds: targets of this
+stop_token_ids, ignore_eos, and ``stop_after_tokens``: a benchmark knob, stop after exactly that many output tokens
+whatever ``max_tokens`` allows), those of ``proto.SLO`` (``tier``, and ``ttft_s``/``tbt_s`` in seconds: targets of this
 request; the server refuses an unknown tier or a non-positive target with BadRequestError, and with API keys a
 target tighter than the key's tier allows), and ``timeline`` (default True: ``Completion.timeline`` and the last
 ``StreamChunk.timeline`` hold the request's timeline, which the server always sends; False leaves them None);

@@ -58,7 +58,9 @@ class DiptychOptions(_Body):
 
 class SamplingFields(_Body):
     """Fields shared by both endpoints. ``top_k``, ``stop_token_ids`` and ``ignore_eos`` are extensions (vLLM's
-    names), ``diptych`` is this server's; ``user`` is accepted and ignored (identity comes from the API key)."""
+    names), ``diptych`` and ``stop_after_tokens`` (a benchmark knob: stop after exactly this many output tokens,
+    ``proto.SamplingParams``) are this server's; ``user`` is accepted and ignored (identity comes from the API
+    key)."""
 
     model: StrictStr | None = None
     max_tokens: StrictInt | None = None
@@ -69,6 +71,7 @@ class SamplingFields(_Body):
     stop: StrictStr | list[StrictStr] | None = None
     stop_token_ids: list[StrictInt] | None = None
     ignore_eos: StrictBool = False
+    stop_after_tokens: StrictInt | None = None
     n: StrictInt = 1
     stream: StrictBool = False
     stream_options: StreamOptions | None = None

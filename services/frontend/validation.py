@@ -2,7 +2,8 @@
 
 Every check that can fail raises ``APIError`` (400 bad input, 404 unknown model) before anything is submitted, so
 a request that reaches the coordinator is always servable within the context: ``1 <= len(prompt) < max_model_len``,
-``max_tokens >= 1``, ``len(prompt) + max_tokens <= max_model_len``, every token id in ``[0, vocab_size)``, every
+``max_tokens >= 1``, ``len(prompt) + max_tokens <= max_model_len``, ``stop_after_tokens`` None or in ``[1, 2^20]`` (a
+benchmark knob; it may exceed ``max_tokens``, which then stops first), every token id in ``[0, vocab_size)``, every
 string encodable as UTF-8 (no lone surrogates: ``check_encodable``) and within the wire limits of
 ``proto.validation`` (stop strings).
 
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from diptych.proto import SamplingParams
-from diptych.proto.validation import MAX_STOP_CHARS, MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS
+from diptych.proto.validation import MAX_CONTEXT_TOKENS, MAX_STOP_CHARS, MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS
 from diptych.services.frontend.api_errors import APIError, bad_request
 from diptych.services.frontend.model_info import ModelInfo
 from diptych.services.frontend.schemas import (
@@ -135,6 +136,9 @@ def check_sampling(sampling: SamplingParams, prompt_len: int, info: ModelInfo) -
     ``top_k=-1`` as 0)."""
     if sampling.max_tokens <= 0:
         raise bad_request("max_tokens must be at least 1", "max_tokens")
+    if sampling.stop_after_tokens is not None and not 1 <= sampling.stop_after_tokens <= MAX_CONTEXT_TOKENS:
+        raise bad_request(f"stop_after_tokens must be an integer in [1, {MAX_CONTEXT_TOKENS}] (or absent)",
+                          "stop_after_tokens")
     if prompt_len + sampling.max_tokens > info.max_model_len:
         raise bad_request(f"This model's maximum context length is {info.max_model_len} tokens. However, you "
                           f"requested {prompt_len + sampling.max_tokens} tokens ({prompt_len} in the prompt, "
@@ -180,6 +184,7 @@ def _http_sampling(req: SamplingFields, max_tokens: int, prompt_ids: list[int], 
         stop=stop,
         stop_token_ids=list(req.stop_token_ids or []),
         ignore_eos=req.ignore_eos,
+        stop_after_tokens=req.stop_after_tokens,
     )
     return check_sampling(sampling, len(prompt_ids), info)
 

@@ -123,6 +123,22 @@ async def test_openai_client_completion_and_streamed_chat(anon, tokenizer):
     await client.close()
 
 
+async def test_stop_after_tokens_reaches_the_sampling_params(anon, tokenizer):
+    anon.cluster.responder = replying(tokenizer, "abc")
+    resp = httpx.post(anon.http_url + "/v1/completions", timeout=10, json={
+        "model": "tiny", "prompt": [1, 70], "max_tokens": 40, "stop_after_tokens": 3, "ignore_eos": True})
+    assert resp.status_code == 200, resp.text
+    sampling = anon.cluster.wait_submit().sampling
+    assert (sampling.max_tokens, sampling.stop_after_tokens, sampling.ignore_eos) == (40, 3, True)
+    client = openai.AsyncOpenAI(base_url=anon.http_url + "/v1", api_key="unused", max_retries=0)
+    await client.chat.completions.create(model="tiny", messages=CHAT, extra_body={"stop_after_tokens": 2})
+    sampling = (await submitted(anon)).sampling
+    assert sampling.stop_after_tokens == 2 and sampling.max_tokens > 2  # chat default: the rest of the context
+    await client.completions.create(model="tiny", prompt="Hello", max_tokens=5)
+    assert (await submitted(anon)).sampling.stop_after_tokens is None  # absent: off
+    await client.close()
+
+
 async def test_openai_client_sees_typed_errors(anon):
     client = openai.AsyncOpenAI(base_url=anon.http_url + "/v1", api_key="unused", max_retries=0)
     with pytest.raises(openai.BadRequestError):

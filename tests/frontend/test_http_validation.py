@@ -39,6 +39,12 @@ BAD_COMPLETIONS = [
     ({"model": "tiny", "prompt": "hi", "n": 2}, "n"),
     ({"model": "tiny", "prompt": "hi", "logprobs": 5}, "logprobs"),
     ({"model": "tiny", "prompt": "hi", "seed": "abc"}, "seed"),
+    ({"model": "tiny", "prompt": "hi", "stop_after_tokens": 0}, "stop_after_tokens"),
+    ({"model": "tiny", "prompt": "hi", "stop_after_tokens": -2}, "stop_after_tokens"),
+    ({"model": "tiny", "prompt": "hi", "stop_after_tokens": "5"}, "stop_after_tokens"),
+    ({"model": "tiny", "prompt": "hi", "stop_after_tokens": 2.0}, "stop_after_tokens"),
+    ({"model": "tiny", "prompt": "hi", "stop_after_tokens": True}, "stop_after_tokens"),
+    ({"model": "tiny", "prompt": "hi", "stop_after_tokens": 2 ** 20 + 1}, "stop_after_tokens"),
     ({"model": "tiny"}, "prompt"),
 ]
 
@@ -51,6 +57,9 @@ BAD_CHATS = [
     ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, "max_tokens"),
     ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": CONTEXT},
      "max_tokens"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "stop_after_tokens": 0}, "stop_after_tokens"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "stop_after_tokens": "3"},
+     "stop_after_tokens"),
 ]
 
 

@@ -53,6 +53,17 @@ async def test_complete_and_sampling_mapping(anon, tokenizer):
     assert request.client_id == "anonymous"
 
 
+async def test_stop_after_tokens_is_carried_in_the_sampling_params(anon, tokenizer):
+    anon.cluster.responder = replying(tokenizer, "abcd")
+    async with AsyncClient(anon.sdk_addr, timeout_s=10) as client:
+        await client.complete(prompt_token_ids=[1, 50], max_tokens=64, stop_after_tokens=4, ignore_eos=True)
+        request = await submitted(anon)
+        assert (request.sampling.max_tokens, request.sampling.stop_after_tokens) == (64, 4)
+        chunks = [c async for c in client.stream("ab", max_tokens=9, stop_after_tokens=2)]
+        assert chunks[-1].finish_reason is not None
+        assert (await submitted(anon)).sampling.stop_after_tokens == 2
+
+
 async def test_stream_with_token_ids(anon, tokenizer):
     anon.cluster.responder = replying(tokenizer, "0123456789", per_batch=4)
     async with AsyncClient(anon.sdk_addr, timeout_s=10) as client:
@@ -118,7 +129,8 @@ async def test_bad_requests_are_typed(anon):
     async with AsyncClient(anon.sdk_addr, timeout_s=10) as client:
         for kwargs in [dict(prompt=""), dict(prompt_token_ids=[]), dict(prompt="x", max_tokens=0),
                        dict(prompt="x", max_tokens=600), dict(prompt_token_ids=[1, 99999]),
-                       dict(prompt="x", top_p=1.5), dict(prompt="x", temperature=-1.0)]:
+                       dict(prompt="x", top_p=1.5), dict(prompt="x", temperature=-1.0),
+                       dict(prompt="x", stop_after_tokens=0)]:
             with pytest.raises(BadRequestError) as info:
                 await client.complete(**kwargs)
             assert info.value.status == 400
