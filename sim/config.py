@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from diptych.engine.kv_rules import DEFAULT_WATERMARK_FRACTION, watermark_blocks
 from diptych.policies.admission import ADMISSION_POLICIES
 from diptych.policies.batch import BATCH_POLICIES
 from diptych.policies.pool import POOL_POLICIES
@@ -34,6 +35,9 @@ class ClusterConfig:
 
     - ``kv_blocks``: KV blocks per worker (None: the cost model's GPU memory at ``memory_utilization`` minus the
       weights, e.g. 53,100 blocks of 16 tokens for Mistral-7B on an H200).
+    - ``kv_watermark``: fraction of each worker's pool that admission (and a decode worker's handoff reservation)
+      leaves free while sequences run (``engine.kv_rules``); ``max_model_len``: the engines' context length in
+      tokens (None: only the pool bounds a sequence, ``kv_rules.max_positions``).
     - Policies: ``admission`` (coordinator, ``ADMISSION_POLICIES``), ``prefill_policy`` / ``decode_policy`` /
       ``colocated_policy`` (per-worker ``BATCH_POLICIES``), ``pool_policy`` (``POOL_POLICIES``, ticked every
       ``pool_tick_s``; ``rad`` moves workers between the prefill and decode pools, draining them first).
@@ -60,6 +64,8 @@ class ClusterConfig:
     block_size: int = 16
     kv_blocks: int | None = None
     memory_utilization: float = 0.9
+    kv_watermark: float = DEFAULT_WATERMARK_FRACTION
+    max_model_len: int | None = None
     admission: PolicySpec = field(default_factory=lambda: PolicySpec("fcfs"))
     prefill_policy: PolicySpec = field(default_factory=lambda: PolicySpec("sarathi", {"token_budget": 2048}))
     decode_policy: PolicySpec = field(default_factory=lambda: PolicySpec("sarathi", {"token_budget": 512}))
@@ -87,6 +93,9 @@ class ClusterConfig:
             raise ValueError("block_size must be >= 1")
         if self.kv_blocks is not None and self.kv_blocks < 1:
             raise ValueError("kv_blocks must be >= 1")
+        watermark_blocks(self.kv_watermark, 1)  # ValueError outside [0, 1)
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError("max_model_len must be >= 2 or None")
         if self.dispatch_latency_s < 0:
             raise ValueError("dispatch_latency_s must be >= 0")
         if self.pool_tick_s <= 0 or self.handoff_latency_s < 0 or self.handoff_bandwidth_Bps <= 0:
@@ -122,6 +131,7 @@ class ClusterConfig:
                         else {"prefill": self.prefill_workers, "decode": self.decode_workers}),
             "cost_model": self.cost_model.device + " / " + self.cost_model.model.name,
             "kv_blocks_per_worker": self.blocks_per_worker(), "block_size": self.block_size,
+            "kv_watermark": self.kv_watermark, "max_model_len": self.max_model_len,
             "admission": str(self.admission),
             "batch": ({"colocated": str(self.colocated_policy)} if self.colocated_workers
                       else {"prefill": str(self.prefill_policy), "decode": str(self.decode_policy)}),

@@ -104,7 +104,8 @@ class PoolMoves:
             self.switch_role(worker, now)
 
     def switch_role(self, worker: Worker, now: float) -> None:
-        """The drained ``worker`` joins its new pool: new role, name and batch policy, all its blocks free."""
+        """The drained ``worker`` joins its new pool: new role, name and batch policy (all its blocks are free: it
+        holds no sequence and no reservation)."""
         sim = self.sim
         role = worker.draining_to
         assert role is not None
@@ -113,7 +114,6 @@ class PoolMoves:
         worker.worker_id = f"{role}-{worker.index}"
         worker.draining_to = None
         worker.set_policy(sim.new_policy(role))
-        worker.free_blocks = worker.total_blocks
         worker.plan_all_decodes = False
         self.history.append((now, self.count(Pool.PREFILL), self.count(Pool.DECODE)))
         sim.admit(now)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -49,5 +49,17 @@ def assemble_result(sim: Simulator, end: float) -> RunResult:
         decode_worker=[names.get(k) if k >= 0 and not sim.colocated else None for k in sim.req_decode],
         kv_bytes_per_token=sim.cost.kv_bytes_per_token,
         meta={"cluster": sim.config.describe(), "events": sim.events, "pool_history": sim.pool_moves.history,
-              "pool_moves": sim.pool_moves.moves},
+              "pool_moves": sim.pool_moves.moves, **kv_figures(sim)},
     )
+
+
+def kv_figures(sim: Simulator) -> dict[str, Any]:
+    """KV-on-demand figures of the run: ``preemptions`` and ``recomputed_tokens`` (computed positions the
+    preemptions dropped) over all workers, ``peak_running`` (the most sequences running at once on one worker),
+    ``kv_workers`` the three per worker (by final worker id), and ``request_preemptions`` per request."""
+    workers = {w.worker_id: {"preemptions": w.preemptions, "recomputed_tokens": w.recomputed_tokens,
+                             "peak_running": w.peak_running} for w in sim.workers}
+    return {"preemptions": sum(w.preemptions for w in sim.workers),
+            "recomputed_tokens": sum(w.recomputed_tokens for w in sim.workers),
+            "peak_running": max((w.peak_running for w in sim.workers), default=0),
+            "kv_workers": workers, "request_preemptions": list(sim.req_preemptions)}

@@ -9,16 +9,25 @@ What is simulated, and which service it mirrors:
   first request that cannot be placed (the policy's order is never bypassed), ``pop(now)``, account, dispatch.
   Placement (``cluster.placement``): the prefill worker with the least queued prompt tokens among those whose queue
   stays within ``max_prefill_backlog_tokens`` (an idle one always takes a request) and whose KV pool holds its
-  queued prompts; the decode worker with the most unreserved blocks that can reserve
-  ``blocks_for(prompt + max_tokens)`` blocks up front and holds fewer than ``max_decode_sequences`` requests (so none
-  waits beyond its batch policy's decodes per iteration). Requests larger than any worker's pool are refused at
-  arrival. Output tokens are charged to the admission policy as workers report them (the first token when the
-  prefill ends, then every decode token); before each admission decision the counters are brought up to the current
-  time. The core's ledger counts input tokens only (output tokens go to the admission policy from the hot loop).
+  queued prompts; the decode worker with the most unreserved blocks that can reserve the dispatch's
+  ``decode_blocks`` and holds fewer than ``max_decode_sequences`` requests. Requests larger than any worker's pool
+  are refused at arrival. Output tokens are charged to the admission policy as workers report them (the first token
+  when the prefill ends, then every decode token); before each admission decision the counters are brought up to the
+  current time. The core's ledger counts input tokens only (output tokens go to the admission policy from the hot loop).
 - **Workers** (``engine/engine.py``, ``sim.worker``): the batch policy composes each iteration from ``waiting`` and
   ``running`` ``SequenceState``s and the KV state; the iteration takes the cost model's time; the first token is
   sampled when the last prompt chunk ends; each decode yields one token per iteration. Work that reaches a busy
   worker joins its next iteration.
+- **Decode reservations** (``Engine.reserve``): a dispatched request's ``decode_blocks`` are taken from its decode
+  worker's pool only if that leaves the worker's admission watermark free; otherwise it waits in the worker's FIFO of
+  pending reservations, granted as blocks free up at the worker's iteration ends (or when a request it reserved
+  for ends on its prefill worker). Its prefill task is sent once granted (the services send it after
+  ``KVReserved``). Colocated dispatches reserve nothing: the worker's own admission decides.
+- **KV on demand** (``engine.kv_rules``, ``sim.worker``): sequences take blocks as they grow, batch policies preempt
+  by recompute under pressure, and a sequence stops at ``kv_rules.max_positions`` positions. ``RunResult.meta``
+  carries ``preemptions``, ``recomputed_tokens`` and ``peak_running`` (the most sequences running at once on one
+  worker), and ``kv_workers`` the same per worker; ``times["preempted"]`` is each request's first preemption and
+  ``meta["request_preemptions"]`` how many it had.
 - **KV handoff**: when a prefill ends, its blocks are freed, the first token is out, and the KV reaches the decode
   worker after ``handoff_latency_s + bytes / handoff_bandwidth_Bps`` (bytes = whole prompt blocks x KV bytes per
   token); the sequence joins the decode worker's next iteration.
@@ -36,11 +45,12 @@ What is simulated, and which service it mirrors:
   by KV itself, so with no backlog limit it sees every arrived request (SLAI's setting).
 
 Messages between processes take no time. Speed: a decode worker whose last plan ran every running sequence as a
-decode, with nothing waiting and nothing changed since, is assumed to plan the same again (true of every registered
-policy: with ``blocks_to_step = 0`` nothing can preempt, and each schedules all decodes while they fit its caps;
-``tests/sim`` checks it against ``exact`` mode); such *stationary stretches* run as one event until a sequence
-finishes or new work arrives. The policy's ``on_iteration_end`` is still called for every iteration, in order, and
-token charges reach the admission policy at each iteration's end time. ``ClusterConfig.exact`` turns this off.
+decode, with nothing waiting and nothing changed since, is assumed to plan the same again while every decode's
+block fits (true of every registered policy: each schedules all decodes while they fit its caps and preempts only
+when a block does not fit; ``tests/sim`` checks it against ``exact`` mode); such *stationary stretches* run as one
+event until a sequence finishes, new work arrives, or the blocks they grow into would no longer fit. The policy's
+``on_iteration_end`` is still called for every iteration, in order, and token charges reach the admission policy
+at each iteration's end time. ``ClusterConfig.exact`` turns this off.
 """
 
 from __future__ import annotations
@@ -55,6 +65,7 @@ from diptych.cluster.placement import Placer
 from diptych.cluster.pools import ArrivalRate, PoolManager
 from diptych.cluster.requests import RequestRecord
 from diptych.cluster.workers import WorkerRegistry, WorkerState
+from diptych.engine import kv_rules
 from diptych.metrics.results import STATUS_CODES, RunResult
 from diptych.policies.admission import ADMISSION_POLICIES, AdmissionPolicy, PendingRequest
 from diptych.policies.batch import BATCH_POLICIES, BatchPolicy
@@ -102,6 +113,9 @@ class Simulator:
         self.tracks_tokens = type(self.admission).on_output_tokens is not AdmissionPolicy.on_output_tokens
         self.core = self._new_core(config)
         blocks = config.blocks_per_worker()
+        self.max_positions = kv_rules.max_positions(
+            config.max_model_len if config.max_model_len is not None else blocks * self.block_size, blocks,
+            self.block_size)
         self.workers = []
         self.worker_of = {}
         self.core_id = []
@@ -129,7 +143,8 @@ class Simulator:
         self.pool_moves = PoolMoves(self)
         self.slo = [s.tbt_slo_s if s.tbt_slo_s is not None else math.inf for s in self.specs]
         self.times = {phase: [NAN] * n for phase in ("admitted", "prefill_start", "prefill_end", "handoff_start",
-                                                     "handoff_end", "first_token", "finish")}
+                                                     "handoff_end", "first_token", "finish", "preempted")}
+        self.req_preemptions = [0] * n
         self.status = [STATUS_CODES["unfinished"]] * n
         self.num_tokens = [0] * n
         self.req_prefill = [-1] * n
@@ -295,30 +310,49 @@ class Simulator:
             self._dispatch(dispatch, now)
 
 
-    def _new_seq(self, i: int, blocks_to_admit: int) -> SimSeq:
+    def _target(self, i: int) -> int:
+        """Output tokens request ``i`` produces: its output length, fewer if it would reach ``max_positions``."""
+        spec = self.specs[i]
+        return max(1, min(spec.output_len, self.max_positions - spec.prompt_len))
+
+    def _new_seq(self, i: int, prefill_only: bool) -> SimSeq:
         spec = self.specs[i]
         return SimSeq(request_id=spec.request_id, arrival_time=spec.arrival_time, prompt_len=spec.prompt_len,
-                      blocks_to_admit=blocks_to_admit, tbt_slo_s=spec.tbt_slo_s, ttft_slo_s=spec.ttft_slo_s,
-                      tier=spec.tier, idx=i, target=spec.output_len, client=spec.client_id, tier_idx=self.tier_of[i],
-                      slo=self.slo[i], blocks=blocks_to_admit)
+                      blocks_to_admit=kv_rules.blocks_to_admit(spec.prompt_len, self.block_size),
+                      tbt_slo_s=spec.tbt_slo_s, ttft_slo_s=spec.ttft_slo_s, tier=spec.tier,
+                      preemptible=not prefill_only, idx=i, target=self._target(i), client=spec.client_id,
+                      tier_idx=self.tier_of[i], slo=self.slo[i])
 
     def _dispatch(self, dispatch: Dispatch, now: float) -> None:
-        """Send an admitted request to its worker(s); the core has accounted it."""
+        """Send an admitted request to its worker(s); the core has accounted it. A disaggregated one first waits
+        for its decode reservation (``grant_reservations``)."""
         i = self.index_of[dispatch.request_id]
         prefill = self.worker_of[dispatch.prefill_worker]
         decode = self.worker_of[dispatch.decode_worker]
-        need = dispatch.decode_blocks
         self.times["admitted"][i] = now
-        self.req_prefill[i], self.req_decode[i], self.req_blocks[i] = prefill.index, decode.index, need
+        self.req_prefill[i], self.req_decode[i], self.req_blocks[i] = prefill.index, decode.index, 0
         decode.num_requests += 1
+        seq = self.req_seq[i] = self._new_seq(i, prefill_only=not dispatch.colocated)
         if dispatch.colocated:
-            seq = self._new_seq(i, need)
-        else:
-            decode.free_blocks -= need  # the decode engine allocates the reservation (Engine.reserve)
-            prefill.num_requests += 1
-            seq = self._new_seq(i, dispatch.prefill_blocks)
-        self.req_seq[i] = seq
-        self._send_to(prefill, i, seq, now)
+            self._send_to(prefill, i, seq, now)
+            return
+        prefill.num_requests += 1
+        self.req_blocks[i] = dispatch.decode_blocks
+        decode.pending_reservations.append(i)
+        if len(decode.pending_reservations) == 1:
+            self.grant_reservations(decode, now)
+
+    def grant_reservations(self, decode: Worker, now: float) -> None:
+        """Grant ``decode``'s pending reservations in FIFO order while they fit (``Worker.reserve``), sending each
+        granted request to its prefill worker. A stretch in flight is cut first, so the free count is exact."""
+        pending = decode.pending_reservations
+        if decode.busy and decode.stretch:
+            decode.interrupt(now)
+        while pending and decode.reserve(self.req_blocks[pending[0]]):
+            i = pending.popleft()
+            seq = self.req_seq[i]
+            assert seq is not None
+            self._send_to(self.workers[self.req_prefill[i]], i, seq, now)
 
     def _send_to(self, worker: Worker, i: int, seq: SimSeq, now: float) -> None:
         """Request ``i`` reaches ``worker``'s queue after the control path's ``dispatch_latency_s``."""
@@ -343,6 +377,13 @@ class Simulator:
     def on_prefill_start(self, worker: Worker, seq: SimSeq, now: float) -> None:
         if math.isnan(self.times["prefill_start"][seq.idx]):
             self.times["prefill_start"][seq.idx] = now
+
+    def preempted(self, seq: SimSeq, now: float) -> None:
+        """``seq`` was preempted at ``now``: keep the request's first preemption time and count them."""
+        i = seq.idx
+        if self.req_preemptions[i] == 0:
+            self.times["preempted"][i] = now
+        self.req_preemptions[i] += 1
 
     def first_token(self, worker: Worker, seq: SimSeq, t: float) -> None:
         """The last prompt chunk ended at ``t``: the first token is sampled and the prompt leaves the backlog."""
@@ -378,11 +419,13 @@ class Simulator:
     def _land(self, i: int, decode: Worker, t: float) -> None:
         spec = self.specs[i]
         first = self.times["first_token"][i]
+        blocks = self.req_blocks[i]
         seq = SimSeq(request_id=spec.request_id, arrival_time=spec.arrival_time, prompt_len=spec.prompt_len,
-                     num_computed=spec.prompt_len, num_output=1, blocks_held=self.req_blocks[i],
+                     num_computed=spec.prompt_len, num_output=1, blocks_held=blocks,
+                     blocks_to_step=kv_rules.blocks_to_step(spec.prompt_len, blocks, self.block_size),
                      last_token_time=first, tbt_slo_s=spec.tbt_slo_s, ttft_slo_s=spec.ttft_slo_s, tier=spec.tier,
-                     idx=i, target=spec.output_len, client=spec.client_id, tier_idx=self.tier_of[i],
-                     slo=self.slo[i], blocks=self.req_blocks[i])
+                     idx=i, target=self._target(i), client=spec.client_id, tier_idx=self.tier_of[i],
+                     slo=self.slo[i])
         self.req_seq[i] = seq
         decode.add_running(seq)
         self._kick(decode, t)
@@ -401,8 +444,10 @@ class Simulator:
         self.req_record[i] = None
         if worker.role == PREFILL:  # finished with its first token: release the decode reservation
             decode = self.workers[self.req_decode[i]]
-            decode.free_blocks += self.req_blocks[i]
+            decode.blocks.free(self.req_blocks[i])
             decode.num_requests -= 1
+            if decode.pending_reservations:
+                self.grant_reservations(decode, t)
             self.pool_moves.maybe_switch(decode, t)
         else:
             worker.num_requests -= 1

@@ -1,29 +1,41 @@
 """A simulated worker: the engine's request state machine (``engine.scheduler``) in virtual time.
 
-As in the engine, a request is *waiting* (no KV) until the batch policy admits it, when it takes its blocks
-(``blocks_to_reserve``: prompt plus max_tokens, the prompt only on a prefill worker, whose requests are
-prefill-only) from the worker's pool (``engine.block_pool.BlockCounter``, the count-only allocator); it is then
-*running*. The policy sees ``SequenceState``s with the same fields the engine's ``Sequence.to_state`` fills
-(``blocks_to_step = 0``: the reservation rule means a running sequence never needs a block), and each plan passes
-the engine's ``check_plan`` (a plan that preempts is refused, as in the engine). The first token is sampled at the
-end of the iteration that computes the last prompt chunk; each decode yields one token per iteration; a request
-finishes with its ``target``-th output token (its output length). A decode worker holds the blocks the coordinator
-reserved from admission on and gets the sequence, with its first token, when the KV handoff lands.
+KV memory on demand, by the shared rules of ``engine.kv_rules`` (never re-derived here): a request is *waiting* (no
+KV) until the batch policy admits it, when it takes the blocks of the positions it prefills
+(``blocks_to_admit(prefill_len)``: its prompt, plus the outputs it recomputes after a preemption) from the worker's
+pool (``engine.block_pool.BlockCounter``, the count-only allocator); it is then *running*. Each decode computes the
+position of the newest token (``prompt_len + num_output - 1`` = ``num_computed``) and takes a block when that
+position starts one (``blocks_to_step``). The policy sees ``SequenceState``s with the fields the engine's
+``Sequence.to_state`` fills (``blocks_to_step`` kept up to date after every token; prompts on a prefill worker are
+not ``preemptible``) and the pool as ``kv_rules.kv_state`` (watermark ``kv_rules.watermark_blocks`` of
+``ClusterConfig.kv_watermark``); each plan passes the engine's ``check_plan``. A plan's preemptions are applied
+first: the victim's blocks are freed, it forgets its computed positions (counted in ``recomputed_tokens``) and waits
+again, in arrival order, to prefill its prompt and outputs; when that prefill ends it samples its next output token
+(a regular token, not a first token). The first token is sampled at the end of the iteration that computes the last
+prompt chunk; each decode yields one token per iteration; a request finishes with its ``target``-th output token
+(its output length, or fewer when it would reach ``kv_rules.max_positions`` positions). A decode worker holds the
+blocks of a request's handoff reservation (``reserve``) from the grant on and gets the sequence, with its first
+token, when the KV lands; the sequence then grows and may be preempted (and recomputed there) like any other.
 
 Iterations take ``CostModel.iteration_time`` of the plan. Stationary decode stretches (see ``sim.simulator``) are
 run as one event: ``stretch_*`` fields describe ``iterations`` consecutive pure-decode iterations of the same
-``running`` set from ``t_start``, the i-th taking ``a + b*i`` seconds.
+``running`` set from ``t_start``, the i-th taking ``a + b*i`` seconds. A stretch is only as long as every
+sequence's block growth over it fits in the free blocks (so the policy would plan every decode, preempting none);
+its blocks are allocated once its length is fixed (it ends, or is cut by an interruption), so the free count is
+exact whenever anything else reads it.
 """
 
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from diptych.engine import kv_rules
 from diptych.engine.block_pool import BlockCounter
 from diptych.engine.scheduler import check_plan
-from diptych.policies.batch import BatchPlan, BatchPolicy, KVState, SequenceState
+from diptych.policies.batch import BatchPlan, BatchPolicy, SequenceState
 
 if TYPE_CHECKING:
     from diptych.sim.simulator import Simulator
@@ -34,21 +46,24 @@ PREFILL, DECODE, COLOCATED = "prefill", "decode", "colocated"
 @dataclass(eq=False)
 class SimSeq(SequenceState):
     """A ``SequenceState`` the simulator keeps and updates in place (the engine rebuilds an equal one each step).
-    Extra fields are the simulator's own: request index, output length to generate, client, tier index, TBT target
-    (inf when none) and the KV blocks it will take or holds."""
+    Extra fields are the simulator's own: request index, output tokens to generate (``target``), client, tier index
+    and TBT target (inf when none)."""
 
     idx: int = 0
     target: int = 1
     client: str = ""
     tier_idx: int = 0
     slo: float = math.inf
-    blocks: int = 0
 
     __eq__ = object.__eq__  # identity: lists of sequences are searched and edited by object
     __hash__ = object.__hash__
 
 
 class Worker:
+    """One engine. ``pending_reservations``: request indices whose handoff reservation waits for blocks here, FIFO
+    (granted by ``Simulator.grant_reservations``). ``preemptions``, ``recomputed_tokens`` (computed positions the
+    preemptions dropped) and ``peak_running`` (most sequences running at once) count since the start."""
+
     def __init__(self, sim: Simulator, index: int, role: str, policy: BatchPolicy, total_blocks: int) -> None:
         self.sim = sim
         self.index = index
@@ -56,7 +71,13 @@ class Worker:
         self.role = role
         self.policy = policy
         self.total_blocks = total_blocks
+        self.block_size = sim.block_size
         self.blocks = BlockCounter(total_blocks)  # engine view: blocks allocated to sequences and reservations
+        self.watermark = kv_rules.watermark_blocks(sim.config.kv_watermark, total_blocks)
+        self.pending_reservations: deque[int] = deque()
+        self.preemptions = 0
+        self.recomputed_tokens = 0
+        self.peak_running = 0
         # requests the coordinator placed here and has not released (reservations and backlog: the cluster core)
         self.num_requests = 0
         self.waiting: list[SimSeq] = []
@@ -80,6 +101,7 @@ class Worker:
         self.reported = 0  # stretch iterations whose tokens were reported to the admission policy
         self.stretch_clients: dict[str, int] = {}
         self.stretch_seqs: list[SimSeq] = []  # the sequences a stretch runs (later arrivals join after it)
+        self.stretch_allocated = False  # the stretch's blocks are taken (its length is fixed)
         # decode tokens produced while in the decode pool, and the sum of their context lengths (pool statistics)
         self.decode_tokens = 0
         self.decode_context_tokens = 0
@@ -95,8 +117,16 @@ class Worker:
     def add_running(self, seq: SimSeq) -> None:
         """A handed-off sequence lands in its reserved blocks and starts decoding."""
         self.running.append(seq)
+        self.peak_running = max(self.peak_running, len(self.running))
         self.by_id[seq.request_id] = seq
         self.dirty = True
+
+    def reserve(self, blocks: int) -> bool:
+        """``Engine.reserve``: take ``blocks`` for a handoff if that leaves the admission watermark free."""
+        if blocks + kv_rules.admission_watermark(self.watermark, len(self.running)) > self.blocks.num_free:
+            return False
+        self.blocks.allocate(blocks)
+        return True
 
     def set_policy(self, policy: BatchPolicy) -> None:
         self.policy = policy
@@ -108,10 +138,6 @@ class Worker:
         """Blocks not allocated (engine view)."""
         return self.blocks.num_free
 
-    @free_blocks.setter
-    def free_blocks(self, value: int) -> None:
-        self.blocks.num_free = value
-
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
@@ -119,23 +145,34 @@ class Worker:
         """Nothing queued, running, reserved or in flight: safe to change role."""
         return not self.waiting and not self.running and self.num_requests == 0 and not self.busy
 
+    def step_blocks(self, seq: SimSeq) -> int:
+        """Blocks ``seq``'s next decode takes (``kv_rules.blocks_to_step`` at its newest token's position)."""
+        return kv_rules.blocks_to_step(seq.num_computed, seq.blocks_held, self.block_size)
+
     # ------------------------------------------------------------------ iterations
 
     def start(self, now: float) -> None:
         """Begin the next iteration at ``now`` (the worker is not busy)."""
         if not self.dirty and self.plan_all_decodes and not self.waiting and not self.sim.config.exact:
-            self._start_stretch(now)
-            return
+            k = self._stretch_length()
+            if k > 0:
+                self._start_stretch(now, k)
+                return
         running = self.running
         blocks = self.blocks
-        plan = self.policy.schedule(self.waiting, running,
-                                    KVState(blocks.num_free, self.total_blocks, self.sim.block_size), now)
-        self.dirty = False
-        if not plan.prefill_chunks and not plan.decodes and not plan.preempt:
-            self.plan_all_decodes = False
-            return
         by_id = self.by_id
-        check_plan(plan, by_id, blocks.num_free, type(self.policy).__name__)
+        while True:
+            plan = self.policy.schedule(self.waiting, running, kv_rules.kv_state(
+                blocks.num_free, self.total_blocks, self.block_size, self.watermark, len(running)), now)
+            self.dirty = False
+            if not plan.prefill_chunks and not plan.decodes and not plan.preempt:
+                self.plan_all_decodes = False
+                return
+            check_plan(plan, by_id, blocks.num_free, type(self.policy).__name__)
+            for request_id in plan.preempt:  # first: their blocks serve this plan
+                self._preempt(by_id[request_id], now)
+            if plan.prefill_chunks or plan.decodes:
+                break  # a plan that only preempted runs nothing: plan again from the new state
         prefill_tokens = 0
         pairs = 0.0
         for request_id, tokens in plan.prefill_chunks:
@@ -145,16 +182,21 @@ class Worker:
                 seq.blocks_to_admit = 0
                 self.waiting.remove(seq)
                 running.append(seq)
+                if len(running) > self.peak_running:
+                    self.peak_running = len(running)
                 self.sim.on_prefill_start(self, seq, now)
             start = seq.num_computed
-            if tokens <= 0 or start + tokens > seq.prompt_len:
+            if tokens <= 0 or start + tokens > seq.prefill_len:
                 raise RuntimeError(f"{type(self.policy).__name__} scheduled a chunk of {tokens} tokens at {start} "
-                                   f"for {request_id} (prompt {seq.prompt_len})")
+                                   f"for {request_id} (prefill {seq.prefill_len})")
             prefill_tokens += tokens
             pairs += tokens * start + tokens * (tokens + 1) / 2
         context = 0
         for request_id in plan.decodes:
             seq = by_id[request_id]
+            if seq.blocks_to_step:  # its position starts a block
+                seq.blocks_held += blocks.allocate(seq.blocks_to_step)
+                seq.blocks_to_step = 0
             context += seq.prompt_len + seq.num_output
         decodes = len(plan.decodes)
         self.plan_context = context
@@ -165,25 +207,79 @@ class Worker:
         self.stretch = False
         self._launch(now, duration)
 
-    def _start_stretch(self, now: float) -> None:
+    def _preempt(self, seq: SimSeq, now: float) -> None:
+        """``Scheduler._preempt``: free ``seq``'s blocks, drop its computed positions, queue it again (waiting, in
+        arrival order) to prefill its prompt and the outputs it had produced."""
+        self.blocks.free(seq.blocks_held)
+        self.preemptions += 1
+        self.recomputed_tokens += seq.num_computed
+        seq.blocks_held = 0
+        seq.num_computed = 0
+        seq.recompute_tokens = seq.num_output
+        seq.blocks_to_admit = kv_rules.blocks_to_admit(seq.prefill_len, self.block_size)
+        seq.blocks_to_step = 0
+        self.running.remove(seq)
+        waiting = self.waiting
+        waiting.append(seq)
+        if len(waiting) > 1:
+            waiting.sort(key=_arrival_time)
+        self.sim.preempted(seq, now)
+
+    def _stretch_length(self) -> int:
+        """Iterations the running decodes can run as planned now: until the first of them finishes, and only while
+        the blocks they all grow into fit in the free blocks (0: not even one iteration fits)."""
+        running = self.running
+        remaining = min(seq.target - seq.num_output for seq in running)
+        if self._stretch_growth(remaining) <= self.blocks.num_free:
+            return remaining
+        lo, hi = 0, remaining - 1  # the largest feasible k is in [lo, hi]; growth is monotone in k
+        free = self.blocks.num_free
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if self._stretch_growth(mid) <= free:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+
+    def _stretch_growth(self, k: int) -> int:
+        """Blocks that ``k`` more decodes of each running sequence take (the last computes position
+        ``num_computed + k - 1``)."""
+        step, size = kv_rules.blocks_to_step, self.block_size
+        return sum(step(seq.num_computed + k - 1, seq.blocks_held, size) for seq in self.running)
+
+    def _start_stretch(self, now: float, iterations: int) -> None:
         running = self.stretch_seqs = self.running[:]
         n = len(running)
-        remaining = min(seq.target - seq.num_output for seq in running)
         context = 0
         for seq in running:
             context += seq.prompt_len + seq.num_output
         a, b = self.sim.cost.decode_step_coeffs(n, context)
         self.plan_context = context
         self.stretch = True
+        self.stretch_allocated = False
         self.stretch_a, self.stretch_b = a, b
-        self.iterations = remaining
+        self.iterations = iterations
         self.reported = 0
         if self.sim.tracks_tokens:
             counts: dict[str, int] = {}
             for seq in running:
                 counts[seq.client] = counts.get(seq.client, 0) + 1
             self.stretch_clients = counts
-        self._launch(now, remaining * a + b * remaining * (remaining - 1) / 2)
+        self._launch(now, iterations * a + b * iterations * (iterations - 1) / 2)
+
+    def _allocate_stretch(self) -> None:
+        """The stretch's length is fixed: take the blocks its ``iterations`` decodes of each sequence grow into (the
+        engine takes them iteration by iteration; nothing else reads the pool in between)."""
+        if self.stretch_allocated:
+            return
+        self.stretch_allocated = True
+        k, blocks = self.iterations, self.blocks
+        step, size = kv_rules.blocks_to_step, self.block_size
+        for seq in self.stretch_seqs:
+            grow = step(seq.num_computed + k - 1, seq.blocks_held, size)
+            if grow:
+                seq.blocks_held += blocks.allocate(grow)
 
     def _launch(self, now: float, duration: float) -> None:
         self.busy = True
@@ -220,19 +316,20 @@ class Worker:
 
     def interrupt(self, t: float) -> None:
         """Something changed at ``t`` while this worker runs: a stretch is cut at the end of the iteration in
-        progress (its sequences were fixed when it started); the next iteration consults the policy."""
+        progress (its sequences were fixed when it started), whose blocks are then taken; the next iteration
+        consults the policy."""
         self.dirty = True
         if not (self.busy and self.stretch):
             return
         j = self.completed_iterations(t)
-        if j + 1 >= self.iterations:
-            return
-        self.iterations = j + 1
-        a, b, k = self.stretch_a, self.stretch_b, self.iterations
-        self.t_end = self.t_start + k * a + b * k * (k - 1) / 2
-        self.duration = self.t_end - self.t_start
-        self.generation += 1
-        self.sim.schedule_worker(self)
+        if j + 1 < self.iterations:
+            self.iterations = j + 1
+            a, b, k = self.stretch_a, self.stretch_b, self.iterations
+            self.t_end = self.t_start + k * a + b * k * (k - 1) / 2
+            self.duration = self.t_end - self.t_start
+            self.generation += 1
+            self.sim.schedule_worker(self)
+        self._allocate_stretch()
 
     def sync_tokens(self, t: float) -> None:
         """Report to the admission policy the tokens of stretch iterations that ended by ``t``."""
@@ -254,6 +351,8 @@ class Worker:
         else:
             self._finish_plan(t)
         self.busy = False
+        if self.pending_reservations:
+            self.sim.grant_reservations(self, t)
         if self.draining_to is not None and self.is_empty():
             self.sim.switch_role(self, t)
         if self.has_work() and not self.busy:
@@ -268,14 +367,26 @@ class Worker:
         by_id = self.by_id
         reports: dict[str, int] | None = {} if sim.tracks_tokens else None
         done: list[SimSeq] = []
+        role = self.role
+        step, size = kv_rules.blocks_to_step, self.block_size
         for request_id, tokens in plan.prefill_chunks:
             seq = by_id[request_id]
             seq.num_computed += tokens
-            if seq.num_computed >= seq.prompt_len:
+            if seq.num_computed < seq.prefill_len:
+                continue
+            if seq.num_output == 0:
                 sim.first_token(self, seq, t)
-                if reports is not None and self.role == COLOCATED:
+                if reports is not None and role == COLOCATED:
                     reports[seq.client] = reports.get(seq.client, 0) + 1
+            else:  # recomputed after a preemption: the next output token, a regular one
+                seq.recompute_tokens = 0
+                sim.token(seq, t)
+                if reports is not None:
+                    reports[seq.client] = reports.get(seq.client, 0) + 1
+            if role == PREFILL or seq.num_output >= seq.target:
                 done.append(seq)
+            else:
+                seq.blocks_to_step = step(seq.num_computed, seq.blocks_held, size)
         # one token per decode (Simulator.token, inlined: this is the hot loop of busy clusters)
         gaps, max_tbt, violations, num_gaps = sim.pending_gaps, sim.max_tbt, sim.violations, sim.num_gaps
         token_times = sim.token_times
@@ -290,6 +401,7 @@ class Worker:
                 violations[i] += 1
             num_gaps[i] += 1
             seq.num_output += 1
+            seq.num_computed += 1
             seq.last_token_time = t
             if token_times is not None:
                 token_times[i].append(t)
@@ -297,6 +409,8 @@ class Worker:
                 reports[seq.client] = reports.get(seq.client, 0) + 1
             if seq.num_output >= seq.target:
                 done.append(seq)
+            else:
+                seq.blocks_to_step = step(seq.num_computed, seq.blocks_held, size)
         if self.role == DECODE:
             self.decode_tokens += len(plan.decodes)
             self.decode_context_tokens += self.plan_context
@@ -307,11 +421,10 @@ class Worker:
             for client, count in reports.items():
                 on_tokens(client, count)
         for seq in done:
+            self._release(seq)
             if seq.num_output >= seq.target:
-                self._release(seq)
                 sim.finished(self, seq, t)
-            elif self.role == PREFILL:  # prefilled: export the KV and free the blocks, hand off
-                self._release(seq)
+            else:  # prefilled on a prefill worker: the KV is exported, the blocks freed; hand off
                 sim.prefilled(self, seq, t)
 
     def _finish_stretch(self, t: float) -> None:
@@ -335,8 +448,16 @@ class Worker:
         members = self.stretch_seqs
         if self.role == DECODE:
             self.decode_tokens, self.decode_context_tokens = self.decode_work(k)
+        self._allocate_stretch()
         sim.stretch_tokens(members, k, a, b, t0, first_end, t)
-        done = [seq for seq in members if seq.num_output >= seq.target]
+        step, size = kv_rules.blocks_to_step, self.block_size
+        done = []
+        for seq in members:
+            seq.num_computed += k
+            if seq.num_output >= seq.target:
+                done.append(seq)
+            else:
+                seq.blocks_to_step = step(seq.num_computed, seq.blocks_held, size)
         for seq in done:
             self._release(seq)
             sim.finished(self, seq, t)
@@ -348,3 +469,7 @@ class Worker:
         self.running.remove(seq)
         del self.by_id[seq.request_id]
         self.dirty = True
+
+
+def _arrival_time(seq: SimSeq) -> float:
+    return seq.arrival_time

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import pytest
 
+from diptych.cluster.blocks import blocks_for
+from diptych.cluster.placement import DEFAULT_EXPECTED_OUTPUT_TOKENS, expected_tokens
 from diptych.sim.simulator import Simulator, simulate
 from tests.sim.helpers import disaggregated, replace, request, specs
 
@@ -33,13 +35,17 @@ def test_invalid_cap_is_refused():
 
 
 def test_a_queue_waiting_for_decode_kv_is_decode_pressure_not_prefill_backlog():
-    # decode pool of 100 blocks: big1 reserves 90, big2 (700-token prompt, 44 prompt blocks) waits for KV
+    # decode pool of 100 blocks: big1's expected footprint takes more than half, big2 (700-token prompt, 44 prompt
+    # blocks, the same footprint) waits for KV
     workload = [request("big1", 0.0, 700, 740), request("big2", 0.01, 700, 740)]
+    footprint = blocks_for(expected_tokens(700, 740, DEFAULT_EXPECTED_OUTPUT_TOKENS), 16)
+    assert 50 < footprint <= 100
     sim = Simulator(disaggregated(1, 1, kv_blocks=100), workload, until=0.5)
     sim.run()
     stats = sim.pool_moves.stats(0.5)
     assert sim.core.waiting_for_kv
-    assert stats.kv_waiting == pytest.approx(44 / 100) and stats.decode_kv_utilization == pytest.approx(0.9)
+    assert stats.kv_waiting == pytest.approx(44 / 100)
+    assert stats.decode_kv_utilization == pytest.approx(footprint / 100)
     assert stats.queued_prompt_tokens == 0  # big1's prefill is done; big2's prompt is not prefill backlog
     # the same queue waiting for a prefill worker (the backlog limit) stays prefill backlog
     workload = [request(f"r{i}", 0.0, 3000, 8) for i in range(3)]

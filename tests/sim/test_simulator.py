@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from diptych.metrics.results import STATUS_CODES
+from diptych.policies.batch import BatchPlan, BatchPolicy
 from diptych.sim.config import ClusterConfig, PolicySpec
 from diptych.sim.simulator import Simulator, simulate
 from diptych.sim.token_accounting import _count_over
@@ -132,11 +133,13 @@ def test_requests_larger_than_any_pool_and_rate_limits_are_rejected():
     assert (r.status == STATUS_CODES["rejected"]).sum() == 3
 
 
-def test_reservation_uses_max_tokens():
-    sim = Simulator(disaggregated(1, 1, kv_blocks=200), [request("a", 0.0, 16, 4, max_tokens=1600)])
-    sim.run()
-    r = simulate(disaggregated(1, 1, kv_blocks=100), [request("a", 0.0, 16, 4, max_tokens=1600)])
-    assert r.status[0] == STATUS_CODES["rejected"]  # 102 blocks reserved for max_tokens > 100
+def test_max_tokens_reserves_nothing_the_decode_worker_takes_the_prompt_blocks():
+    # max_tokens of 1600 tokens (100 blocks) on 100-block pools: only the prompt's blocks are taken at dispatch
+    sim = Simulator(disaggregated(1, 1, kv_blocks=100), [request("a", 0.0, 160, 40, max_tokens=1600)])
+    r = sim.run()
+    assert r.status[0] == STATUS_CODES["finished"] and r.num_tokens[0] == 40
+    assert sim.req_blocks[0] == 10
+    assert all(w.free_blocks == w.total_blocks for w in sim.workers)
 
 
 def test_until_stops_the_run_with_unfinished_requests():
@@ -145,22 +148,35 @@ def test_until_stops_the_run_with_unfinished_requests():
     assert np.nanmax(r.times["finish"]) <= 3.0
 
 
-def test_preempting_policies_are_refused():
-    class Preempting:
-        name = "x"
+def test_a_plan_that_preempts_is_applied_and_the_request_recomputes():
+    class PreemptOnce(BatchPolicy):
+        """Prefills whole, decodes everything, and preempts ``a`` once, in the iteration after its third token."""
 
         def schedule(self, waiting, running, kv, now):
-            from diptych.policies.batch import BatchPlan
-            return BatchPlan(preempt=[running[0].request_id]) if running else BatchPlan(
-                prefill_chunks=[(waiting[0].request_id, waiting[0].prompt_len)])
+            seq = running[0] if running else None
+            if seq is not None and seq.num_output == 3 and not seq.in_prefill and not self.done:
+                self.done = True
+                return BatchPlan(preempt=[seq.request_id])
+            if waiting:
+                return BatchPlan(prefill_chunks=[(waiting[0].request_id, waiting[0].remaining_prompt)])
+            return BatchPlan(decodes=[s.request_id for s in running if not s.in_prefill])
 
-        def on_iteration_end(self, d, now):
-            pass
+        done = False
 
-    sim = Simulator(colocated(1), [request("a", 0.0, 16, 4)])
-    sim.workers[0].set_policy(Preempting())
-    with pytest.raises(RuntimeError, match="never preempts"):
-        sim.run()
+    sim = Simulator(colocated(1, kv_blocks=50, record_tokens=True, exact=True), [request("a", 0.0, 40, 8)])
+    sim.workers[0].set_policy(PreemptOnce())
+    r = sim.run()
+    worker = sim.workers[0]
+    assert r.status[0] == STATUS_CODES["finished"] and r.num_tokens[0] == 8 and len(r.token_times[0]) == 8
+    assert worker.preemptions == r.meta["preemptions"] == r.meta["request_preemptions"][0] == 1
+    # dropped: the prompt and the first two outputs' positions (the third's KV was not computed yet)
+    assert worker.recomputed_tokens == r.meta["recomputed_tokens"] == 42
+    assert r.times["preempted"][0] == pytest.approx(r.token_times[0][2])
+    # the recompute prefill (40 + 3 positions) ends with the 4th token: a regular token, not a first token
+    assert r.times["first_token"][0] == r.token_times[0][0] and r.num_gaps[0] == 7
+    recompute = DEFAULT.iteration_time(43, 0, 0, 43 * 44 / 2, 1)
+    assert r.token_times[0][3] == pytest.approx(r.times["preempted"][0] + recompute)
+    assert worker.free_blocks == worker.total_blocks
 
 
 def test_invalid_configs_are_refused_with_clear_messages():
