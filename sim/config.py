@@ -37,7 +37,9 @@ class ClusterConfig:
       weights, e.g. 53,100 blocks of 16 tokens for Mistral-7B on an H200).
     - ``kv_watermark``: fraction of each worker's pool that admission (and a decode worker's handoff reservation)
       leaves free while sequences run (``engine.kv_rules``); ``max_model_len``: the engines' context length in
-      tokens (None: only the pool bounds a sequence, ``kv_rules.max_positions``).
+      tokens (None: only the pool bounds a sequence, ``kv_rules.max_positions``); ``idle_poll_s``: how long a worker
+      whose plan ran nothing while sequences hold KV (e.g. SLAI deferring every decode when no block is free) waits
+      before planning again (the engine loop plans again at once).
     - Policies: ``admission`` (coordinator, ``ADMISSION_POLICIES``), ``prefill_policy`` / ``decode_policy`` /
       ``colocated_policy`` (per-worker ``BATCH_POLICIES``), ``pool_policy`` (``POOL_POLICIES``, ticked every
       ``pool_tick_s``; ``rad`` moves workers between the prefill and decode pools, draining them first).
@@ -66,6 +68,7 @@ class ClusterConfig:
     memory_utilization: float = 0.9
     kv_watermark: float = DEFAULT_WATERMARK_FRACTION
     max_model_len: int | None = None
+    idle_poll_s: float = 0.001
     admission: PolicySpec = field(default_factory=lambda: PolicySpec("fcfs"))
     prefill_policy: PolicySpec = field(default_factory=lambda: PolicySpec("sarathi", {"token_budget": 2048}))
     decode_policy: PolicySpec = field(default_factory=lambda: PolicySpec("sarathi", {"token_budget": 512}))
@@ -96,6 +99,8 @@ class ClusterConfig:
         watermark_blocks(self.kv_watermark, 1)  # ValueError outside [0, 1)
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError("max_model_len must be >= 2 or None")
+        if not self.idle_poll_s > 0:
+            raise ValueError("idle_poll_s must be > 0")
         if self.dispatch_latency_s < 0:
             raise ValueError("dispatch_latency_s must be >= 0")
         if self.pool_tick_s <= 0 or self.handoff_latency_s < 0 or self.handoff_bandwidth_Bps <= 0:

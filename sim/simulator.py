@@ -363,14 +363,7 @@ class Simulator:
 
     def _enqueue(self, worker: Worker, seq: SimSeq, now: float) -> None:
         worker.add_waiting(seq)
-        self._kick(worker, now)
-
-    @staticmethod
-    def _kick(worker: Worker, now: float) -> None:
-        if worker.busy:
-            worker.interrupt(now)
-        else:
-            worker.start(now)
+        worker.wake(now)
 
     # ------------------------------------------------------------------ worker callbacks
 
@@ -428,7 +421,7 @@ class Simulator:
                      slo=self.slo[i])
         self.req_seq[i] = seq
         decode.add_running(seq)
-        self._kick(decode, t)
+        decode.wake(t)
 
     def finished(self, worker: Worker, seq: SimSeq, t: float) -> None:
         i = seq.idx

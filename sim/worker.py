@@ -85,6 +85,7 @@ class Worker:
         self.by_id: dict[str, SimSeq] = {}
         self.generation = 0
         self.busy = False
+        self.polling = False  # busy waiting to plan again after a plan that ran nothing
         self.dirty = True
         self.plan_all_decodes = False
         self.draining_to: str | None = None
@@ -167,6 +168,10 @@ class Worker:
             self.dirty = False
             if not plan.prefill_chunks and not plan.decodes and not plan.preempt:
                 self.plan_all_decodes = False
+                if running:  # deferred decodes grow urgent with time alone: plan again, as the engine loop does
+                    self.polling = True
+                    self.stretch = False
+                    self._launch(now, self.sim.config.idle_poll_s)
                 return
             check_plan(plan, by_id, blocks.num_free, type(self.policy).__name__)
             for request_id in plan.preempt:  # first: their blocks serve this plan
@@ -314,6 +319,17 @@ class Worker:
         return (self.decode_tokens + iterations * n,
                 self.decode_context_tokens + iterations * self.plan_context + n * iterations * (iterations - 1) // 2)
 
+    def wake(self, now: float) -> None:
+        """Work reached this worker at ``now``: an idle or polling worker plans at once, a busy one at its next
+        iteration (``interrupt``)."""
+        if self.busy and not self.polling:
+            self.interrupt(now)
+            return
+        if self.polling:  # its pending wake-up event is dropped (``generation``)
+            self.polling = self.busy = False
+            self.generation += 1
+        self.start(now)
+
     def interrupt(self, t: float) -> None:
         """Something changed at ``t`` while this worker runs: a stretch is cut at the end of the iteration in
         progress (its sequences were fixed when it started), whose blocks are then taken; the next iteration
@@ -346,7 +362,9 @@ class Worker:
     def finish(self) -> None:
         """The iteration (or stretch) in flight ended at ``t_end``: apply it, then start the next one."""
         t = self.t_end
-        if self.stretch:  # still busy while applying: work placed meanwhile waits for the next iteration
+        if self.polling:
+            self.polling = False
+        elif self.stretch:  # still busy while applying: work placed meanwhile waits for the next iteration
             self._finish_stretch(t)
         else:
             self._finish_plan(t)
