@@ -15,7 +15,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="diptych coordinator",
         description="Diptych coordinator: queues requests, orders them across clients with the admission policy, "
-        "reserves KV on a decode worker and dispatches the prefill, and evicts workers that stop heartbeating.",
+        "places each by its expected KV footprint (--expected-output-tokens), has the decode worker reserve the "
+        "prompt's KV (retrying while it has no room) and dispatches the prefill, and evicts workers that stop "
+        "heartbeating.",
     )
     coordinator_config.add_arguments(parser)
     parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING [INFO]")
