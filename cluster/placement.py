@@ -4,7 +4,7 @@ colocated worker that does both.
 KV memory is allocated on demand by the engines (``engine.kv_rules``): a decode engine takes the prompt's blocks when
 the handoff is reserved, then one block whenever a decode starts a new one, and preempts (by recompute) when its pool
 runs dry. Placement therefore accounts each request by its *expected footprint* on the worker that decodes it,
-``blocks_for(prompt + min(max_tokens, expected_output_tokens))`` (``expected_blocks``), capped at the worker's pool
+``blocks_for(prompt + min(max_tokens, expected_output_tokens))`` (``expected_tokens``), capped at the worker's pool
 (a sequence never grows past it). ``Placement.reserved_blocks`` is that footprint; ``Placement.decode_blocks`` is what
 the decoding engine actually takes when the request arrives: the prompt's blocks (``ReserveKV.num_blocks``).
 
