@@ -19,7 +19,11 @@ from typing import Any
 
 from tqdm import tqdm
 
+from diptych.experiments.common import add_max_tokens_argument
+
 VARIANTS = ("sarathi-fcfs", "slai")
+CONTEXT_LEN = 32768
+"""The replayed engine's ``max_model_len`` (tokens): the context ``--max-tokens`` fills."""
 
 
 def add_replay_parser(kinds: argparse._SubParsersAction) -> None:
@@ -36,6 +40,7 @@ def add_replay_parser(kinds: argparse._SubParsersAction) -> None:
                    help="the simulator's cost model (preset or file) [%(default)s]")
     r.add_argument("--seed", type=int, default=1, help="workload seed [%(default)s]")
     r.add_argument("--json", default=None, help="also write the raw summaries to this JSON file")
+    add_max_tokens_argument(r, "slai-vs-sarathi", context=f"the engine's max_model_len, {CONTEXT_LEN}")
 
 
 def run_replay(args: argparse.Namespace) -> int:
@@ -44,6 +49,7 @@ def run_replay(args: argparse.Namespace) -> int:
     from diptych.experiments.common import parse_numbers
     from diptych.experiments.slai_vs_sarathi import VARIANTS as ALL_VARIANTS
     from diptych.sim.cost_model import resolve
+    from diptych.workloads.max_tokens import parse_max_tokens
 
     try:
         loads = parse_numbers(args.loads, "--loads")
@@ -57,6 +63,7 @@ def run_replay(args: argparse.Namespace) -> int:
         if args.requests < 10 or args.kv_gb <= 0:
             raise ValueError("--requests must be >= 10 and --kv-gb > 0")
         cost = resolve(args.cost_model)
+        args.max_tokens = str(parse_max_tokens(args.max_tokens))
     except ValueError as exc:
         print(f"diptych bench replay: {exc}", file=sys.stderr)
         return 2
@@ -83,11 +90,11 @@ def _measure(args: argparse.Namespace, loads: list[float], variants: list[str], 
     under_test = build_model(args.model, args.device, torch.bfloat16)
     rows = []
     for qps in loads:  # variants interleaved per load, so no variant gains from running later
-        specs = workload(qps, args.requests, args.seed)
+        specs = workload(qps, args.requests, args.seed, args.max_tokens, CONTEXT_LEN)
         for variant in variants:
             policy_name, knobs, _ = ALL_VARIANTS[variant]
             engine = Engine(EngineConfig(device=args.device, dtype="bfloat16", kv_memory_gb=args.kv_gb,
-                                         max_model_len=32768),
+                                         max_model_len=CONTEXT_LEN),
                             BATCH_POLICIES.create(policy_name, **{**COMMON, **knobs}), model=under_test.model)
             replay(engine, warmup_specs(specs), args.seed, f"warm-up {variant}")  # kernels built, not timed
             real = RunResult.from_timelines(replay(engine, specs, args.seed, f"{variant} @ {qps:g} req/s"))
@@ -115,8 +122,9 @@ def warmup_specs(specs: list, count: int = 12) -> list:
 
 
 def replay(engine: Any, specs: list, seed: int, label: str) -> list:
-    """Add each request at its arrival time (seconds from now) and step the engine until every request ends;
-    returns one ``RequestTimeline`` per spec, on the wall clock."""
+    """Add each request at its arrival time (seconds from now), with the spec's ``max_tokens`` and
+    ``stop_after_tokens = output_len`` (the output follows the workload; the scheduler sees only the cap), and step
+    the engine until every request ends; returns one ``RequestTimeline`` per spec, on the wall clock."""
     from diptych.engine.outputs import StepOutput
     from diptych.metrics.timeline import from_service_timeline
     from diptych.proto.messages import SLO, SamplingParams
@@ -134,7 +142,8 @@ def replay(engine: Any, specs: list, seed: int, label: str) -> list:
             rng = random.Random(f"{seed}:{spec.request_id}")
             arrival = start + spec.arrival_time
             engine.add_request(spec.request_id, [rng.randrange(3, vocab) for _ in range(spec.prompt_len)],
-                               SamplingParams(max_tokens=spec.max_tokens, temperature=0.0, ignore_eos=True),
+                               SamplingParams(max_tokens=spec.max_tokens, stop_after_tokens=spec.output_len,
+                                              temperature=0.0, ignore_eos=True),
                                arrival_time=arrival,
                                slo=SLO(tier=spec.tier, ttft_s=spec.ttft_slo_s, tbt_s=spec.tbt_slo_s))
             timelines[spec.request_id] = {"arrival": arrival, "token_times": []}

@@ -45,6 +45,18 @@ def _indexed(job: tuple[Callable[[Any], Any], int, Any]) -> tuple[int, Any]:
     return index, fn(item)
 
 
+def add_max_tokens_argument(parser: Any, name: str, context: str = "one simulated worker's KV pool") -> None:
+    """The ``--max-tokens`` policy option (``workloads.max_tokens``) of experiment ``name``, whose context is
+    ``context``. Every result recorded in ``docs/experiments`` before the policy existed used oracle caps; the help
+    says so and how to reproduce them."""
+    from diptych.workloads.max_tokens import DEFAULT_MAX_TOKENS, MAX_TOKENS_HELP
+
+    parser.add_argument("--max-tokens", default=DEFAULT_MAX_TOKENS, metavar="oracle|N|context",
+                        help=f"{MAX_TOKENS_HELP}; the context is {context}. The results in "
+                             f"docs/experiments/{name}.md were produced with oracle caps (--max-tokens oracle "
+                             "reproduces them); the default is now the fixed cap [%(default)s]")
+
+
 def parse_names(text: str, choices: Iterable[str], what: str) -> list[str]:
     """Comma-separated names from an option, each one of ``choices``; ``ValueError`` names the first unknown one."""
     names = [name.strip() for name in text.split(",") if name.strip()]

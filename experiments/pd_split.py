@@ -27,7 +27,15 @@ from typing import Any
 
 import numpy as np
 
-from diptych.experiments.common import md_table, parallel_map, parse_numbers, pyplot, save_figure, write_markdown
+from diptych.experiments.common import (
+    add_max_tokens_argument,
+    md_table,
+    parallel_map,
+    parse_numbers,
+    pyplot,
+    save_figure,
+    write_markdown,
+)
 
 NAME = "pd-split"
 HELP = "every static prefill:decode split, colocated and RAD on 4/8/16 GPUs: goodput under SLOs per workload"
@@ -52,6 +60,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shift-qps", type=float, default=None,
                    help="load of the fixed-load shift run [90%% of the phases' smaller best static goodput]")
     p.add_argument("--shift-duration", type=float, default=600.0, help="seconds of the fixed-load shift run")
+    add_max_tokens_argument(p, NAME)
 
 
 def configs(gpus: int) -> list[str]:
@@ -79,21 +88,26 @@ def cluster(name: str, gpus: int, cost_model: str, rad_dwell: float):
                          max_decode_sequences=DECODE_BATCH)
 
 
-def workload(name: str, qps: float, requests: int, ttft: float, tbt: float, seed: int = 0):
+def workload(name: str, qps: float, requests: int, ttft: float, tbt: float, max_tokens: str, context: int | None,
+             seed: int = 0):
+    """The named workload with its SLOs, ``max_tokens`` the policy (``workloads.max_tokens``) within ``context``
+    tokens."""
     from diptych.workloads.catalog import WorkloadConfig, build_workload
 
     name = "shift:azure-conv,azure-code" if name == SHIFT else name
     return build_workload(WorkloadConfig(name, qps=qps, num_requests=requests, tiers=f"default:1:{tbt}:{ttft}",
-                                         seed=seed))
+                                         seed=seed, max_tokens=max_tokens, model_context=context))
 
 
-def estimate(workload_name: str, config_name: str, gpus: int, cost_model: str) -> float:
+def estimate(workload_name: str, config_name: str, gpus: int, cost_model: str, max_tokens: str) -> float:
     """A rough capacity (requests/s) to start the search from: per-worker prefill and decode rates from the cost
     model at the workload's mean lengths (decode: as many sequences as fit in KV, at most 1024)."""
+    from diptych.sim.cli import simulated_context
     from diptych.sim.cost_model import resolve
 
     cost = resolve(cost_model)
-    specs = workload(workload_name, 1.0, 2000, 1.0, 0.1)
+    context = simulated_context(cluster(config_name, gpus, cost_model, rad_dwell=1.0))
+    specs = workload(workload_name, 1.0, 2000, 1.0, 0.1, max_tokens, context)
     prompt = float(np.mean([s.prompt_len for s in specs]))
     output = float(np.mean([s.output_len for s in specs]))
     prefill_rate = cost.prefill_throughput_tps(2048, int(prompt)) / prompt
@@ -108,13 +122,15 @@ def estimate(workload_name: str, config_name: str, gpus: int, cost_model: str) -
 
 def _search(job: dict[str, Any]) -> dict[str, Any]:
     from diptych.sim.capacity import capacity_search
+    from diptych.sim.cli import simulated_context
     from diptych.sim.simulator import simulate
 
     config = cluster(job["config"], job["gpus"], job["cost_model"], job["rad_dwell"])
+    context = simulated_context(config)
 
     def one(qps: float) -> dict:
         requests = max(job["min_requests"], int(qps * job["run_seconds"]))
-        specs = workload(job["workload"], qps, requests, job["ttft"], job["tbt"])
+        specs = workload(job["workload"], qps, requests, job["ttft"], job["tbt"], job["max_tokens"], context)
         return steady_summary(simulate(config, specs), job["warmup"])
 
     est = job["estimate"]
@@ -141,10 +157,12 @@ def steady_summary(result, warmup_s: float) -> dict[str, Any]:
 
 
 def _fixed(job: dict[str, Any]) -> dict[str, Any]:
+    from diptych.sim.cli import simulated_context
     from diptych.sim.simulator import simulate
 
     config = cluster(job["config"], job["gpus"], job["cost_model"], job["rad_dwell"])
-    specs = workload(SHIFT, job["qps"], int(job["qps"] * job["duration"]), job["ttft"], job["tbt"], seed=1)
+    specs = workload(SHIFT, job["qps"], int(job["qps"] * job["duration"]), job["ttft"], job["tbt"],
+                     job["max_tokens"], simulated_context(config), seed=1)
     result = simulate(config, specs)
     meets = result.meets_slo()
     arrival = result.times["arrival"]
@@ -160,6 +178,9 @@ def _fixed(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace, out_dir: Path) -> list[Path]:
+    from diptych.workloads.max_tokens import parse_max_tokens
+
+    max_tokens = str(parse_max_tokens(args.max_tokens))
     gpu_counts = parse_numbers(args.gpus, "--gpus", int)
     names = [w.strip() for w in args.workloads.split(",") if w.strip()]
     if min(gpu_counts) < 2:
@@ -178,17 +199,18 @@ def run(args: argparse.Namespace, out_dir: Path) -> list[Path]:
         run_seconds, warmup, duration, min_requests = min(run_seconds, 15.0), min(warmup, 3.0), min(duration, 40.0), 60
     jobs = [{"config": c, "gpus": n, "workload": w, "run_seconds": run_seconds, "warmup": warmup,
              "min_requests": min_requests, "cost_model": args.cost_model, "rad_dwell": args.rad_dwell,
-             "ttft": args.ttft_slo, "tbt": args.tbt_slo, "tolerance": args.tolerance,
-             "estimate": estimate(w, c, n, args.cost_model)}
+             "ttft": args.ttft_slo, "tbt": args.tbt_slo, "tolerance": args.tolerance, "max_tokens": max_tokens,
+             "estimate": estimate(w, c, n, args.cost_model, max_tokens)}
             for w in names for n in gpu_counts for c in configs(n)]
     jobs.sort(key=lambda j: -j["gpus"])  # big ones first: better packing over the processes
     results = parallel_map(_search, jobs, args.jobs, "pd-split capacity searches", progress=not args.no_progress)
     by = {(r["workload"], r["gpus"], r["config"]): r for r in results}
     shift = None
     if SHIFT in names:
-        qps = args.shift_qps or _shift_load(by, shift_gpus, args.cost_model)
+        qps = args.shift_qps or _shift_load(by, shift_gpus, args.cost_model, max_tokens)
         fixed_jobs = [{"config": c, "gpus": shift_gpus, "qps": qps, "duration": duration, "cost_model": args.cost_model,
-                       "rad_dwell": args.rad_dwell, "ttft": args.ttft_slo, "tbt": args.tbt_slo}
+                       "rad_dwell": args.rad_dwell, "ttft": args.ttft_slo, "tbt": args.tbt_slo,
+                       "max_tokens": max_tokens}
                       for c in configs(shift_gpus)]
         shift = {"qps": qps, "gpus": shift_gpus, "duration": duration,
                  "runs": parallel_map(_fixed, fixed_jobs, args.jobs, "pd-split shift run",
@@ -203,7 +225,7 @@ def run(args: argparse.Namespace, out_dir: Path) -> list[Path]:
     return files
 
 
-def _shift_load(by: dict, gpus: int, cost_model: str) -> float:
+def _shift_load(by: dict, gpus: int, cost_model: str, max_tokens: str) -> float:
     """90% of the load that each phase's own best static split sustains (the smaller of the two): a split that
     follows the phases can serve it; one static split serves it only if it is best for both phases."""
     best = []
@@ -213,7 +235,7 @@ def _shift_load(by: dict, gpus: int, cost_model: str) -> float:
             best.append(max(static))
     if len(best) == 2 and min(best) > 0:
         return 0.9 * min(best)
-    return 0.8 * estimate(SHIFT, "rad", gpus, cost_model)
+    return 0.8 * estimate(SHIFT, "rad", gpus, cost_model, max_tokens)
 
 
 def _plot_goodput(plt: Any, out_dir: Path, names: list[str], gpu_counts: list[int], by: dict) -> Path:

@@ -33,7 +33,15 @@ from typing import Any
 
 import numpy as np
 
-from diptych.experiments.common import md_table, parse_names, parse_numbers, pyplot, save_figure, write_markdown
+from diptych.experiments.common import (
+    add_max_tokens_argument,
+    md_table,
+    parse_names,
+    parse_numbers,
+    pyplot,
+    save_figure,
+    write_markdown,
+)
 
 NAME = "sim-agreement"
 HELP = "real services with --engine sim vs the simulator on the same workload: median TTFT and P99 TBT"
@@ -81,13 +89,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tolerance", type=float, default=0.10, help="agreement threshold, relative [%(default)s]")
     p.add_argument("--seed", type=int, default=1, help="workload seed [%(default)s]")
     p.add_argument("--keep-logs", default=None, help="directory for the services' logs [a temporary one]")
+    add_max_tokens_argument(p, NAME, context="the --engine sim workers' context (engine.sim_engine.SIM_CONTEXT_LEN), "
+                                             "the same specs going to the simulator")
 
 
-def workload(setting: Setting, qps: float, requests: int, seed: int):
+def workload(setting: Setting, qps: float, requests: int, seed: int, max_tokens: str):
+    """The setting's workload, ``max_tokens`` the policy (``workloads.max_tokens``) within the services' context."""
+    from diptych.engine.sim_engine import SIM_CONTEXT_LEN
     from diptych.workloads.catalog import WorkloadConfig, build_workload
 
     return build_workload(WorkloadConfig(setting.workload, qps=qps, num_requests=requests,
-                                         arrivals=setting.arrivals, tiers=setting.tiers, seed=seed))
+                                         arrivals=setting.arrivals, tiers=setting.tiers, seed=seed,
+                                         max_tokens=max_tokens, model_context=SIM_CONTEXT_LEN))
 
 
 def kv_blocks(setting: Setting, block_size: int = 16) -> int:
@@ -169,7 +182,9 @@ def gap_split(result) -> dict[str, float]:
 def run(args: argparse.Namespace, out_dir: Path) -> list[Path]:
     from diptych.metrics.summary import summarize
     from diptych.sim.simulator import simulate
+    from diptych.workloads.max_tokens import parse_max_tokens
 
+    max_tokens = str(parse_max_tokens(args.max_tokens))
     names = parse_names(args.settings, SETTINGS, "setting")
     if args.scale_requests <= 0 or not 0 < args.tolerance < 1:
         raise ValueError("--scale-requests must be positive and --tolerance in (0, 1)")
@@ -182,7 +197,7 @@ def run(args: argparse.Namespace, out_dir: Path) -> list[Path]:
                 else [(qps, setting.requests[0]) for qps in loads_override])
         for qps, requests in runs:
             requests = max(20, int(requests * args.scale_requests * (0.25 if args.quick else 1)))
-            specs = workload(setting, qps, requests, args.seed)
+            specs = workload(setting, qps, requests, args.seed, max_tokens)
             if not args.no_progress:
                 print(f"{name} at {qps:g} req/s, {requests} requests: services, then the simulator")
             log_dir = str(Path(log_root) / f"{name.replace('/', '-')}-{qps:g}")

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from diptych.experiments.common import (
+    add_max_tokens_argument,
     fmt,
     md_table,
     parallel_map,
@@ -57,6 +58,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", type=int, default=1, help="workload seeds averaged per point [%(default)s]")
     p.add_argument("--no-capacity", action="store_true", help="skip the capacity searches")
     p.add_argument("--tolerance", type=float, default=0.02, help="capacity search tolerance [%(default)s]")
+    add_max_tokens_argument(p, NAME)
 
 
 def config_for(variant: str, cost_model: str):
@@ -70,34 +72,40 @@ def config_for(variant: str, cost_model: str):
                          colocated_reserve=spf, max_prefill_backlog_tokens=4096 if spf else None)
 
 
-def workload(qps: float, requests: int, seed: int):
+def workload(qps: float, requests: int, seed: int, max_tokens: str, context: int | None):
+    """The experiment's ShareGPT4 workload, ``max_tokens`` the policy (``workloads.max_tokens``) within ``context``
+    tokens."""
     from diptych.workloads.catalog import WorkloadConfig, build_workload
 
     return build_workload(WorkloadConfig("sharegpt4", qps=qps, num_requests=requests, arrivals="poisson-capped",
-                                         tiers="slai", seed=seed))
+                                         tiers="slai", seed=seed, max_tokens=max_tokens, model_context=context))
 
 
 def _point(job: dict[str, Any]) -> dict[str, Any]:
     from diptych.metrics.summary import summarize
+    from diptych.sim.cli import simulated_context
     from diptych.sim.simulator import simulate
 
+    config = config_for(job["variant"], job["cost_model"])
     out = []
     for seed in range(job["seeds"]):
-        s = summarize(simulate(config_for(job["variant"], job["cost_model"]),
-                               workload(job["qps"], job["requests"], seed)), fairness_metrics=False)
-        out.append(s)
+        specs = workload(job["qps"], job["requests"], seed, job["max_tokens"], simulated_context(config))
+        out.append(summarize(simulate(config, specs), fairness_metrics=False))
     return {"variant": job["variant"], "qps": job["qps"], "summaries": out}
 
 
 def _capacity(job: dict[str, Any]) -> dict[str, Any]:
     from diptych.metrics.summary import summarize
     from diptych.sim.capacity import capacity_search
+    from diptych.sim.cli import simulated_context
     from diptych.sim.simulator import simulate
 
     config = config_for(job["variant"], job["cost_model"])
+    context = simulated_context(config)
 
     def one(qps: float) -> dict:
-        return summarize(simulate(config, workload(qps, job["requests"], 0)), fairness_metrics=False)
+        specs = workload(qps, job["requests"], 0, job["max_tokens"], context)
+        return summarize(simulate(config, specs), fairness_metrics=False)
 
     result = capacity_search(one, "slai", job["lo"], job["hi"], rel_tol=job["tolerance"], max_runs=14)
     return {"variant": job["variant"], "capacity": result.qps,
@@ -110,6 +118,9 @@ def _mean(summaries: list[dict], key: str, tier: str | None = None) -> float:
 
 
 def run(args: argparse.Namespace, out_dir: Path) -> list[Path]:
+    from diptych.workloads.max_tokens import parse_max_tokens
+
+    max_tokens = str(parse_max_tokens(args.max_tokens))
     variants = parse_names(args.variants, VARIANTS, "variant")
     loads = parse_numbers(args.loads, "--loads")
     requests, seeds = args.requests, args.seeds
@@ -117,19 +128,20 @@ def run(args: argparse.Namespace, out_dir: Path) -> list[Path]:
         requests, loads = min(requests, 150), loads[::2]
     if requests < 10 or seeds < 1:
         raise ValueError("--requests must be >= 10 and --seeds >= 1")
-    jobs = [{"variant": v, "qps": q, "requests": requests, "seeds": seeds, "cost_model": args.cost_model}
-            for v in variants for q in loads]
+    jobs = [{"variant": v, "qps": q, "requests": requests, "seeds": seeds, "cost_model": args.cost_model,
+             "max_tokens": max_tokens} for v in variants for q in loads]
     points = parallel_map(_point, jobs, args.jobs, "slai-vs-sarathi loads", progress=not args.no_progress)
     capacities: dict[str, dict] = {}
     if not args.no_capacity:
         cap_jobs = [{"variant": v, "requests": requests, "cost_model": args.cost_model, "lo": min(loads),
-                     "hi": max(loads), "tolerance": args.tolerance if not args.quick else 0.1} for v in variants]
+                     "hi": max(loads), "tolerance": args.tolerance if not args.quick else 0.1,
+                     "max_tokens": max_tokens} for v in variants]
         for r in parallel_map(_capacity, cap_jobs, args.jobs, "slai-vs-sarathi capacity",
                               progress=not args.no_progress):
             capacities[r["variant"]] = r
     if base_capacity := capacities.get("sarathi-fcfs", {}).get("capacity"):
         extra = [{"variant": v, "qps": base_capacity, "requests": requests, "seeds": seeds,
-                  "cost_model": args.cost_model} for v in variants]
+                  "cost_model": args.cost_model, "max_tokens": max_tokens} for v in variants]
         points += parallel_map(_point, extra, args.jobs, "slai-vs-sarathi at Sarathi's capacity",
                                progress=not args.no_progress)
         if base_capacity not in loads:

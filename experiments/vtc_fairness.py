@@ -20,7 +20,15 @@ from typing import Any
 
 import numpy as np
 
-from diptych.experiments.common import md_table, parallel_map, parse_names, pyplot, save_figure, write_markdown
+from diptych.experiments.common import (
+    add_max_tokens_argument,
+    md_table,
+    parallel_map,
+    parse_names,
+    pyplot,
+    save_figure,
+    write_markdown,
+)
 
 NAME = "vtc-fairness"
 HELP = "VTC scenarios under FCFS, LCF, VTC and RPM: service differences over time, Table-2 metrics"
@@ -38,23 +46,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rpm-limit", type=int, default=60, help="RPM baseline: requests per client per minute [60]")
     p.add_argument("--cost-model", default="a10g-llama-2-7b", help="cost model preset or file [%(default)s]")
     p.add_argument("--token-budget", type=int, default=512, help="Sarathi token budget [%(default)s]")
+    add_max_tokens_argument(p, NAME)
 
 
 def _job(job: dict[str, Any]) -> dict[str, Any]:
     from diptych.metrics.fairness import service_difference, table2_metric, window_service
     from diptych.metrics.summary import summarize
+    from diptych.sim.cli import simulated_context
     from diptych.sim.config import ClusterConfig, PolicySpec
     from diptych.sim.cost_model import resolve
     from diptych.sim.simulator import simulate
+    from diptych.workloads.max_tokens import apply_max_tokens
     from diptych.workloads.vtc import DEFAULT_DURATION_S, vtc_scenario
 
     duration = job["duration"] or DEFAULT_DURATION_S.get(job["scenario"], 600.0)
-    specs = vtc_scenario(job["scenario"], duration, seed=0)
     knobs = {"limit": job["rpm_limit"]} if job["policy"] == "rpm" else {}
     config = ClusterConfig(prefill_workers=0, decode_workers=0, colocated_workers=1,
                            cost_model=resolve(job["cost_model"]), admission=PolicySpec(job["policy"], knobs),
                            colocated_policy=PolicySpec("sarathi", {"token_budget": job["token_budget"]}),
                            colocated_reserve=True, max_prefill_backlog_tokens=4096)
+    specs = apply_max_tokens(vtc_scenario(job["scenario"], duration, seed=0), job["max_tokens"],
+                             simulated_context(config))
     result = simulate(config, specs, until=duration)
     grid, diff = service_difference(result, 1.0)
     starts, rates = window_service(result, 30.0)
@@ -75,8 +87,10 @@ def _job(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace, out_dir: Path) -> list[Path]:
+    from diptych.workloads.max_tokens import parse_max_tokens
     from diptych.workloads.vtc import SCENARIOS
 
+    max_tokens = str(parse_max_tokens(args.max_tokens))
     scenarios = parse_names(args.scenarios, SCENARIOS, "scenario")
     policies = parse_names(args.policies, POLICIES, "policy")
     duration = args.duration
@@ -89,7 +103,8 @@ def run(args: argparse.Namespace, out_dir: Path) -> list[Path]:
     if args.rpm_limit < 1:
         raise ValueError("--rpm-limit must be >= 1")
     jobs = [{"scenario": s, "policy": p, "duration": duration, "rpm_limit": args.rpm_limit,
-             "cost_model": args.cost_model, "token_budget": args.token_budget} for s in scenarios for p in policies]
+             "cost_model": args.cost_model, "token_budget": args.token_budget, "max_tokens": max_tokens}
+            for s in scenarios for p in policies]
     results = parallel_map(_job, jobs, args.jobs, "vtc-fairness", progress=not args.no_progress)
     by = {(r["scenario"], r["policy"]): r for r in results}
     files = []

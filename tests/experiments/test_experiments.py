@@ -15,7 +15,9 @@ def test_every_experiment_is_registered_with_help(capsys):
         with pytest.raises(SystemExit) as exit_info:
             main(["experiment", name, "--help"])
         assert exit_info.value.code == 0
-        assert "--out-dir" in capsys.readouterr().out
+        out = " ".join(capsys.readouterr().out.split())
+        assert "--out-dir" in out and "--max-tokens" in out
+        assert "produced with oracle caps (--max-tokens oracle reproduces them)" in out
 
 
 def test_vtc_fairness_tiny(tmp_path, capsys):
@@ -27,9 +29,11 @@ def test_vtc_fairness_tiny(tmp_path, capsys):
     assert (tmp_path / "vtc-fairness-overload.png").stat().st_size > 10_000
 
 
-def test_slai_vs_sarathi_tiny(tmp_path):
+@pytest.mark.parametrize("max_tokens", ["2048", "oracle", "context"])
+def test_slai_vs_sarathi_tiny(tmp_path, max_tokens):
     code = main(["experiment", "slai-vs-sarathi", "--out-dir", str(tmp_path), "--variants", "sarathi-fcfs,slai",
-                 "--loads", "1.5", "--requests", "60", "--no-capacity", "--jobs", "1", "--no-progress"])
+                 "--loads", "1.5", "--requests", "60", "--no-capacity", "--jobs", "1", "--no-progress",
+                 "--max-tokens", max_tokens])
     assert code == 0
     report = (tmp_path / "slai-vs-sarathi.md").read_text()
     assert "| 1.5 | slai |" in report and (tmp_path / "slai-vs-sarathi.png").exists()
@@ -51,6 +55,10 @@ def test_pd_split_tiny(tmp_path):
     (["pd-split", "--gpus", "1"], "at least 2"),
     (["pd-split", "--workloads", "lmsys"], "unknown length distribution"),
     (["pd-split", "--jobs", "0"], "--jobs"),
+    (["pd-split", "--max-tokens", "lots"], "--max-tokens must be"),
+    (["vtc-fairness", "--max-tokens", "0"], "at least 1 token"),
+    (["slai-vs-sarathi", "--max-tokens", "-5"], "at least 1 token"),
+    (["sim-agreement", "--max-tokens", "all"], "--max-tokens must be"),
 ])
 def test_bad_options(argv, message, tmp_path, capsys):
     assert main(["experiment", *argv, "--out-dir", str(tmp_path), "--no-progress"]) == 2
