@@ -1,9 +1,9 @@
 """The request spec: what a load generator sends and the simulator replays, one per request.
 
 A workload is a list of ``RequestSpec`` sorted by ``arrival_time`` (seconds from the start of the run). The live
-load generator submits each at its arrival time with ``max_tokens = max_tokens`` and ``ignore_eos=True`` (so the
-output length is ``output_len``, as in the simulator) and the request's client, weight and SLO; the simulator
-replays the same list in virtual time.
+load generator submits each at its arrival time with ``max_tokens = max_tokens``, ``stop_after_tokens = output_len``
+and ``ignore_eos=True`` (so the output length is ``output_len``, as in the simulator, while the scheduler sees only
+``max_tokens``) and the request's client, weight and SLO; the simulator replays the same list in virtual time.
 
 File format (``save_specs`` / ``load_specs``): JSON Lines, one object per request with the field names below.
 """
@@ -21,9 +21,9 @@ from pathlib import Path
 class RequestSpec:
     """One request. Times in seconds, lengths in tokens.
 
-    ``output_len`` is the number of tokens generated; ``max_tokens`` the limit the request asks for (what decode KV
-    is reserved for; default ``output_len``). ``tier`` names the SLO class; ``tbt_slo_s`` / ``ttft_slo_s`` its
-    targets (None: none). ``weight`` is the client's fairness weight."""
+    ``output_len`` is the number of tokens generated; ``max_tokens`` the limit the request asks for (default
+    ``output_len``; ``workloads.max_tokens`` sets it by policy), ``>= output_len``. ``tier`` names the SLO class;
+    ``tbt_slo_s`` / ``ttft_slo_s`` its targets (None: none). ``weight`` is the client's fairness weight."""
 
     request_id: str
     arrival_time: float
