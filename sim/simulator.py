@@ -344,11 +344,9 @@ class Simulator:
 
     def grant_reservations(self, decode: Worker, now: float) -> None:
         """Grant ``decode``'s pending reservations in FIFO order while they fit (``Worker.reserve``), sending each
-        granted request to its prefill worker. A stretch in flight is cut first, so the free count is exact."""
+        granted request to its prefill worker."""
         pending = decode.pending_reservations
-        if decode.busy and decode.stretch:
-            decode.interrupt(now)
-        while pending and decode.reserve(self.req_blocks[pending[0]]):
+        while pending and decode.reserve(self.req_blocks[pending[0]], now):
             i = pending.popleft()
             seq = self.req_seq[i]
             assert seq is not None

@@ -32,6 +32,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from diptych.cluster.blocks import blocks_for
 from diptych.engine import kv_rules
 from diptych.engine.block_pool import BlockCounter
 from diptych.engine.scheduler import check_plan
@@ -122,9 +123,18 @@ class Worker:
         self.by_id[seq.request_id] = seq
         self.dirty = True
 
-    def reserve(self, blocks: int) -> bool:
-        """``Engine.reserve``: take ``blocks`` for a handoff if that leaves the admission watermark free."""
-        if blocks + kv_rules.admission_watermark(self.watermark, len(self.running)) > self.blocks.num_free:
+    def reserve(self, blocks: int, now: float) -> bool:
+        """``Engine.reserve`` at ``now``: take ``blocks`` for a handoff if that leaves the admission watermark free.
+        During a stretch whose blocks are not taken yet, a reservation that fits beside all of them is granted (it
+        would be at any point of the stretch, which stays feasible); otherwise the stretch is cut first
+        (``interrupt``), so the count is the engine's."""
+        need = blocks + kv_rules.admission_watermark(self.watermark, len(self.running))
+        if self.busy and self.stretch and not self.stretch_allocated:
+            if need <= self.blocks.num_free - self._stretch_growth(self.iterations, self.stretch_seqs):
+                self.blocks.allocate(blocks)
+                return True
+            self.interrupt(now)
+        if need > self.blocks.num_free:
             return False
         self.blocks.allocate(blocks)
         return True
@@ -235,23 +245,26 @@ class Worker:
         the blocks they all grow into fit in the free blocks (0: not even one iteration fits)."""
         running = self.running
         remaining = min(seq.target - seq.num_output for seq in running)
-        if self._stretch_growth(remaining) <= self.blocks.num_free:
+        free = self.blocks.num_free
+        # k positions more take at most blocks_for(k) blocks per sequence: enough room needs no exact count
+        if len(running) * blocks_for(remaining, self.block_size) <= free:
+            return remaining
+        if self._stretch_growth(remaining, running) <= free:
             return remaining
         lo, hi = 0, remaining - 1  # the largest feasible k is in [lo, hi]; growth is monotone in k
-        free = self.blocks.num_free
         while lo < hi:
             mid = (lo + hi + 1) // 2
-            if self._stretch_growth(mid) <= free:
+            if self._stretch_growth(mid, running) <= free:
                 lo = mid
             else:
                 hi = mid - 1
         return lo
 
-    def _stretch_growth(self, k: int) -> int:
-        """Blocks that ``k`` more decodes of each running sequence take (the last computes position
+    def _stretch_growth(self, k: int, seqs: list[SimSeq]) -> int:
+        """Blocks that ``k`` more decodes of each of ``seqs`` take (the last computes position
         ``num_computed + k - 1``)."""
         step, size = kv_rules.blocks_to_step, self.block_size
-        return sum(step(seq.num_computed + k - 1, seq.blocks_held, size) for seq in self.running)
+        return sum(step(seq.num_computed + k - 1, seq.blocks_held, size) for seq in seqs)
 
     def _start_stretch(self, now: float, iterations: int) -> None:
         running = self.stretch_seqs = self.running[:]

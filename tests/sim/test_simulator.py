@@ -70,17 +70,26 @@ def test_everything_finishes_and_every_block_comes_back(cluster):
 
 @pytest.mark.parametrize("policy", BATCH)
 @pytest.mark.parametrize("cluster", ["disaggregated", "colocated"])
-def test_stretch_fast_forward_equals_exact_mode(policy, cluster):
+@pytest.mark.parametrize("pool", ["roomy", "tight"])
+def test_stretch_fast_forward_equals_exact_mode(policy, cluster, pool):
+    """Tight pools (400 blocks) make sequences grow into each other: stretches stop where blocks run out and
+    plans preempt."""
     knobs = {"token_budget": 256, "max_decodes": 8} if policy != "prefill-first" else {"max_decodes": 8}
     if cluster == "disaggregated":
         base = disaggregated(1, 2, decode_policy=PolicySpec(policy, knobs), kv_blocks=3000, record_tokens=True)
     else:
         base = colocated(1, policy, knobs=knobs, kv_blocks=6000, record_tokens=True, colocated_reserve=False,
                          max_prefill_backlog_tokens=None)
+    if pool == "tight":
+        base = replace(base, kv_blocks=400)
     workload = specs(50, qps=8)
     fast = simulate(base, workload)
     exact = simulate(replace(base, exact=True), workload)
     assert fast.meta["events"] < exact.meta["events"]
+    assert (exact.meta["preemptions"] > 0) == (pool == "tight")
+    for key in ("preemptions", "recomputed_tokens", "peak_running", "request_preemptions", "kv_workers"):
+        assert fast.meta[key] == exact.meta[key]
+    assert (fast.num_tokens == exact.num_tokens).all()
     for phase in fast.times:
         np.testing.assert_allclose(fast.times[phase], exact.times[phase], rtol=0, atol=1e-9)
     for a, b in zip(fast.token_times, exact.token_times):
