@@ -9,11 +9,12 @@ What is simulated, and which service it mirrors:
   first request that cannot be placed (the policy's order is never bypassed), ``pop(now)``, account, dispatch.
   Placement (``cluster.placement``): the prefill worker with the least queued prompt tokens among those whose queue
   stays within ``max_prefill_backlog_tokens`` (an idle one always takes a request) and whose KV pool holds its
-  queued prompts; the decode worker with the most unreserved blocks that can reserve the dispatch's
-  ``decode_blocks`` and holds fewer than ``max_decode_sequences`` requests. Requests larger than any worker's pool
-  are refused at arrival. Output tokens are charged to the admission policy as workers report them (the first token
-  when the prefill ends, then every decode token); before each admission decision the counters are brought up to the
-  current time. The core's ledger counts input tokens only (output tokens go to the admission policy from the hot loop).
+  queued prompts; the decode worker with the most unreserved blocks that can account the request's expected KV
+  footprint and holds fewer than ``max_decode_sequences`` requests. Requests larger than any worker's pool (or
+  longer than the engines' ``max_positions``) are refused at arrival. Output tokens are charged to the admission
+  policy as workers report them (the first token when the prefill ends, then every decode token); before each
+  admission decision the counters are brought up to the current time. The core's ledger counts input tokens only
+  (output tokens go to the admission policy from the hot loop).
 - **Workers** (``engine/engine.py``, ``sim.worker``): the batch policy composes each iteration from ``waiting`` and
   ``running`` ``SequenceState``s and the KV state; the iteration takes the cost model's time; the first token is
   sampled when the last prompt chunk ends; each decode yields one token per iteration. Work that reaches a busy
@@ -40,7 +41,8 @@ What is simulated, and which service it mirrors:
   outstanding work (no new placements; each finishes or hands off what it holds), then switches their role and
   batch policy. Every worker may move (the services move only ``flex`` workers).
 - **Colocated workers** (prefill and decode in one engine): placed as the services place them (least queued prompt
-  tokens within the backlog limit, whole KV reserved at placement, backlog released with the first token). With
+  tokens within the backlog limit, the request's expected KV footprint accounted at placement, backlog released with
+  the first token). With
   ``colocated_reserve=False`` [simulator only] nothing is reserved at placement and the worker's batch policy admits
   by KV itself, so with no backlog limit it sees every arrived request (SLAI's setting).
 
@@ -278,7 +280,7 @@ class Simulator:
         self.prompt_mean += (spec.prompt_len - self.prompt_mean) / self.arrived
         max_tokens = spec.max_tokens
         assert max_tokens is not None  # RequestSpec fills it
-        if not self.core.fits_anywhere(spec.prompt_len, max_tokens):
+        if spec.prompt_len > self.max_positions or not self.core.fits_anywhere(spec.prompt_len, max_tokens):
             self._reject(i, now)
             return
         self._sync(now)

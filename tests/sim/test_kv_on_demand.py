@@ -93,8 +93,9 @@ def test_a_sequence_stops_at_the_pool_size_or_the_context_length():
     # 20 blocks of 16: 320 positions; prompt 300 stops after 20 outputs, as the engine stops at max_positions
     r = simulate(colocated(1, kv_blocks=20), [request("a", 0.0, 300, 100)])
     assert r.finished.all() and r.num_tokens[0] == 20
-    r = simulate(colocated(1, kv_blocks=100, max_model_len=310), [request("a", 0.0, 300, 100)])
-    assert r.num_tokens[0] == 10
+    r = simulate(colocated(1, kv_blocks=100, max_model_len=310), [request("a", 0.0, 300, 100),
+                                                                    request("b", 0.0, 311, 5)])
+    assert r.num_tokens[0] == 10 and r.status[1] == STATUS_CODES["rejected"]  # longer than the context
     with pytest.raises(ValueError, match="max_model_len"):
         colocated(1, max_model_len=1).validate()
 
