@@ -219,7 +219,9 @@ def add_workload_arguments(parser: argparse.ArgumentParser, qps: float | None = 
     g.add_argument("--max-context", type=int, default=None, metavar="TOKENS",
                    help="clip each request to prompt + output <= TOKENS (output to at most half) [no clipping]")
     g.add_argument("--max-tokens", default=DEFAULT_MAX_TOKENS, metavar="oracle|N|context",
-                   help=f"{MAX_TOKENS_HELP}; context is --max-context if given [%(default)s]")
+                   help=f"{MAX_TOKENS_HELP}; context is --max-context if given, else the served context (bench "
+                        "serve over HTTP: the server's max_model_len; simulate: one simulated worker's KV pool) "
+                        "[%(default)s]")
 
 
 def workload_from_args(args: argparse.Namespace) -> WorkloadConfig:
