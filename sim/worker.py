@@ -32,11 +32,11 @@ from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from diptych.cluster.blocks import blocks_for
 from diptych.engine import kv_rules
 from diptych.engine.block_pool import BlockCounter
 from diptych.engine.scheduler import check_plan
 from diptych.policies.batch import BatchPlan, BatchPolicy, SequenceState
+from diptych.sim import stretch
 
 if TYPE_CHECKING:
     from diptych.sim.simulator import Simulator
@@ -130,7 +130,7 @@ class Worker:
         (``interrupt``), so the count is the engine's."""
         need = blocks + kv_rules.admission_watermark(self.watermark, len(self.running))
         if self.busy and self.stretch and not self.stretch_allocated:
-            if need <= self.blocks.num_free - self._stretch_growth(self.iterations, self.stretch_seqs):
+            if need <= self.blocks.num_free - stretch.growth(self.stretch_seqs, self.iterations, self.block_size):
                 self.blocks.allocate(blocks)
                 return True
             self.interrupt(now)
@@ -165,7 +165,9 @@ class Worker:
     def start(self, now: float) -> None:
         """Begin the next iteration at ``now`` (the worker is not busy)."""
         if not self.dirty and self.plan_all_decodes and not self.waiting and not self.sim.config.exact:
-            k = self._stretch_length()
+            # until the first sequence finishes, while the blocks they grow into fit
+            most = min(seq.target - seq.num_output for seq in self.running)
+            k = stretch.feasible_iterations(self.running, most, self.blocks.num_free, self.block_size)
             if k > 0:
                 self._start_stretch(now, k)
                 return
@@ -240,32 +242,6 @@ class Worker:
             waiting.sort(key=_arrival_time)
         self.sim.preempted(seq, now)
 
-    def _stretch_length(self) -> int:
-        """Iterations the running decodes can run as planned now: until the first of them finishes, and only while
-        the blocks they all grow into fit in the free blocks (0: not even one iteration fits)."""
-        running = self.running
-        remaining = min(seq.target - seq.num_output for seq in running)
-        free = self.blocks.num_free
-        # k positions more take at most blocks_for(k) blocks per sequence: enough room needs no exact count
-        if len(running) * blocks_for(remaining, self.block_size) <= free:
-            return remaining
-        if self._stretch_growth(remaining, running) <= free:
-            return remaining
-        lo, hi = 0, remaining - 1  # the largest feasible k is in [lo, hi]; growth is monotone in k
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if self._stretch_growth(mid, running) <= free:
-                lo = mid
-            else:
-                hi = mid - 1
-        return lo
-
-    def _stretch_growth(self, k: int, seqs: list[SimSeq]) -> int:
-        """Blocks that ``k`` more decodes of each of ``seqs`` take (the last computes position
-        ``num_computed + k - 1``)."""
-        step, size = kv_rules.blocks_to_step, self.block_size
-        return sum(step(seq.num_computed + k - 1, seq.blocks_held, size) for seq in seqs)
-
     def _start_stretch(self, now: float, iterations: int) -> None:
         running = self.stretch_seqs = self.running[:]
         n = len(running)
@@ -287,17 +263,11 @@ class Worker:
         self._launch(now, iterations * a + b * iterations * (iterations - 1) / 2)
 
     def _allocate_stretch(self) -> None:
-        """The stretch's length is fixed: take the blocks its ``iterations`` decodes of each sequence grow into (the
-        engine takes them iteration by iteration; nothing else reads the pool in between)."""
-        if self.stretch_allocated:
-            return
-        self.stretch_allocated = True
-        k, blocks = self.iterations, self.blocks
-        step, size = kv_rules.blocks_to_step, self.block_size
-        for seq in self.stretch_seqs:
-            grow = step(seq.num_computed + k - 1, seq.blocks_held, size)
-            if grow:
-                seq.blocks_held += blocks.allocate(grow)
+        """The stretch's length is fixed: take the blocks its decodes grow into (the engine takes them iteration by
+        iteration; nothing else reads the pool in between)."""
+        if not self.stretch_allocated:
+            self.stretch_allocated = True
+            stretch.take_blocks(self.stretch_seqs, self.iterations, self.blocks, self.block_size)
 
     def _launch(self, now: float, duration: float) -> None:
         self.busy = True
@@ -309,21 +279,7 @@ class Worker:
 
     def completed_iterations(self, t: float) -> int:
         """Stretch iterations that ended by time ``t``."""
-        a, b = self.stretch_a, self.stretch_b
-        elapsed = t - self.t_start
-        if elapsed <= 0:
-            return 0
-        if b <= 0:
-            j = int(elapsed / a) if a > 0 else self.iterations
-        else:  # largest j with j*a + b*j*(j-1)/2 <= elapsed
-            half = b / 2
-            j = int((-(a - half) + math.sqrt((a - half) ** 2 + 4 * half * elapsed)) / (2 * half))
-        j = max(0, min(j, self.iterations))
-        while j > 0 and j * a + b * j * (j - 1) / 2 > elapsed + 1e-12:
-            j -= 1
-        while j < self.iterations and (j + 1) * a + b * (j + 1) * j / 2 <= elapsed + 1e-12:
-            j += 1
-        return j
+        return stretch.completed_iterations(self.stretch_a, self.stretch_b, self.iterations, t - self.t_start)
 
     def decode_work(self, iterations: int) -> tuple[int, int]:
         """``(decode_tokens, decode_context_tokens)`` once ``iterations`` iterations of the stretch in flight are
