@@ -41,6 +41,9 @@ UNKNOWN_WORKER = "unknown worker"
 REGISTER_ACK_TIMEOUT_S = 5.0
 """How long a registration waits for its ``RegisterAck`` before it is sent again (a lost ack, a coordinator not up)."""
 REGISTER_BACKOFF_S = (1.0, 30.0)
+IDLE_REPLAN_S = 0.002
+"""Seconds the engine loop waits after an iteration that ran nothing while requests were held (a batch policy may
+defer every decode while no KV block is free, until one becomes urgent), unless a message wakes it sooner."""
 """First and longest wait before registering again after a refusal or a lost ack (doubling in between)."""
 
 
@@ -223,13 +226,19 @@ class Worker:
                     if output is not None:
                         await self._shipped()
                         self._shipping = asyncio.create_task(self.after_step(output))
+                        if output.duration_s == 0 and not output.tokens and not output.preempted:
+                            await self._idle(IDLE_REPLAN_S)  # the policy ran nothing (e.g. decodes deferred)
                 else:
                     await self._shipped()
-                    self.links.woken.clear()
-                    with contextlib.suppress(asyncio.TimeoutError):
-                        await asyncio.wait_for(self.links.woken.wait(), timeout=self.heartbeat_interval_s)
+                    await self._idle(self.heartbeat_interval_s)
         finally:
             await self._shipped()
+
+    async def _idle(self, timeout_s: float) -> None:
+        """Wait until a message wakes the engine loop, at most ``timeout_s`` seconds."""
+        self.links.woken.clear()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self.links.woken.wait(), timeout=timeout_s)
 
     async def after_step(self, output: StepOutput) -> None:
         """Ship one iteration's results: each role in ``ROLE_ORDER`` handles the requests it owns."""
