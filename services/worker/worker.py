@@ -41,10 +41,10 @@ UNKNOWN_WORKER = "unknown worker"
 REGISTER_ACK_TIMEOUT_S = 5.0
 """How long a registration waits for its ``RegisterAck`` before it is sent again (a lost ack, a coordinator not up)."""
 REGISTER_BACKOFF_S = (1.0, 30.0)
+"""First and longest wait before registering again after a refusal or a lost ack (doubling in between)."""
 IDLE_REPLAN_S = 0.002
 """Seconds the engine loop waits after an iteration that ran nothing while requests were held (a batch policy may
 defer every decode while no KV block is free, until one becomes urgent), unless a message wakes it sooner."""
-"""First and longest wait before registering again after a refusal or a lost ack (doubling in between)."""
 
 
 class Worker:
