@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 
 from diptych.cluster.blocks import blocks_for
+from diptych.engine import kv_rules
 from diptych.metrics.results import STATUS_CODES
-from diptych.policies.batch import SarathiBatching
+from diptych.policies.batch import SarathiBatching, SequenceState
 from diptych.policies.slai import SLAIBatching
+from diptych.sim import stretch
 from diptych.sim.simulator import Simulator, simulate
 from tests.sim.helpers import colocated, disaggregated, request, specs
 
@@ -146,3 +148,25 @@ def test_every_request_finishing_is_reported_with_its_worker_figures():
     assert set(r.meta["kv_workers"]) == {w.worker_id for w in sim.workers}
     assert r.meta["peak_running"] == max(w.peak_running for w in sim.workers) >= 1
     assert (r.status == STATUS_CODES["finished"]).all()
+
+
+def test_stretch_growth_and_length_match_decoding_step_by_step():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        seqs = []
+        for j in range(int(rng.integers(1, 6))):
+            computed = int(rng.integers(1, 200))
+            seqs.append(SequenceState(f"s{j}", 0.0, prompt_len=computed, num_computed=computed,
+                                      blocks_held=blocks_for(computed, 16) + int(rng.integers(0, 2))))
+        most, free = int(rng.integers(1, 100)), int(rng.integers(0, 12))
+        taken, fits = 0, 0
+        positions = [(s.num_computed, s.blocks_held) for s in seqs]
+        for k in range(1, most + 1):  # decode one iteration at a time, as exact mode does
+            for n, (computed, held) in enumerate(positions):
+                more = kv_rules.blocks_to_step(computed, held, 16)
+                taken += more
+                positions[n] = (computed + 1, held + more)
+            assert stretch.growth(seqs, k, 16) == taken
+            if taken <= free:
+                fits = k
+        assert stretch.feasible_iterations(seqs, most, free, 16) == fits
