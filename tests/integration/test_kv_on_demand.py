@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 
 import pytest
 
@@ -42,17 +43,23 @@ async def stream_all(address: str, batch: list[list[int]]) -> list[tuple[list[in
         return await asyncio.gather(*[one(p) for p in batch])
 
 
+HEARTBEAT_S = 0.5
+"""The workers' heartbeat interval (their default): their counters in /admin/status trail the responses by one."""
+
+
 @pytest.mark.parametrize("layout", ["colocated", "disaggregated"])
 def test_preempted_requests_stream_the_greedy_tokens(tiny_llama, tmp_path, layout):
     workers = (dict(prefill_workers=0, decode_workers=0, colocated_workers=1) if layout == "colocated"
                else dict(prefill_workers=1, decode_workers=1))
     spec = cluster_spec(tiny_llama, num_blocks=POOL_BLOCKS, policy="sarathi", policy_opts=["token_budget=64"],
-                        **workers)
+                        extra_coordinator_args=["--expected-output-tokens", "0"], **workers)  # place all at once
     cluster = start_cluster(spec, tmp_path / "logs")
     try:
         batch = prompts([17, 9, 30, 12, 21, 5], seed=4)
         results = asyncio.run(stream_all(spec.sdk_addr, batch))
-        status = wait_until_idle(cluster)
+        wait_until_idle(cluster)
+        time.sleep(3 * HEARTBEAT_S)
+        status = cluster_status(cluster)
     finally:
         cluster.stop()
     assert [tokens for tokens, _, _ in results] == hf_greedy(tiny_llama, batch, NEW_TOKENS)
