@@ -4,7 +4,8 @@
 Keys: ``role``, ``pool``, ``draining_to``; the core's accounting (``reserved_blocks``: expected KV footprints of the
 requests placed on it, which may differ from the blocks in use: engines allocate on demand; ``backlog_tokens``;
 ``requests`` held; ``refused_reservations``: handoff reservations its engine refused for lack of free blocks, each
-retried); and its last heartbeat (``total_blocks``, ``free_blocks``, ``prefill_tps``, ``kv_handoffs``,
+retried); and its last heartbeat (``total_blocks``, ``free_blocks``, ``running`` and ``waiting`` sequences in its
+engine, ``prefill_tps``, ``kv_handoffs``,
 ``preemptions`` and ``recomputed_tokens`` since it started). Blocks are KV blocks of its pool.
 """
 
@@ -23,7 +24,8 @@ def worker_status(worker: WorkerState, endpoint: Endpoint, held: int) -> dict[st
         "role": worker.role.value, "pool": worker.pool.value,
         "draining_to": worker.draining_to.value if worker.draining_to else None,
         "reserved_blocks": worker.reserved_blocks, "total_blocks": worker.total_blocks,
-        "free_blocks": load.free_blocks, "backlog_tokens": worker.backlog_tokens, "requests": held,
+        "free_blocks": load.free_blocks, "running": load.num_running, "waiting": load.num_waiting,
+        "backlog_tokens": worker.backlog_tokens, "requests": held,
         "refused_reservations": worker.refused_reservations, "prefill_tps": load.prefill_tps,
         "shares_kv_pool": bool(endpoint.kv_share), "kv_handoffs": load.handoffs, "preemptions": load.preemptions,
         "recomputed_tokens": load.recomputed_tokens,
