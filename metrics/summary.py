@@ -14,6 +14,9 @@ Definitions (times in seconds):
   stretches in which they wait together (per unit of client weight; ``metrics.fairness.service_difference``), only
   with two or more clients.
 - KV transfer: bytes/s handed off and the mean share of TTFT spent in the handoff.
+- KV on demand (``KV_FIGURES``, copied from ``RunResult.meta`` when the run recorded them, as the simulator does):
+  ``preemptions`` (sequences preempted by recompute, all workers), ``recomputed_tokens`` (computed positions those
+  preemptions dropped) and ``peak_running`` (the most sequences running at once on one worker).
 
 Latency statistics cover finished requests (TTFT: every request that got a first token).
 """
@@ -26,6 +29,9 @@ import numpy as np
 
 from diptych.metrics import fairness
 from diptych.metrics.results import STATUS_CODES, RunResult
+
+KV_FIGURES = ("preemptions", "recomputed_tokens", "peak_running")
+"""Counters of ``RunResult.meta`` that ``summarize`` copies when present (module docstring)."""
 
 
 def _pct(values: np.ndarray, q: float) -> float:
@@ -86,6 +92,7 @@ def summarize(result: RunResult, w_p: float = 1.0, w_q: float = 2.0, fairness_me
             "slo_attainment": float(meets[mask].mean()),
         }
     s["tiers"] = tiers
+    s.update({key: int(result.meta[key]) for key in KV_FIGURES if key in result.meta})
     all_tbt = None
     for hist in result.tbt_hist.values():
         if all_tbt is None:
@@ -118,6 +125,14 @@ def summarize(result: RunResult, w_p: float = 1.0, w_q: float = 2.0, fairness_me
     return s
 
 
+def kv_figures_text(s: dict[str, Any]) -> str:
+    """``"preemptions P, recomputed R tokens, peak running N"`` of a summary with the ``KV_FIGURES``, else ``""``."""
+    if not all(key in s for key in KV_FIGURES):
+        return ""
+    return (f"preemptions {s['preemptions']}, recomputed {s['recomputed_tokens']} tokens, "
+            f"peak running {s['peak_running']}")
+
+
 def format_summary(s: dict[str, Any]) -> str:
     """A markdown summary table (plus per-tier and per-client tables)."""
     def f(value: float, unit: str = "", digits: int = 3) -> str:
@@ -139,6 +154,9 @@ def format_summary(s: dict[str, Any]) -> str:
         ("KV transfer", f"{f(s['kv_transfer_bytes_per_s'] / 1e9, ' GB/s')}, "
                         f"{f(100 * s['handoff_share_of_ttft'], '%')} of TTFT"),
     ]
+    if kv_figures_text(s):
+        rows.append(("preemptions / recomputed tokens / peak running",
+                     f"{s['preemptions']} / {s['recomputed_tokens']} / {s['peak_running']}"))
     if "service_diff_max" in s:
         rows.append(("service difference max / avg", f"{f(s['service_diff_max'])} / {f(s['service_diff_avg'])}"))
     out = ["| metric | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)]

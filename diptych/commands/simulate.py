@@ -7,6 +7,10 @@ import argparse
 import json
 import sys
 import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from diptych.workloads.catalog import WorkloadConfig
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -45,8 +49,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--max-runs", type=int, default=14, help="most simulations in one search")
 
 
+def _max_tokens_text(workload: WorkloadConfig) -> str:
+    """``"max_tokens POLICY"``, with the context it fills (tokens) for a policy other than ``oracle``."""
+    from diptych.workloads.max_tokens import ORACLE, parse_max_tokens
+
+    context = workload.max_context if workload.max_context is not None else workload.model_context
+    if parse_max_tokens(workload.max_tokens).kind == ORACLE or context is None:
+        return f"max_tokens {workload.max_tokens}"
+    return f"max_tokens {workload.max_tokens} (context {context})"
+
+
 def run(args: argparse.Namespace) -> int:
-    from diptych.metrics.summary import format_summary, summarize
+    from diptych.metrics.summary import format_summary, kv_figures_text, summarize
     from diptych.sim.capacity import capacity_search
     from diptych.sim.cli import cluster_from_args
     from diptych.sim.config import replace
@@ -73,11 +87,13 @@ def run(args: argparse.Namespace) -> int:
             return summarize(simulate(config, build_workload(workload), args.until), fairness_metrics=False)
 
         def report(record: dict) -> None:
-            print(f"  {record['qps']:8.3f} req/s: {'pass' if record['ok'] else 'FAIL'}  ({record['reason']})",
-                  flush=True)
+            kv = kv_figures_text(record["summary"])
+            print(f"  {record['qps']:8.3f} req/s: {'pass' if record['ok'] else 'FAIL'}  ({record['reason']})"
+                  + (f"  [{kv}]" if kv else ""), flush=True)
 
         started = time.perf_counter()
-        print(f"capacity search ({args.capacity}) on {workload.name}, {len(specs)} requests per run:")
+        print(f"capacity search ({args.capacity}) on {workload.name}, {_max_tokens_text(workload)}, "
+              f"{len(specs)} requests per run:")
         found = capacity_search(one, args.capacity, args.qps_lo, args.qps_hi, args.tolerance, args.max_runs, report)
         print(f"capacity: {found.qps:.3f} req/s ({len(found.runs)} runs, {time.perf_counter() - started:.1f} s)")
         if args.summary_json:
@@ -85,7 +101,8 @@ def run(args: argparse.Namespace) -> int:
                 json.dump({"capacity_qps": found.qps, "criterion": found.criterion, "runs": found.runs}, f,
                           indent=1, default=float)
         return 0
-    print(f"workload: {workload.name}, {len(specs)} requests over {specs[-1].arrival_time:.1f} s")
+    print(f"workload: {workload.name}, {_max_tokens_text(workload)}, {len(specs)} requests over "
+          f"{specs[-1].arrival_time:.1f} s")
     started = time.perf_counter()
     result = simulate(config, specs, args.until, progress=not args.no_progress)
     wall = time.perf_counter() - started
