@@ -1,15 +1,16 @@
 """Command-line options for a simulated cluster (``diptych simulate``, experiments).
 
 The cluster's options also tell the workload options what context the ``--max-tokens`` policy fills
-(``simulated_context``): a parser with both gets ``model_context_of`` as a default, which
-``workloads.catalog.workload_from_args`` calls.
+(``simulated_context``: the model's context, as a served engine's ``max_model_len``): a parser with both gets
+``model_context_of`` as a default, which ``workloads.catalog.workload_from_args`` calls.
 """
 
 from __future__ import annotations
 
 import argparse
 
-from diptych.engine.kv_rules import max_positions
+from diptych.cluster.placement import DEFAULT_EXPECTED_OUTPUT_TOKENS
+from diptych.engine.kv_rules import DEFAULT_WATERMARK_FRACTION, max_positions
 from diptych.policies.admission import ADMISSION_POLICIES
 from diptych.policies.batch import BATCH_POLICIES
 from diptych.policies.pool import POOL_POLICIES
@@ -32,6 +33,15 @@ def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--block-size", type=int, default=d.block_size, help="tokens per KV block [%(default)s]")
     g.add_argument("--kv-blocks", type=int, default=None,
                    help="KV blocks per worker [GPU memory x --memory-utilization minus weights]")
+    g.add_argument("--kv-watermark", type=float, default=DEFAULT_WATERMARK_FRACTION,
+                   help="fraction of each worker's KV pool that admission leaves free while sequences run, for "
+                        "their decodes to grow into (engine.kv_rules) [%(default)s]")
+    g.add_argument("--max-model-len", type=int, default=None, metavar="TOKENS",
+                   help="the engines' context, prompt plus output tokens [the cost model's model context, e.g. "
+                        "32768 for Mistral-7B; one worker's KV pool if the model names none]")
+    g.add_argument("--expected-output-tokens", type=int, default=DEFAULT_EXPECTED_OUTPUT_TOKENS,
+                   help="output growth placement expects of a request: it places by the KV of prompt + "
+                        "min(max_tokens, this) tokens (coordinator's --expected-output-tokens) [%(default)s]")
     g.add_argument("--memory-utilization", type=float, default=d.memory_utilization,
                    help="GPU memory fraction for weights and KV [%(default)s]")
     g.add_argument("--admission", default="fcfs", choices=ADMISSION_POLICIES.names(),
@@ -67,11 +77,13 @@ def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def simulated_context(config: ClusterConfig) -> int:
-    """Tokens a simulated request may span, prompt plus output: one worker's KV pool (``kv_rules.max_positions``
-    with no model limit, since a cost model names no context length). What ``--max-tokens context`` fills and
-    a fixed cap is clipped to when ``--max-context`` is not given."""
+    """Tokens a simulated request may span, prompt plus output: ``kv_rules.max_positions`` of the context (the
+    cluster's ``max_model_len``, else the cost model's model context, e.g. 32768 for Mistral-7B, else one worker's
+    KV pool) and one worker's pool. What ``--max-tokens context`` fills (a chat request without max_tokens gets
+    this minus its prompt) and a fixed cap is clipped to when ``--max-context`` is not given."""
     blocks = config.blocks_per_worker()
-    return max_positions(blocks * config.block_size, blocks, config.block_size)
+    context = config.max_model_len if config.max_model_len is not None else config.cost_model.model.max_model_len
+    return max_positions(context if context is not None else blocks * config.block_size, blocks, config.block_size)
 
 
 def context_from_args(args: argparse.Namespace) -> int:
@@ -111,10 +123,15 @@ def cluster_from_args(args: argparse.Namespace) -> ClusterConfig:
         raise ValueError("--handoff-latency must be >= 0")
     if not 0 < args.memory_utilization <= 1:
         raise ValueError("--memory-utilization must be in (0, 1]")
+    costs = cost_model.resolve(args.cost_model)
+    model = costs.model
     config = ClusterConfig(
         prefill_workers=args.prefill_workers, decode_workers=args.decode_workers,
-        colocated_workers=args.colocated_workers, cost_model=cost_model.resolve(args.cost_model),
+        colocated_workers=args.colocated_workers, cost_model=costs,
         block_size=args.block_size, kv_blocks=args.kv_blocks, memory_utilization=args.memory_utilization,
+        kv_watermark=args.kv_watermark,
+        max_model_len=args.max_model_len if args.max_model_len is not None else model.max_model_len,
+        expected_output_tokens=args.expected_output_tokens,
         admission=_spec(args.admission, args.admission_opt, d.admission),
         prefill_policy=_spec(args.prefill_policy, args.prefill_opt, d.prefill_policy),
         decode_policy=_spec(args.decode_policy, args.decode_opt, d.decode_policy),

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from diptych.cluster.placement import DEFAULT_EXPECTED_OUTPUT_TOKENS
 from diptych.engine.kv_rules import DEFAULT_WATERMARK_FRACTION, watermark_blocks
 from diptych.policies.admission import ADMISSION_POLICIES
 from diptych.policies.batch import BATCH_POLICIES
@@ -37,7 +38,9 @@ class ClusterConfig:
       weights, e.g. 53,100 blocks of 16 tokens for Mistral-7B on an H200).
     - ``kv_watermark``: fraction of each worker's pool that admission (and a decode worker's handoff reservation)
       leaves free while sequences run (``engine.kv_rules``); ``max_model_len``: the engines' context length in
-      tokens (None: only the pool bounds a sequence, ``kv_rules.max_positions``); ``idle_poll_s``: how long a worker
+      tokens (None: only the pool bounds a sequence, ``kv_rules.max_positions``); ``expected_output_tokens``: the
+      output growth (tokens) placement expects of a request, ``prompt + min(max_tokens, expected_output_tokens)``
+      (``cluster.placement``, the coordinator's ``--expected-output-tokens``); ``idle_poll_s``: how long a worker
       whose plan ran nothing while sequences hold KV (e.g. SLAI deferring every decode when no block is free) waits
       before planning again (the engine loop plans again at once).
     - Policies: ``admission`` (coordinator, ``ADMISSION_POLICIES``), ``prefill_policy`` / ``decode_policy`` /
@@ -68,6 +71,7 @@ class ClusterConfig:
     memory_utilization: float = 0.9
     kv_watermark: float = DEFAULT_WATERMARK_FRACTION
     max_model_len: int | None = None
+    expected_output_tokens: int = DEFAULT_EXPECTED_OUTPUT_TOKENS
     idle_poll_s: float = 0.001
     admission: PolicySpec = field(default_factory=lambda: PolicySpec("fcfs"))
     prefill_policy: PolicySpec = field(default_factory=lambda: PolicySpec("sarathi", {"token_budget": 2048}))
@@ -99,6 +103,8 @@ class ClusterConfig:
         watermark_blocks(self.kv_watermark, 1)  # ValueError outside [0, 1)
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError("max_model_len must be >= 2 or None")
+        if self.expected_output_tokens < 0:
+            raise ValueError("expected_output_tokens must be >= 0")
         if not self.idle_poll_s > 0:
             raise ValueError("idle_poll_s must be > 0")
         if self.dispatch_latency_s < 0:
@@ -137,6 +143,7 @@ class ClusterConfig:
             "cost_model": self.cost_model.device + " / " + self.cost_model.model.name,
             "kv_blocks_per_worker": self.blocks_per_worker(), "block_size": self.block_size,
             "kv_watermark": self.kv_watermark, "max_model_len": self.max_model_len,
+            "expected_output_tokens": self.expected_output_tokens,
             "admission": str(self.admission),
             "batch": ({"colocated": str(self.colocated_policy)} if self.colocated_workers
                       else {"prefill": str(self.prefill_policy), "decode": str(self.decode_policy)}),

@@ -63,7 +63,9 @@ FORMAT = "diptych-cost-model/1"
 
 @dataclass(frozen=True)
 class ModelShape:
-    """What the cost and KV size depend on. ``dtype_bytes`` of the KV cache and weights."""
+    """What the cost and KV size depend on. ``dtype_bytes`` of the KV cache and weights. ``max_model_len``: the
+    model's context in tokens (its config's ``max_position_embeddings``; None when unknown, as in cost model files
+    saved before the field existed)."""
 
     name: str
     num_params: float
@@ -73,6 +75,7 @@ class ModelShape:
     head_dim: int
     dtype: str = "bfloat16"
     dtype_bytes: int = 2
+    max_model_len: int | None = None
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -89,8 +92,8 @@ class ModelShape:
         return 4.0 * self.num_layers * self.num_heads * self.head_dim
 
 
-MISTRAL_7B = ModelShape("mistral-7b", 7.24e9, 32, 32, 8, 128)
-LLAMA2_7B = ModelShape("llama-2-7b", 6.74e9, 32, 32, 32, 128)
+MISTRAL_7B = ModelShape("mistral-7b", 7.24e9, 32, 32, 8, 128, max_model_len=32768)
+LLAMA2_7B = ModelShape("llama-2-7b", 6.74e9, 32, 32, 32, 128, max_model_len=4096)
 MODEL_SHAPES = {shape.name: shape for shape in (MISTRAL_7B, LLAMA2_7B)}
 
 

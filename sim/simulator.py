@@ -169,12 +169,13 @@ class Simulator:
 
     def _new_core(self, config: ClusterConfig) -> ClusterCore:
         """The cluster core with the simulator's parameters: every worker may move between the prefill and decode
-        pools, colocated reservation as configured, the arrival rate divided by the time elapsed while under the
-        window (the run starts at 0)."""
+        pools, colocated reservation and the expected output growth (``expected_output_tokens``) as configured,
+        the arrival rate divided by the time elapsed while under the window (the run starts at 0)."""
         movable = (PREFILL, DECODE)
         registry = WorkerRegistry()
         placer = Placer(registry, config.max_prefill_backlog_tokens, config.max_decode_sequences,
-                        colocated_reserve=config.colocated_reserve, movable_roles=movable)
+                        colocated_reserve=config.colocated_reserve, movable_roles=movable,
+                        expected_output_tokens=config.expected_output_tokens)
         policy = POOL_POLICIES.create(config.pool_policy.name, **config.pool_policy.knobs)
         pools = PoolManager(registry, policy, config.pool_tick_s, movable_roles=movable,
                             arrivals=ArrivalRate(divide_by_elapsed=True))
