@@ -45,7 +45,9 @@ def _indexed(job: tuple[Callable[[Any], Any], int, Any]) -> tuple[int, Any]:
     return index, fn(item)
 
 
-def add_max_tokens_argument(parser: Any, name: str, context: str = "one simulated worker's KV pool") -> None:
+def add_max_tokens_argument(parser: Any, name: str,
+                            context: str = "the cost model's model context (32768 for Mistral-7B, 4096 for "
+                                           "Llama-2-7B), or one simulated worker's KV pool where smaller") -> None:
     """The ``--max-tokens`` policy option (``workloads.max_tokens``) of experiment ``name``, whose context is
     ``context``. Every result recorded in ``docs/experiments`` before the policy existed used oracle caps; the help
     says so and how to reproduce them."""

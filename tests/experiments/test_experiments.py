@@ -39,6 +39,23 @@ def test_slai_vs_sarathi_tiny(tmp_path, max_tokens):
     assert "| 1.5 | slai |" in report and (tmp_path / "slai-vs-sarathi.png").exists()
 
 
+def test_slai_vs_sarathi_reports_the_range_over_seeds(tmp_path):
+    code = main(["experiment", "slai-vs-sarathi", "--out-dir", str(tmp_path), "--variants", "sarathi-fcfs,slai",
+                 "--loads", "1,2", "--requests", "60", "--seeds", "2", "--tolerance", "0.2", "--jobs", "1",
+                 "--no-progress", "--max-tokens", "context"])
+    assert code == 0
+    report = (tmp_path / "slai-vs-sarathi.md").read_text()
+    assert "--max-tokens context --seeds 2" in report and "seeds 0..1" in report
+    lines = report.splitlines()
+    load_row = next(line for line in lines if line.startswith("| 1 | slai | "))
+    capacity_row = next(line for line in lines if line.startswith("| slai | ") and line.endswith("% |"))
+    for row, column in ((load_row, 2), (capacity_row, 1)):  # "mean (min..max)"
+        cell = row.split(" | ")[column]
+        mean, (low, high) = float(cell.split(" ")[0]), cell.split("(")[1].rstrip(")").split("..")
+        assert float(low) <= mean <= float(high)
+    assert "- slai, seed 0: " in report and "- slai, seed 1: " in report
+
+
 def test_pd_split_tiny(tmp_path):
     code = main(["experiment", "pd-split", "--quick", "--out-dir", str(tmp_path), "--workloads", "azure-code",
                  "--jobs", "2", "--no-progress"])
