@@ -38,6 +38,11 @@ log = logging.getLogger(__name__)
 
 HTTP_GRACE_S = 5
 """Seconds uvicorn waits for open connections at shutdown (their requests have already been failed)."""
+HTTP_KEEP_ALIVE_S = 65
+"""Seconds an idle HTTP connection is kept open: longer than clients' own idle limits (httpx 5 s, the openai client,
+load balancers' 60 s), so the client closes an idle connection first. With equal limits a client could send a
+request on a connection the server is closing at that moment, and see a connection error without an answer (seen
+under open-loop load)."""
 
 
 class _EmbeddedServer(uvicorn.Server):
@@ -100,6 +105,7 @@ async def serve(config: FrontendConfig, directory: ClientDirectory, slo_policy: 
     app = create_app(info, tracker, directory, slo_policy, coordinator, metrics, max_body_bytes=config.max_body_bytes)
     server = _EmbeddedServer(uvicorn.Config(app, lifespan="off", log_level="warning",
                                             timeout_graceful_shutdown=HTTP_GRACE_S,
+                                            timeout_keep_alive=HTTP_KEEP_ALIVE_S,
                                             ssl_certfile=config.ssl_certfile, ssl_keyfile=config.ssl_keyfile))
     http_task = asyncio.create_task(server.serve(sockets=[http_sock]), name="http")
     background = [
