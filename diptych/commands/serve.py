@@ -62,6 +62,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gpu-memory-utilization", type=float, default=None, metavar="FRACTION",
                    help="fraction of each GPU that the workers on it fill with weights, activations and KV pools, "
                         "divided evenly between them [0.9]")
+    p.add_argument("--kv-watermark", type=float, default=None, metavar="FRACTION",
+                   help="fraction of each worker's KV pool that admissions leave free for running requests to grow "
+                        "into (KV is allocated as tokens are produced; a full pool preempts by recompute) [0.01]")
+    p.add_argument("--expected-output-tokens", type=int, default=None, metavar="TOKENS",
+                   help="output the coordinator expects a request to add to its KV when it places it (the placement "
+                        "footprint is prompt + min(max_tokens, this)); smaller packs more requests per worker and "
+                        "preempts more [512]")
     p.add_argument("--api-keys-file", default=None,
                    help="JSON file mapping API keys to clients (id, fairness weight, SLO tier) [anonymous]")
     p.add_argument("--admin-keys", default=None, metavar="FILE",
@@ -100,6 +107,9 @@ def run(args: argparse.Namespace) -> int:
             api_keys_file=args.api_keys_file, slo_tiers_file=args.slo_tiers, log_level=args.log_level,
             admin_keys_file=args.admin_keys, ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile,
             keys_dir=args.keys_dir, insecure_no_curve=args.insecure_no_curve,
+            extra_worker_args=[] if args.kv_watermark is None else ["--kv-watermark", str(args.kv_watermark)],
+            extra_coordinator_args=([] if args.expected_output_tokens is None
+                                    else ["--expected-output-tokens", str(args.expected_output_tokens)]),
         )
     except ValueError as exc:
         print(f"diptych serve: {exc}", file=sys.stderr)
