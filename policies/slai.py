@@ -20,7 +20,9 @@ sequences holding KV); ``running`` is in admission order:
 KV pressure: a critical decode whose next token needs a block when none is free preempts, in order, the most
 recently queued partial prefill, then the decode with the most slack (largest LST), down to itself. Non-critical
 decodes never preempt: without a free block they are deferred. An iteration that preempted admits no new request
-(the vLLM rule Sarathi-Serve and SLAI's reference code inherit).
+(the vLLM rule Sarathi-Serve and SLAI's reference code inherit). [Diptych] Work-conserving: when nothing else would
+run (no critical decode, no prefill, no free block for the non-critical ones), the decodes are taken most urgent
+first as if critical, preempting by the same order, instead of leaving the GPU idle until one becomes critical.
 
 Decode-only worker [Diptych] (``waiting`` empty, no prefills): the same composition applies, so (a) every decode
 joins, critical first then by LST, up to ``max_decodes`` and the budget; those beyond are the ones with the most
@@ -125,6 +127,13 @@ class SLAIBatching(BatchPolicy):
                 break
             if not blocks.is_decided(seq) and blocks.step(seq):
                 budget -= 1
+        if plan.is_empty() and not plan.preempt and by_urgency:  # [Diptych] work-conserving under KV pressure
+            blocks.step_or_preempt(by_urgency[0], victims)
+            for seq in by_urgency[1:]:
+                if budget <= 1 or len(plan.decodes) >= max_decodes:
+                    break
+                if not blocks.is_decided(seq) and blocks.step(seq):
+                    budget -= 1
         return plan
 
     def _admission_key(self, seq: SequenceState, now: float) -> tuple[float, ...]:

@@ -177,6 +177,16 @@ def test_noncritical_decode_without_a_block_is_deferred_not_preempting():
     assert plan.decodes == ["other"] and plan.preempt == []
 
 
+def test_an_iteration_that_would_run_nothing_takes_the_most_urgent_decode_preempting_the_most_slack():
+    policy = slai_with_mean(0.02)
+    running = [decode("urgent", t_end=0.9, tbt=0.5, blocks_to_step=1, arrival=0),
+               decode("slack", t_end=0.95, tbt=0.5, blocks_to_step=1, arrival=1)]
+    plan = policy.schedule([], running, kv(free=0), now=1.0)  # neither is critical and no block is free
+    assert plan.decodes == ["urgent"] and plan.preempt == ["slack"]
+    alone = policy.schedule([], running[:1], kv(free=0), now=1.0)
+    assert alone.decodes == [] and alone.preempt == ["urgent"]  # it gives way itself and recomputes
+
+
 def test_decode_without_a_token_yet_is_critical():
     plan = _prefill_hungry(slai_with_mean(0.0), [decode("fresh", t_end=None)], now=0.0)
     assert plan.decodes == ["fresh"]
