@@ -163,3 +163,21 @@ def test_every_block_returns_after_preempted_cancelled_and_completed_requests() 
     run(s)
     assert s.blocks.num_free == 20 and s.request_ids() == []
     assert kv_rules.max_positions(1024, 20, BLOCK) == 80
+
+
+def test_the_policy_sees_utilisation_of_blocks_in_use_not_of_outputs_to_come() -> None:
+    """SLAI's Theta switches at 96% KV utilisation: it must count the blocks in use. Two requests that may each
+    produce 500 tokens hold 4 of 32 blocks after their prefill: utilisation 1/8, not the whole pool."""
+    seen = []
+
+    class Recording(SLAIBatching):
+        def schedule(self, waiting, running, kv, now):
+            seen.append(kv)
+            return super().schedule(waiting, running, kv, now)
+
+    s = scheduler(Recording(token_budget=64), num_blocks=32, watermark=0.1)
+    for i in range(2):
+        s.add_request(f"r{i}", [1] * 8, SamplingParams(max_tokens=500))
+    step(s), step(s)
+    assert seen[0].utilization == 0 and seen[0].watermark_blocks == 0  # nothing runs yet: no watermark
+    assert seen[1].utilization == 4 / 32 and seen[1].watermark_blocks == 3
