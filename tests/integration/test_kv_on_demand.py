@@ -47,11 +47,20 @@ HEARTBEAT_S = 0.5
 """The workers' heartbeat interval (their default): their counters in /admin/status trail the responses by one."""
 
 
+@pytest.fixture(scope="module")
+def tiny_qwen2(tmp_path_factory) -> str:
+    from diptych.engine.tiny_model import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-qwen2", family="qwen2")
+
+
+@pytest.mark.parametrize("family", ["tiny_llama", "tiny_qwen2"])
 @pytest.mark.parametrize("layout", ["colocated", "disaggregated"])
-def test_preempted_requests_stream_the_greedy_tokens(tiny_llama, tmp_path, layout):
+def test_preempted_requests_stream_the_greedy_tokens(family, layout, request, tmp_path):
+    model = request.getfixturevalue(family)
     workers = (dict(prefill_workers=0, decode_workers=0, colocated_workers=1) if layout == "colocated"
                else dict(prefill_workers=1, decode_workers=1))
-    spec = cluster_spec(tiny_llama, num_blocks=POOL_BLOCKS, policy="sarathi", policy_opts=["token_budget=64"],
+    spec = cluster_spec(model, num_blocks=POOL_BLOCKS, policy="sarathi", policy_opts=["token_budget=64"],
                         extra_coordinator_args=["--expected-output-tokens", "0"], **workers)  # place all at once
     cluster = start_cluster(spec, tmp_path / "logs")
     try:
@@ -62,9 +71,11 @@ def test_preempted_requests_stream_the_greedy_tokens(tiny_llama, tmp_path, layou
         status = cluster_status(cluster)
     finally:
         cluster.stop()
-    assert [tokens for tokens, _, _ in results] == hf_greedy(tiny_llama, batch, NEW_TOKENS)
+    assert [tokens for tokens, _, _ in results] == hf_greedy(model, batch, NEW_TOKENS)
     for tokens, counted, timeline in results:  # no token lost or repeated across preemptions
         assert len(tokens) == counted == len(timeline["token_times"]) == NEW_TOKENS
+    counts = [timeline.get("preempted", {}).get("count", 0) for _, _, timeline in results]
+    assert max(counts) >= 2  # some request was preempted more than once
     preemptions = sum(worker["preemptions"] for worker in status["workers"].values())
     assert preemptions >= 2
     assert sum(worker["recomputed_tokens"] for worker in status["workers"].values()) > 0
