@@ -13,7 +13,8 @@ first: the victim's blocks are freed, it forgets its computed positions (counted
 again, in arrival order, to prefill its prompt and outputs; when that prefill ends it samples its next output token
 (a regular token, not a first token). The first token is sampled at the end of the iteration that computes the last
 prompt chunk; each decode yields one token per iteration; a request finishes with its ``target``-th output token
-(its output length, or fewer when it would reach ``kv_rules.max_positions`` positions). A decode worker holds the
+(its output length, or fewer when it would reach ``kv_rules.max_positions`` positions). An ended iteration or stretch
+is applied by ``sim.iteration_end``; this module plans, launches, cuts and reserves. A decode worker holds the
 blocks of a request's handoff reservation (``reserve``) from the grant on and gets the sequence, with its first
 token, when the KV lands; the sequence then grows and may be preempted (and recomputed there) like any other.
 
@@ -37,11 +38,13 @@ from diptych.engine.block_pool import BlockCounter
 from diptych.engine.scheduler import check_plan
 from diptych.policies.batch import BatchPlan, BatchPolicy, SequenceState
 from diptych.sim import stretch
+from diptych.sim.iteration_end import finish_plan, finish_stretch
+from diptych.sim.roles import COLOCATED, DECODE, PREFILL
 
 if TYPE_CHECKING:
     from diptych.sim.simulator import Simulator
 
-PREFILL, DECODE, COLOCATED = "prefill", "decode", "colocated"
+__all__ = ["COLOCATED", "DECODE", "PREFILL", "SimSeq", "Worker"]  # the roles are defined in sim.roles
 
 
 @dataclass(eq=False)
@@ -262,7 +265,7 @@ class Worker:
             self.stretch_clients = counts
         self._launch(now, iterations * a + b * iterations * (iterations - 1) / 2)
 
-    def _allocate_stretch(self) -> None:
+    def allocate_stretch(self) -> None:
         """The stretch's length is fixed: take the blocks its decodes grow into (the engine takes them iteration by
         iteration; nothing else reads the pool in between)."""
         if not self.stretch_allocated:
@@ -314,7 +317,7 @@ class Worker:
             self.duration = self.t_end - self.t_start
             self.generation += 1
             self.sim.schedule_worker(self)
-        self._allocate_stretch()
+        self.allocate_stretch()
 
     def sync_tokens(self, t: float) -> None:
         """Report to the admission policy the tokens of stretch iterations that ended by ``t``."""
@@ -334,9 +337,9 @@ class Worker:
         if self.polling:
             self.polling = False
         elif self.stretch:  # still busy while applying: work placed meanwhile waits for the next iteration
-            self._finish_stretch(t)
+            finish_stretch(self, t)
         else:
-            self._finish_plan(t)
+            finish_plan(self, t)
         self.busy = False
         if self.pending_reservations:
             self.sim.grant_reservations(self, t)
@@ -345,111 +348,7 @@ class Worker:
         if self.has_work() and not self.busy:
             self.start(t)
 
-    def _finish_plan(self, t: float) -> None:
-        plan = self.plan
-        assert plan is not None
-        if self.tracks_iterations:
-            self.policy.on_iteration_end(self.duration, t)
-        sim = self.sim
-        by_id = self.by_id
-        reports: dict[str, int] | None = {} if sim.tracks_tokens else None
-        done: list[SimSeq] = []
-        role = self.role
-        step, size = kv_rules.blocks_to_step, self.block_size
-        for request_id, tokens in plan.prefill_chunks:
-            seq = by_id[request_id]
-            seq.num_computed += tokens
-            if seq.num_computed < seq.prefill_len:
-                continue
-            if seq.num_output == 0:
-                sim.first_token(self, seq, t)
-                if reports is not None and role == COLOCATED:
-                    reports[seq.client] = reports.get(seq.client, 0) + 1
-            else:  # recomputed after a preemption: the next output token, a regular one
-                seq.recompute_tokens = 0
-                sim.token(seq, t)
-                if reports is not None:
-                    reports[seq.client] = reports.get(seq.client, 0) + 1
-            if role == PREFILL or seq.num_output >= seq.target:
-                done.append(seq)
-            else:
-                seq.blocks_to_step = step(seq.num_computed, seq.blocks_held, size)
-        # one token per decode (Simulator.token, inlined: this is the hot loop of busy clusters)
-        gaps, max_tbt, violations, num_gaps = sim.pending_gaps, sim.max_tbt, sim.violations, sim.num_gaps
-        token_times = sim.token_times
-        for request_id in plan.decodes:
-            seq = by_id[request_id]
-            i = seq.idx
-            gap = t - seq.last_token_time  # type: ignore[operator]  # a decoding sequence has its last token's time
-            gaps[seq.tier_idx].append(gap)
-            if gap > max_tbt[i]:
-                max_tbt[i] = gap
-            if gap > seq.slo:
-                violations[i] += 1
-            num_gaps[i] += 1
-            seq.num_output += 1
-            seq.num_computed += 1
-            seq.last_token_time = t
-            if token_times is not None:
-                token_times[i].append(t)
-            if reports is not None:
-                reports[seq.client] = reports.get(seq.client, 0) + 1
-            if seq.num_output >= seq.target:
-                done.append(seq)
-            else:
-                seq.blocks_to_step = step(seq.num_computed, seq.blocks_held, size)
-        if self.role == DECODE:
-            self.decode_tokens += len(plan.decodes)
-            self.decode_context_tokens += self.plan_context
-        if sim.pending_count() > 1_000_000:
-            sim.flush_gaps()
-        if reports:
-            on_tokens = sim.admission.on_output_tokens
-            for client, count in reports.items():
-                on_tokens(client, count)
-        for seq in done:
-            self._release(seq)
-            if seq.num_output >= seq.target:
-                sim.finished(self, seq, t)
-            else:  # prefilled on a prefill worker: the KV is exported, the blocks freed; hand off
-                sim.prefilled(self, seq, t)
-
-    def _finish_stretch(self, t: float) -> None:
-        k = self.iterations
-        a, b = self.stretch_a, self.stretch_b
-        sim = self.sim
-        t0 = self.t_start
-        if self.tracks_iterations:
-            on_end = self.policy.on_iteration_end
-            end = t0
-            for i in range(k):
-                d = a + b * i
-                end += d
-                on_end(d, end)
-        if sim.tracks_tokens and k > self.reported:
-            on_tokens = sim.admission.on_output_tokens
-            for client, count in self.stretch_clients.items():
-                on_tokens(client, count * (k - self.reported))
-        self.reported = k  # before sequences finish: the admission they trigger syncs this (still busy) stretch
-        first_end = t0 + a
-        members = self.stretch_seqs
-        if self.role == DECODE:
-            self.decode_tokens, self.decode_context_tokens = self.decode_work(k)
-        self._allocate_stretch()
-        sim.stretch_tokens(members, k, a, b, t0, first_end, t)
-        step, size = kv_rules.blocks_to_step, self.block_size
-        done = []
-        for seq in members:
-            seq.num_computed += k
-            if seq.num_output >= seq.target:
-                done.append(seq)
-            else:
-                seq.blocks_to_step = step(seq.num_computed, seq.blocks_held, size)
-        for seq in done:
-            self._release(seq)
-            sim.finished(self, seq, t)
-
-    def _release(self, seq: SimSeq) -> None:
+    def release(self, seq: SimSeq) -> None:
         """The request leaves this engine: free its blocks, forget it."""
         self.blocks.free(seq.blocks_held)
         seq.blocks_held = 0

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
+from diptych.sim.roles import PREFILL
 from diptych.sim.simulator import Simulator
-from diptych.sim.worker import PREFILL
 from tests.sim.helpers import colocated, disaggregated, specs
 
 
