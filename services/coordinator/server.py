@@ -5,12 +5,8 @@ calls the core (admission, placement, accounting, pools, ledger) and sends what 
 on the one event loop, so the core is never touched concurrently. Admission runs after every event that can free
 capacity or add work. Time comes from an injected clock (seconds since the epoch; ``time.time`` by default); the
 watchdog wakes every ``watchdog_interval_s`` of real time, and sooner when a refused reservation is due again, and
-reads the clock.
-
-KV on demand: a decode worker's engine may refuse a handoff reservation (no free blocks at the moment, because its
-sequences grew). That is not a failure: the request keeps its place and the reservation is sent again after a
-backoff (``ClusterCore.reservation_refused``) until it is accepted, the request is cancelled, its worker is
-evicted, or ``CoordinatorConfig.reserve_limit_s`` passes (503).
+reads the clock. Admitted requests are placed on their workers, through the decode worker's KV reservation round
+trip (retried while the worker's engine refuses it: KV on demand), by ``reservations.Reservations``.
 
 Identity (with a CURVE key set; ``docs/security.md``): every message carries the name of the key that sent it
 (``recv_authenticated``), and ``access.authorize`` decides before any handler runs: a worker registers only under
@@ -31,7 +27,7 @@ from typing import Any, Protocol
 import zmq
 import zmq.asyncio
 
-from diptych.cluster.core import ClusterCore, Dispatch
+from diptych.cluster.core import ClusterCore
 from diptych.cluster.overload import Shed
 from diptych.cluster.placement import Placer
 from diptych.cluster.pools import PoolManager
@@ -47,15 +43,11 @@ from diptych.proto.messages import (
     KVReceived,
     KVReserved,
     PrefillDone,
-    PrefillTask,
     RegisterAck,
     RegisterWorker,
-    Request,
     RequestDone,
     RequestFailed,
     RequestLost,
-    RequestPlaced,
-    ReserveKV,
     StatusQuery,
     SubmitRequest,
     TokenReport,
@@ -66,6 +58,7 @@ from diptych.services.common.sockets import bind_address, make_socket, recv_auth
 from diptych.services.coordinator.access import REFUSED, authorize
 from diptych.services.coordinator.config import CoordinatorConfig
 from diptych.services.coordinator.endpoints import Endpoint, Submission
+from diptych.services.coordinator.reservations import Reservations, frontend_of
 from diptych.services.coordinator.status import worker_status
 
 log = logging.getLogger("diptych.coordinator")
@@ -97,8 +90,7 @@ class Coordinator:
         """This coordinator process's id in ``ClusterStatus``: a frontend that sees it change knows that the requests
         it had submitted are gone, and resubmits them (``services.frontend.migration``)."""
         self.endpoints: dict[str, Endpoint] = {}
-        self._retry_scheduled = asyncio.Event()
-        """Set when a refused reservation is scheduled: the watchdog loop recomputes when to wake."""
+        self.reservations = Reservations(self)
         self.ctx = zmq.asyncio.Context()
         self.keys = keys
         self.authenticator = ZapAuthenticator(self.ctx, keys) if keys is not None else None
@@ -108,9 +100,9 @@ class Coordinator:
                                 security=keys.server(config.key_name) if keys is not None else None)
         self.handlers: dict[type, Callable[[bytes, Any, str | None], Awaitable[None]]] = {
             SubmitRequest: self._on_submit, CancelRequest: self._on_cancel, RegisterWorker: self._on_register,
-            Heartbeat: self._on_heartbeat, KVReserved: self._on_kv_reserved, PrefillDone: self._on_prefill_done,
-            KVReceived: self._on_kv_received, TokenReport: self._on_token_report, RequestDone: self._on_request_done,
-            StatusQuery: self._on_status_query,
+            Heartbeat: self._on_heartbeat, KVReserved: self.reservations.on_kv_reserved,
+            PrefillDone: self._on_prefill_done, KVReceived: self._on_kv_received, TokenReport: self._on_token_report,
+            RequestDone: self._on_request_done, StatusQuery: self._on_status_query,
         }
 
     # ------------------------------------------------------------------ main loops
@@ -170,16 +162,16 @@ class Coordinator:
             wake_at = next_tick if retry_at is None else min(next_tick, retry_at)
             delay = wake_at - self.clock()
             if delay > 0:
-                self._retry_scheduled.clear()
+                self.reservations.retry_scheduled.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._retry_scheduled.wait(), delay)
+                    await asyncio.wait_for(self.reservations.retry_scheduled.wait(), delay)
                 continue
             now = self.clock()
             if now >= next_tick:
                 next_tick = now + interval
                 await self.watchdog()
             else:
-                await self._retry_reservations(now)
+                await self.reservations.retry_due(now)
                 await self._admit()
 
     async def watchdog(self) -> None:
@@ -189,10 +181,10 @@ class Coordinator:
         for worker in self.workers.silent(now):
             await self._evict(worker.worker_id, f"no heartbeat for {now - worker.last_heartbeat:.1f} s")
         for record in self.requests.overdue_handoffs(now):
-            await self._fail(record, 503, "KV handoff timed out")
+            await self.fail(record, 503, "KV handoff timed out")
         for record in self.requests.overdue(now):
-            await self._fail(record, 503, self._overdue_reason(record), retry_after_s=self.config.retry_after_s)
-        await self._retry_reservations(now)
+            await self.fail(record, 503, self._overdue_reason(record), retry_after_s=self.config.retry_after_s)
+        await self.reservations.retry_due(now)
         for worker in self.pools.drained():
             self.pools.complete_drain(worker.worker_id, now)
         if self.pools.due(now):
@@ -224,7 +216,8 @@ class Coordinator:
             log.warning("could not send %s to %r: %s", type(msg).__name__, identity, exc)
             return False
 
-    async def _send_worker(self, worker_id: str | None, msg: Any) -> None:
+    async def send_worker(self, worker_id: str | None, msg: Any) -> None:
+        """Send ``msg`` to the worker registered as ``worker_id``; nothing if none is (gone, or no id)."""
         endpoint = self.endpoints.get(worker_id) if worker_id else None
         if endpoint is not None:
             await self._send(endpoint.identity, msg)
@@ -277,35 +270,7 @@ class Coordinator:
 
     async def _admit(self) -> None:
         for dispatch in self.core.admit(self.clock()):
-            await self._dispatch(dispatch)
-
-    async def _dispatch(self, dispatch: Dispatch) -> None:
-        record = self.requests.get(dispatch.request_id)
-        endpoint = self.endpoints[dispatch.decode_worker]
-        assert record is not None
-        log.info("req=%s admitted: prefill=%s decode=%s (%d decode blocks)", dispatch.request_id,
-                 dispatch.prefill_worker, dispatch.decode_worker, dispatch.decode_blocks)
-        if self.keys is not None:  # the frontend takes outputs only from these workers; before any can leave one
-            await self._send(_frontend(record), RequestPlaced(
-                request_id=dispatch.request_id, workers=sorted({dispatch.prefill_worker, dispatch.decode_worker})))
-        if dispatch.colocated:  # one worker runs it all: no reservation round trip, no handoff
-            await self._send(endpoint.identity, PrefillTask(
-                request=_request(record), decode_worker_id=dispatch.decode_worker, decode_kv_addr="",
-                admitted_time=record.admitted_time, colocated=True))
-        else:
-            await self._send_reservation(record)
-
-    async def _send_reservation(self, record: RequestRecord) -> None:
-        """Ask the decode worker to reserve the prompt's blocks (``RequestRecord.decode_blocks``) for the handoff."""
-        await self._send_worker(record.decode_worker, ReserveKV(
-            request_id=record.request_id, num_blocks=record.decode_blocks,
-            prefill_worker_id=record.prefill_worker or ""))
-
-    async def _retry_reservations(self, now: float) -> None:
-        for record in self.core.reservations_due(now):
-            log.debug("req=%s asking %s again to reserve %d blocks (refused %d times)", record.request_id,
-                      record.decode_worker, record.decode_blocks, record.refused_reservations)
-            await self._send_reservation(record)
+            await self.reservations.dispatch(dispatch)
 
     # ------------------------------------------------------------------ worker messages
 
@@ -336,38 +301,6 @@ class Coordinator:
             await self._send(identity, RegisterAck(ok=False, error=UNKNOWN_WORKER))
             return
         self.endpoints[msg.worker_id].load = msg.load
-
-    async def _on_kv_reserved(self, identity: bytes, msg: KVReserved, user_id: str | None) -> None:
-        """A refused reservation (the engine had no room at the moment) holds nothing on the worker: a reserving
-        request keeps its place and asks again later; an ended one (cancelled meanwhile) is released."""
-        record = self.requests.get(msg.request_id)
-        if record is None or msg.worker_id != record.decode_worker:
-            return
-        if not msg.ok and record.decode_holds:
-            if record.phase is RequestPhase.RESERVING:
-                now = self.clock()
-                delay = self.core.reservation_refused(record, now)
-                if record.deadline is None:
-                    record.deadline = now + self.config.reserve_timeout_s
-                log.debug("req=%s reservation refused by %s (%s); asking again in %.0f ms", msg.request_id,
-                          msg.worker_id, msg.error, delay * 1e3)
-                self._retry_scheduled.set()
-            else:
-                record.decode_holds = False
-                self.core.release_decode(record)
-                self.requests.drop_if_released(record)
-            return
-        if not msg.ok or record.phase is not RequestPhase.RESERVING:
-            return
-        prefill = self.endpoints.get(record.prefill_worker or "")
-        decode = self.endpoints.get(record.decode_worker or "")
-        if prefill is None or decode is None or record.decode_worker is None:
-            await self._fail(record, 503, "a worker assigned to the request is gone")
-            return
-        record.phase, record.prefill_holds = RequestPhase.PREFILLING, True
-        await self._send(prefill.identity, PrefillTask(
-            request=_request(record), decode_worker_id=record.decode_worker, decode_kv_addr=decode.kv_addr,
-            admitted_time=record.admitted_time, decode_blocks=msg.block_ids, decode_kv_share=decode.kv_share))
 
     async def _on_prefill_done(self, identity: bytes, msg: PrefillDone, user_id: str | None) -> None:
         record = self.requests.get(msg.request_id)
@@ -414,7 +347,7 @@ class Coordinator:
             self.core.release_prefill(record)
         if record.phase is not RequestPhase.ENDED:
             if msg.finish_reason == "error":
-                await self._fail(record, 500, f"worker {msg.worker_id} failed the request")
+                await self.fail(record, 500, f"worker {msg.worker_id} failed the request")
             else:
                 await self._end(record, msg.finish_reason)
         self.requests.drop_if_released(record)
@@ -426,12 +359,13 @@ class Coordinator:
         request to let it go (their answers release the rest)."""
         self.core.release_unheld(record)
         for worker_id in self.core.end(record):
-            await self._send_worker(worker_id, CancelRequest(request_id=record.request_id, reason=reason))
+            await self.send_worker(worker_id, CancelRequest(request_id=record.request_id, reason=reason))
 
-    async def _fail(self, record: RequestRecord, code: int, message: str, retry_after_s: float | None = None) -> None:
+    async def fail(self, record: RequestRecord, code: int, message: str, retry_after_s: float | None = None) -> None:
+        """Tell ``record``'s frontend that it failed (HTTP-like ``code``), then end it."""
         log.warning("req=%s failed (%d): %s", record.request_id, code, message)
-        await self._send(_frontend(record), RequestFailed(request_id=record.request_id, code=code, message=message,
-                                                          retry_after_s=retry_after_s))
+        await self._send(frontend_of(record), RequestFailed(request_id=record.request_id, code=code, message=message,
+                                                            retry_after_s=retry_after_s))
         await self._end(record, "error")
 
     async def _evict(self, worker_id: str, reason: str) -> None:
@@ -442,8 +376,8 @@ class Coordinator:
             if record.phase is not RequestPhase.ENDED:  # its frontend resubmits it (docs/reliability.md)
                 log.warning("req=%s lost with worker %s in phase %s", record.request_id, worker_id,
                             record.phase.value)
-                await self._send(_frontend(record), RequestLost(request_id=record.request_id,
-                                                                reason=f"worker {worker_id} was lost ({reason})"))
+                await self._send(frontend_of(record), RequestLost(request_id=record.request_id,
+                                                                  reason=f"worker {worker_id} was lost ({reason})"))
                 await self._end(record, "lost")
             self.requests.drop_if_released(record)
 
@@ -458,13 +392,3 @@ class Coordinator:
             colocated_workers=len(self.workers.in_pool(Pool.COLOCATED)), pools=self.pools.snapshot(),
             clients=self.core.ledger.snapshot(), instance=self.instance,
         ))
-
-
-def _request(record: RequestRecord) -> Request:
-    submission: Submission = record.payload
-    return submission.request
-
-
-def _frontend(record: RequestRecord) -> bytes:
-    submission: Submission = record.payload
-    return submission.frontend
