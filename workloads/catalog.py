@@ -17,7 +17,7 @@ prompt to the rest (``clip_to_context``), so a long-prompt workload runs against
 
 ``max_tokens`` is the policy for what each request asks as ``max_tokens`` (``workloads.max_tokens``: ``oracle``, a
 fixed cap such as the default ``2048``, or ``context``), applied last to every workload kind, within
-``max_context`` if given, else within ``model_context`` (the served context, e.g. a simulated worker's KV pool) if
+``max_context`` if given, else within ``model_context`` (the served context, e.g. the simulated model's context) if
 given.
 
 Arrivals (``workloads.arrivals``) at ``qps`` requests/s for ``num_requests`` requests (or ``duration_s`` seconds);
@@ -220,7 +220,8 @@ def add_workload_arguments(parser: argparse.ArgumentParser, qps: float | None = 
                    help="clip each request to prompt + output <= TOKENS (output to at most half) [no clipping]")
     g.add_argument("--max-tokens", default=DEFAULT_MAX_TOKENS, metavar="oracle|N|context",
                    help=f"{MAX_TOKENS_HELP}; context is --max-context if given, else the served context (bench "
-                        "serve over HTTP: the server's max_model_len; simulate: one simulated worker's KV pool) "
+                        "serve over HTTP: the server's max_model_len; simulate: the cost model's model context, or "
+                        "one worker's KV pool where smaller; --max-model-len overrides) "
                         "[%(default)s]")
 
 
