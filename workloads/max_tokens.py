@@ -11,7 +11,8 @@ request without ``max_tokens`` may run to the end of the context). The policy ch
 - ``context``: ``max_tokens = context - prompt_len``, what a chat request without ``max_tokens`` gets.
 
 ``context`` (tokens) is the served model's context (in the simulator, the cost model's model context, or one
-worker's KV pool where that is smaller: the most positions a sequence may reach). The fixed cap needs none (``None``: the cap alone); ``context`` does.
+worker's KV pool where that is smaller: the most positions a sequence may reach). The fixed cap needs none
+(``None``: the cap alone); ``context`` does.
 
 The output length still follows the workload: load generators send ``stop_after_tokens = output_len`` (a benchmark
 knob read only by the engine's stop rule) with the policy's ``max_tokens``; the simulator stops each request at its
