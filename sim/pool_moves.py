@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 from diptych.cluster.pools import RATE_WINDOW_S
 from diptych.policies.pool import PoolStats
 from diptych.proto.roles import Pool
-from diptych.sim.worker import DECODE, Worker
+from diptych.sim.roles import DECODE
+from diptych.sim.worker import Worker
 
 if TYPE_CHECKING:
     from diptych.sim.simulator import Simulator

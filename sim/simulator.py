@@ -76,8 +76,9 @@ from diptych.proto.roles import Pool
 from diptych.sim.config import ClusterConfig, PolicySpec
 from diptych.sim.pool_moves import EV_POOL, PoolMoves
 from diptych.sim.result_assembly import NAN, assemble_result
+from diptych.sim.roles import COLOCATED, DECODE, PREFILL
 from diptych.sim.token_accounting import TokenAccounting
-from diptych.sim.worker import COLOCATED, DECODE, PREFILL, SimSeq, Worker
+from diptych.sim.worker import SimSeq, Worker
 from diptych.workloads.spec import RequestSpec
 
 EV_WORKER, EV_HANDOFF = 0, 1
@@ -136,7 +137,7 @@ class Simulator:
         tier_index = {name: i for i, name in enumerate(self.tier_names)}
         self.tier_of = [tier_index[s.tier] for s in self.specs]
         self.tokens = TokenAccounting(n, len(self.tier_names), config.record_tokens)
-        # sim.worker updates these in place (its hot loop reads them off the simulator)
+        # sim.iteration_end updates these in place (its hot loop reads them off the simulator)
         self.pending_gaps, self.max_tbt = self.tokens.pending_gaps, self.tokens.max_tbt
         self.violations, self.num_gaps = self.tokens.violations, self.tokens.num_gaps
         self.token_times = self.tokens.token_times

@@ -1,6 +1,6 @@
 """Per-token accounting of the simulator: token times, gaps between tokens (TBT histograms per tier, the largest
 gap, SLO violations), including the gaps of stationary decode stretches counted in bulk. Arrays are indexed by
-request index (``SimSeq.idx``); ``sim.worker`` updates them in place in its hot loop."""
+request index (``SimSeq.idx``); ``sim.iteration_end`` updates them in place in its hot loop."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ class TokenAccounting:
         self.token_times = [[] for _ in range(num_requests)] if record_tokens else None
 
     def token(self, seq: SimSeq, t: float) -> None:
-        """One decode token of ``seq`` at ``t`` (``Worker._finish_plan`` inlines this)."""
+        """One decode token of ``seq`` at ``t`` (``sim.iteration_end.finish_plan`` inlines this)."""
         i = seq.idx
         assert seq.last_token_time is not None  # set with the first token
         gap = t - seq.last_token_time

@@ -39,12 +39,9 @@ from diptych.engine.scheduler import check_plan
 from diptych.policies.batch import BatchPlan, BatchPolicy, SequenceState
 from diptych.sim import stretch
 from diptych.sim.iteration_end import finish_plan, finish_stretch
-from diptych.sim.roles import COLOCATED, DECODE, PREFILL
 
 if TYPE_CHECKING:
     from diptych.sim.simulator import Simulator
-
-__all__ = ["COLOCATED", "DECODE", "PREFILL", "SimSeq", "Worker"]  # the roles are defined in sim.roles
 
 
 @dataclass(eq=False)
