@@ -157,12 +157,15 @@ async def burst(url: str, args: argparse.Namespace) -> tuple[list[Outcome], Peak
 def report(outcomes: list[Outcome], peak: Peak, elapsed: float) -> dict:
     statuses = Counter(o.status for o in outcomes)
     served = [o for o in outcomes if o.status == 200]
-    result = {"requests": len(outcomes), "by_status": dict(sorted(statuses.items())), "elapsed_s": elapsed,
-              "output_tokens": sum(o.output_tokens for o in served),
-              "finish_reasons": dict(Counter(o.finish_reason for o in served)), "peak": asdict(peak),
-              "latency_s": {"median": statistics.median(o.seconds for o in served) if served else None,
-                            "max": max((o.seconds for o in served), default=None)},
-              "errors": sorted({o.error for o in outcomes if o.error})[:5]}
+    median = statistics.median(o.seconds for o in served) if served else None
+    longest = max((o.seconds for o in served), default=None)
+    errors = sorted({o.error for o in outcomes if o.error})[:5]
+    result: dict[str, object] = {
+        "requests": len(outcomes), "by_status": dict(sorted(statuses.items())), "elapsed_s": elapsed,
+        "output_tokens": sum(o.output_tokens for o in served),
+        "finish_reasons": dict(Counter(o.finish_reason for o in served)), "peak": asdict(peak),
+        "latency_s": {"median": median, "max": longest}, "errors": errors,
+    }
     print(f"requests:               {len(outcomes)} sent at once, {elapsed:.1f} s until the last answer")
     print(f"answers by HTTP status: {', '.join(f'{k}: {v}' for k, v in sorted(statuses.items()))}")
     print(f"output tokens served:   {result['output_tokens']} (finish reasons {result['finish_reasons']})")
@@ -170,10 +173,9 @@ def report(outcomes: list[Outcome], peak: Peak, elapsed: float) -> dict:
           f"{100 * peak.kv_used_fraction:.0f}%")
     print(f"preemptions:            {peak.preemptions} ({peak.recomputed_tokens} positions recomputed); "
           f"reservations refused and retried: {peak.refused_reservations}")
-    if served:
-        print(f"latency:                median {result['latency_s']['median']:.1f} s, "
-              f"max {result['latency_s']['max']:.1f} s")
-    for error in result["errors"]:
+    if median is not None and longest is not None:
+        print(f"latency:                median {median:.1f} s, max {longest:.1f} s")
+    for error in errors:
         print(f"error: {error}")
     return result
 
@@ -194,4 +196,4 @@ def run_chat_burst(args: argparse.Namespace) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
-    return 0 if set(result["by_status"]) == {200} else 1
+    return 0 if all(o.status == 200 for o in outcomes) else 1
