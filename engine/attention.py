@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
+from diptych.cluster.blocks import blocks_for
 from diptych.engine.paged_attention_cuda import CudaAttentionContext, cuda_attention_forward
 
 ATTENTION_NAME = "diptych_paged"
@@ -83,7 +84,7 @@ def build_context(
     chunk_indices: list[int] = []
     for index, (seq_positions, table) in enumerate(zip(positions, block_tables)):
         context_len = seq_positions[-1] + 1
-        num_blocks = -(-context_len // block_size)
+        num_blocks = blocks_for(context_len, block_size)
         if len(table) < num_blocks:
             raise ValueError(f"block table of {len(table)} blocks cannot hold {context_len} positions")
         query_starts.append(len(slot_blocks))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from diptych.cluster.blocks import blocks_for
 from diptych.engine.cuda_graphs import PIN, DecodeGraphs
 from diptych.engine.fast_decoder import FastDecoder
 from diptych.engine.paged_attention_cuda import ChunkSpan, CudaAttentionContext
@@ -40,7 +41,7 @@ class CudaExecutor:
         self.fused = FastDecoder(model) if fused_decode and FastDecoder.supports(model) else None
         fused = self.fused
         if graph_max_batch > 0:
-            self.graphs = DecodeGraphs(model, pool, graph_max_batch, -(-max_model_len // self.block_size),
+            self.graphs = DecodeGraphs(model, pool, graph_max_batch, blocks_for(max_model_len, self.block_size),
                                        self.splits, fused)
             self.graphs.capture()
 
@@ -86,7 +87,7 @@ class CudaExecutor:
             count = len(item.token_ids)
             pos = np.arange(item.start_position, item.start_position + count, dtype=np.int64)
             context_len = item.start_position + count
-            num_blocks = -(-context_len // block_size)
+            num_blocks = blocks_for(context_len, block_size)
             if len(table) < num_blocks:
                 raise ValueError(f"block table of {len(table)} blocks cannot hold {context_len} positions")
             token_ids.append(np.asarray(item.token_ids, dtype=np.int64))

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
+from diptych.cluster.blocks import blocks_for
 from diptych.engine.kv_cache import KVCachePool
 from diptych.proto.messages import HANDOFF_CUDA_IPC as CUDA_IPC, HANDOFF_FRAMES as FRAMES
 
@@ -185,7 +186,7 @@ class StreamingHandoff:
     def advance(self, block_table: list[int], num_computed: int, final: bool = False) -> None:
         """Push the blocks completed since the last call (all covered blocks when ``final``)."""
         block_size = self.pusher.local.block_size
-        ready = -(-num_computed // block_size) if final else num_computed // block_size
+        ready = blocks_for(num_computed, block_size) if final else num_computed // block_size
         if ready > len(self.dst_blocks):
             raise ValueError(f"{ready} KV blocks to push, the decode side reserved {len(self.dst_blocks)}")
         if ready > self.sent:

@@ -62,6 +62,7 @@ import heapq
 import math
 from typing import Any
 
+from diptych.cluster.blocks import blocks_for
 from diptych.cluster.core import ClusterCore, Dispatch
 from diptych.cluster.placement import Placer
 from diptych.cluster.pools import ArrivalRate, PoolManager
@@ -403,7 +404,7 @@ class Simulator:
         """A prefill worker exported ``seq``'s KV at ``t``: it travels to the decode worker that reserved room."""
         i = seq.idx
         spec = self.specs[i]
-        blocks = -(-spec.prompt_len // self.block_size)
+        blocks = blocks_for(spec.prompt_len, self.block_size)
         nbytes = blocks * self.block_size * self.cost.kv_bytes_per_token
         arrive = t + self.config.handoff_latency_s + nbytes / self.config.handoff_bandwidth_Bps
         self.times["handoff_start"][i] = t
