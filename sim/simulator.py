@@ -42,9 +42,8 @@ What is simulated, and which service it mirrors:
   batch policy. Every worker may move (the services move only ``flex`` workers).
 - **Colocated workers** (prefill and decode in one engine): placed as the services place them (least queued prompt
   tokens within the backlog limit, the request's expected KV footprint accounted at placement, backlog released with
-  the first token). With
-  ``colocated_reserve=False`` [simulator only] nothing is reserved at placement and the worker's batch policy admits
-  by KV itself, so with no backlog limit it sees every arrived request (SLAI's setting).
+  the first token). With ``colocated_reserve=False`` [simulator only] nothing is accounted at placement and the
+  worker's batch policy admits by KV itself, so with no backlog limit it sees every arrived request (SLAI's setting).
 
 Messages between processes take no time. Speed: a decode worker whose last plan ran every running sequence as a
 decode, with nothing waiting and nothing changed since, is assumed to plan the same again while every decode's
@@ -74,7 +73,7 @@ from diptych.policies.admission import ADMISSION_POLICIES, AdmissionPolicy, Pend
 from diptych.policies.batch import BATCH_POLICIES, BatchPolicy
 from diptych.policies.pool import POOL_POLICIES
 from diptych.proto.roles import Pool
-from diptych.sim.config import ClusterConfig, PolicySpec
+from diptych.sim.config import ClusterConfig
 from diptych.sim.pool_moves import EV_POOL, PoolMoves
 from diptych.sim.result_assembly import NAN, assemble_result
 from diptych.sim.roles import COLOCATED, DECODE, PREFILL
@@ -151,8 +150,7 @@ class Simulator:
         self.req_preemptions = [0] * n
         self.status = [STATUS_CODES["unfinished"]] * n
         self.num_tokens = [0] * n
-        self.req_prefill = [-1] * n
-        self.req_decode = [-1] * n
+        self.req_prefill, self.req_decode = [-1] * n, [-1] * n  # worker indices
         self.req_blocks = [0] * n  # blocks the decoding (or colocated) worker holds for the request
         self.req_seq: list[SimSeq | None] = [None] * n
         self.req_record: list[RequestRecord | None] = [None] * n
@@ -161,10 +159,8 @@ class Simulator:
         self.counter = 0
         self.now = 0.0
         self.synced_at = -math.inf
-        self.done = 0
+        self.done = self.arrived = self.events = 0
         self.prompt_mean = 2048.0
-        self.arrived = 0
-        self.events = 0
         self._bar: Any = None
 
     # ------------------------------------------------------------------ setup helpers
@@ -183,14 +179,11 @@ class Simulator:
                             arrivals=ArrivalRate(divide_by_elapsed=True))
         return ClusterCore(self.admission, registry, placer, pools)
 
-    def _policy_spec(self, role: str) -> PolicySpec:
-        return {PREFILL: self.config.prefill_policy, DECODE: self.config.decode_policy,
-                COLOCATED: self.config.colocated_policy}[role]
-
     def new_policy(self, role: str) -> BatchPolicy:
-        spec = self._policy_spec(role)
+        """A fresh batch policy for a worker in ``role``, as configured."""
+        spec = {PREFILL: self.config.prefill_policy, DECODE: self.config.decode_policy,
+                COLOCATED: self.config.colocated_policy}[role]
         return BATCH_POLICIES.create(spec.name, **spec.knobs)
-
 
     def core_state(self, worker: Worker) -> WorkerState:
         """The core's view of ``worker`` (its reservations and backlog)."""
@@ -320,13 +313,13 @@ class Simulator:
         spec = self.specs[i]
         return max(1, min(spec.output_len, self.max_positions - spec.prompt_len))
 
-    def _new_seq(self, i: int, prefill_only: bool) -> SimSeq:
+    def _seq(self, i: int, **state: Any) -> SimSeq:
+        """Request ``i``'s sequence in an engine, in the given ``state`` (``SequenceState`` fields)."""
         spec = self.specs[i]
         return SimSeq(request_id=spec.request_id, arrival_time=spec.arrival_time, prompt_len=spec.prompt_len,
-                      blocks_to_admit=kv_rules.blocks_to_admit(spec.prompt_len, self.block_size),
-                      tbt_slo_s=spec.tbt_slo_s, ttft_slo_s=spec.ttft_slo_s, tier=spec.tier,
-                      preemptible=not prefill_only, idx=i, target=self._target(i), client=spec.client_id,
-                      tier_idx=self.tier_of[i], slo=self.slo[i])
+                      tbt_slo_s=spec.tbt_slo_s, ttft_slo_s=spec.ttft_slo_s, tier=spec.tier, idx=i,
+                      target=self._target(i), client=spec.client_id, tier_idx=self.tier_of[i], slo=self.slo[i],
+                      **state)
 
     def _dispatch(self, dispatch: Dispatch, now: float) -> None:
         """Send an admitted request to its worker(s); the core has accounted it. A disaggregated one first waits
@@ -337,7 +330,8 @@ class Simulator:
         self.times["admitted"][i] = now
         self.req_prefill[i], self.req_decode[i], self.req_blocks[i] = prefill.index, decode.index, 0
         decode.num_requests += 1
-        seq = self.req_seq[i] = self._new_seq(i, prefill_only=not dispatch.colocated)
+        admit = kv_rules.blocks_to_admit(self.specs[i].prompt_len, self.block_size)
+        seq = self.req_seq[i] = self._seq(i, blocks_to_admit=admit, preemptible=dispatch.colocated)  # not prefill-only
         if dispatch.colocated:
             self._send_to(prefill, i, seq, now)
             return
@@ -413,16 +407,10 @@ class Simulator:
         self.admit(t)
 
     def _land(self, i: int, decode: Worker, t: float) -> None:
-        spec = self.specs[i]
-        first = self.times["first_token"][i]
-        blocks = self.req_blocks[i]
-        seq = SimSeq(request_id=spec.request_id, arrival_time=spec.arrival_time, prompt_len=spec.prompt_len,
-                     num_computed=spec.prompt_len, num_output=1, blocks_held=blocks,
-                     blocks_to_step=kv_rules.blocks_to_step(spec.prompt_len, blocks, self.block_size),
-                     last_token_time=first, tbt_slo_s=spec.tbt_slo_s, ttft_slo_s=spec.ttft_slo_s, tier=spec.tier,
-                     idx=i, target=self._target(i), client=spec.client_id, tier_idx=self.tier_of[i],
-                     slo=self.slo[i])
-        self.req_seq[i] = seq
+        prompt_len, blocks = self.specs[i].prompt_len, self.req_blocks[i]
+        seq = self.req_seq[i] = self._seq(
+            i, num_computed=prompt_len, num_output=1, blocks_held=blocks, last_token_time=self.times["first_token"][i],
+            blocks_to_step=kv_rules.blocks_to_step(prompt_len, blocks, self.block_size))
         decode.add_running(seq)
         decode.wake(t)
 
