@@ -11,7 +11,7 @@ from importlib import import_module
 from types import ModuleType
 
 MODULES = ("diptych.experiments.vtc_fairness", "diptych.experiments.slai_vs_sarathi", "diptych.experiments.pd_split",
-           "diptych.experiments.sim_agreement")
+           "diptych.experiments.sim_agreement", "diptych.experiments.pd_split_gpu")
 
 
 def experiments() -> dict[str, ModuleType]:
