@@ -156,6 +156,20 @@ def _layout_runs(job: dict[str, Any]) -> list[dict]:
     return out
 
 
+def _command(args: argparse.Namespace) -> str:
+    """The command line that reproduces this run (every option that changes its results)."""
+    parts = ["diptych", "experiment", NAME, "--gpus", str(args.gpus), "--device", args.device]
+    if args.model or args.build_model:
+        parts += ["--model", args.model] if args.model else ["--build-model", args.build_model]
+    if args.quick:
+        parts.append("--quick")
+    parts += ["--requests", str(args.requests), "--shift-seconds", f"{args.shift_seconds:g}", "--seed",
+              str(args.seed), "--max-tokens", str(args.max_tokens), "--ttft-slo", f"{args.ttft_slo:g}",
+              "--tbt-slo", f"{args.tbt_slo:g}", "--cost-model", args.cost_model, "--rad-dwell",
+              f"{args.rad_dwell:g}", "--out-dir", args.out_dir]
+    return shlex.join(parts)
+
+
 def _commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -183,7 +197,7 @@ def run(args: argparse.Namespace, out_dir: Path) -> list[Path]:
         results += _layout_runs({"args": args, "layout": layout, "devices": device_list, "model": model,
                                  "max_tokens": max_tokens, "loads": mine,
                                  "log": str(log_dir / f"{layout.name.replace(' ', '-')}.log")})
-    meta = {"gpus": args.gpus, "cost_model": args.cost_model, "command": "diptych " + shlex.join(sys.argv[1:]),
+    meta = {"gpus": args.gpus, "cost_model": args.cost_model, "command": _command(args),
             "commit": _commit(), "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "device_names": runs.device_names(device_list), "model": model or "built-in tiny model",
             "ttft_slo": args.ttft_slo, "tbt_slo": args.tbt_slo, "rates_note": rates_note}
