@@ -17,7 +17,7 @@ moves with their reasons; and which layouts each side ranks first.
 
 Expected run time with a Mistral-7B-shaped model on H200s (estimates, not measurements): 2 GPUs, 3 server starts
 of 1-2 min and 18 loads of ``--requests`` 300 (0.5-2 min each): about 30-45 min; 4 GPUs, 5 starts and 5 loads of
-``--shift-seconds`` 240 plus draining: about 30-40 min. The simulator's capacity searches add a few minutes
+``--shift-seconds`` 240 plus draining: about 35-50 min. The simulator's capacity searches add a few minutes
 (``--jobs`` in parallel). ``--quick`` (one workload, one small rate per layout, a few requests) runs the whole
 pipeline in minutes, also on ``--device cpu`` with the built-in tiny model, whose numbers mean nothing beside the
 H200 prediction.
@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from diptych.benchmarks.served import ServerFailed
 from diptych.experiments import pd_split, pd_split_gpu_report as report, pd_split_gpu_runs as runs
 from diptych.experiments.common import parallel_map, pyplot, write_markdown
 from diptych.workloads.max_tokens import DEFAULT_MAX_TOKENS, MAX_TOKENS_HELP
@@ -46,7 +47,7 @@ HELP = "served P/D layouts on 2 or 4 GPUs beside the simulator's prediction (TTF
 WORKLOADS_2 = ("sharegpt4", "azure-code")
 RATE_LEVELS = (("below", 0.6), ("near", 1.0), ("above", 1.4))
 """Rates of a 2-GPU layout, as factors of its simulated goodput90 capacity."""
-QUICK = {"qps": 1.0, "requests": 6, "context": 256}
+QUICK_QPS, QUICK_REQUESTS, QUICK_CONTEXT = 1.0, 6, 256
 """--quick: one rate (req/s), requests per load, and the context (tokens) requests are fitted into."""
 
 
@@ -91,9 +92,8 @@ def _plan(args: argparse.Namespace, max_tokens: str) -> tuple[list[str], dict[tu
     layouts = runs.layouts(args.gpus)
     workloads = [WORKLOADS_2[0]] if args.gpus == 2 else [pd_split.SHIFT]
     if args.quick:
-        workloads = workloads if args.gpus == 4 else [WORKLOADS_2[0]]
-        loads = {(lay.name, w): [("quick", QUICK["qps"])] for lay in layouts for w in workloads}
-        return workloads, loads, f"--quick: {QUICK['qps']:g} req/s, {QUICK['requests']} requests per load."
+        loads = {(lay.name, w): [("quick", QUICK_QPS)] for lay in layouts for w in workloads}
+        return workloads, loads, f"--quick: {QUICK_QPS:g} req/s, {QUICK_REQUESTS} requests per load."
     slo = (args.ttft_slo, args.tbt_slo)
     common = {"cost_model": args.cost_model, "rad_dwell": args.rad_dwell, "slo": slo, "max_tokens": max_tokens,
               "seed": args.seed}
@@ -134,10 +134,10 @@ def _layout_runs(job: dict[str, Any]) -> list[dict]:
     with serve(serve_args, args.startup_timeout, job["log"]) as served:
         context = server_context(LoadTarget(served.url, {}))
         if args.quick:
-            context = min(context, QUICK["context"])
+            context = min(context, QUICK_CONTEXT)
         for workload, level, qps in job["loads"]:
             if args.quick:
-                count = QUICK["requests"]
+                count = QUICK_REQUESTS
             elif workload == pd_split.SHIFT:
                 count = max(1, int(qps * args.shift_seconds))
             else:
@@ -192,15 +192,22 @@ def run(args: argparse.Namespace, out_dir: Path) -> list[Path]:
     log_dir = Path(args.server_logs) if args.server_logs else Path(tempfile.mkdtemp(prefix="pd-split-gpu-"))
     log_dir.mkdir(parents=True, exist_ok=True)
     results: list[dict] = []
+    failed: dict[str, str] = {}
     for layout in runs.layouts(args.gpus):
         mine = [(w, level, qps) for w in workloads for level, qps in loads[(layout.name, w)]]
-        results += _layout_runs({"args": args, "layout": layout, "devices": device_list, "model": model,
-                                 "max_tokens": max_tokens, "loads": mine,
-                                 "log": str(log_dir / f"{layout.name.replace(' ', '-')}.log")})
+        log = log_dir / f"{layout.name.replace(' ', '-')}.log"
+        try:
+            results += _layout_runs({"args": args, "layout": layout, "devices": device_list, "model": model,
+                                     "max_tokens": max_tokens, "loads": mine, "log": str(log)})
+        except ServerFailed as exc:  # the other layouts still run; the report names this one
+            print(f"{layout.name}: {exc}", file=sys.stderr)
+            failed[layout.name] = f"the server did not come up (its output: {log})"
+    if not results:
+        raise ValueError(f"no layout could be served; the servers' output is in {log_dir}")
     meta = {"gpus": args.gpus, "cost_model": args.cost_model, "command": _command(args),
             "commit": _commit(), "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "device_names": runs.device_names(device_list), "model": model or "built-in tiny model",
-            "ttft_slo": args.ttft_slo, "tbt_slo": args.tbt_slo, "rates_note": rates_note}
+            "ttft_slo": args.ttft_slo, "tbt_slo": args.tbt_slo, "rates_note": rates_note, "failed": failed}
     files, figures = [], []
     plt = pyplot()
     if plt is not None:

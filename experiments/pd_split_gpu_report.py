@@ -150,6 +150,7 @@ def report(meta: dict[str, Any], runs: list[dict], workloads: list[str], figures
             f"- devices: {', '.join(meta['device_names'])}", f"- model: {meta['model']}",
             f"- SLOs: TTFT <= {meta['ttft_slo']:g} s, per-request P99 TBT <= {meta['tbt_slo']:g} s", "",
             "Rates: " + meta["rates_note"], "",
+            *(f"Layout {name} was not measured: {why}." for name, why in meta["failed"].items()),
             "## Served vs simulator", "", side_by_side(runs), "",
             "## Layout rankings (computed)", "", agreement(runs, workloads), "",
             "## Handoff share of TTFT per prompt length (mean of (handoff end - handoff start) / TTFT)", "",

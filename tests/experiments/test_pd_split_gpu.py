@@ -9,7 +9,7 @@ import pytest
 
 from diptych.cli import main
 from diptych.experiments import pd_split_gpu_report as report, pd_split_gpu_runs as runs
-from diptych.experiments.pd_split_gpu import QUICK
+from diptych.experiments.pd_split_gpu import QUICK_REQUESTS
 from diptych.metrics.timeline import RequestTimeline
 
 
@@ -111,7 +111,7 @@ def test_quick_cpu_pipeline_writes_a_row_per_layout(tmp_path):
     data = json.loads((tmp_path / "pd-split-gpu.json").read_text())
     assert len(data["runs"]) == 3
     for run in data["runs"]:
-        assert run["served"]["finished"] == run["requests"] == QUICK["requests"]
+        assert run["served"]["finished"] == run["requests"] == QUICK_REQUESTS
         assert run["sim"]["finished"] == run["requests"]
     handed_off = {run["layout"]: run["served"]["kv_handoffs"] for run in data["runs"]}
     assert handed_off["2 colocated"] == {}
