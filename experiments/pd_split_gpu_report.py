@@ -76,9 +76,10 @@ def side_by_side(runs: list[dict]) -> str:
 
 def handoff_table(runs: list[dict]) -> str:
     labels = [label for _, _, label in PROMPT_BUCKETS]
-    rows = [(r["workload"], r["layout"], r["level"], *(r["served"]["handoff_share_by_prompt"][b] for b in labels),
-             r["sim"]["handoff_share_of_ttft"]) for r in runs]
-    return md_table(["workload", "layout", "rate", *(f"served, prompt {b}" for b in labels), "sim, all prompts"], rows)
+    rows = [(r["workload"], r["layout"], r["level"],
+             *(r[side]["handoff_share_by_prompt"][b] for b in labels for side in ("served", "sim"))) for r in runs]
+    return md_table(["workload", "layout", "rate", *(f"{side}, prompt {b}" if side == "served" else "sim"
+                                                     for b in labels for side in ("served", "sim"))], rows)
 
 
 def counters_table(runs: list[dict]) -> str:

@@ -153,18 +153,22 @@ def predict(layout: Layout, specs: list, cost_model: str, rad_dwell: float, cont
     from diptych.sim.simulator import simulate
 
     result = simulate(sim_cluster(layout, cost_model, rad_dwell, context), specs)
-    return {**summarize(result, fairness_metrics=False), "moves": len(result.meta.get("pool_moves", []))}
+    return {**summarize(result, fairness_metrics=False), "handoff_share_by_prompt": handoff_shares(result),
+            "moves": len(result.meta.get("pool_moves", []))}
 
 
-def handoff_shares(timelines: list) -> dict[str, float]:
-    """Per prompt bucket, the mean of (handoff_end - handoff_start) / TTFT over requests that had a handoff."""
-    shares: dict[str, list[float]] = {label: [] for _, _, label in PROMPT_BUCKETS}
-    for t in timelines:
-        if t.handoff_start is None or t.handoff_end is None or not t.ttft:
-            continue
-        label = next(lab for lo, hi, lab in PROMPT_BUCKETS if t.prompt_len >= lo and (hi is None or t.prompt_len < hi))
-        shares[label].append((t.handoff_end - t.handoff_start) / t.ttft)
-    return {label: float(np.mean(v)) if v else float("nan") for label, v in shares.items()}
+def handoff_shares(result) -> dict[str, float]:
+    """Per prompt bucket, the mean of (handoff_end - handoff_start) / TTFT over the requests of ``result`` (a
+    ``RunResult``, served or simulated) that had a handoff; NaN for a bucket without one."""
+    t = result.times
+    ttft = t["first_token"] - t["arrival"]
+    share = (t["handoff_end"] - t["handoff_start"]) / np.where(ttft > 0, ttft, np.nan)
+    valid = ~np.isnan(share)
+    out = {}
+    for lo, hi, label in PROMPT_BUCKETS:
+        mask = valid & (result.prompt_len >= lo) & (result.prompt_len < (hi if hi is not None else np.inf))
+        out[label] = float(share[mask].mean()) if mask.any() else float("nan")
+    return out
 
 
 def handoff_counters(workers: dict[str, Any]) -> dict[str, dict[str, float]]:
@@ -233,10 +237,11 @@ def served_summary(timelines: list, log: StatusLog, before: dict) -> dict[str, A
     from diptych.metrics.results import RunResult
     from diptych.metrics.summary import summarize
 
-    summary = summarize(RunResult.from_timelines(timelines), fairness_metrics=False)
+    result = RunResult.from_timelines(timelines)
+    summary = summarize(result, fairness_metrics=False)
     moves = sorted(({**m, "time": m["time"] - log.start,
                      "completed": None if m["completed"] is None else m["completed"] - log.start}
                     for m in log.moves.values() if m["time"] >= log.start), key=lambda m: m["time"])
-    return {**summary, "handoff_share_by_prompt": handoff_shares(timelines),
+    return {**summary, "handoff_share_by_prompt": handoff_shares(result),
             "kv_handoffs": counter_delta(handoff_counters(log.workers), before), "move_log": moves,
             "moves": len(moves), "pool_history": log.pool_history}

@@ -10,6 +10,7 @@ import pytest
 from diptych.cli import main
 from diptych.experiments import pd_split_gpu_report as report, pd_split_gpu_runs as runs
 from diptych.experiments.pd_split_gpu import QUICK_REQUESTS
+from diptych.metrics.results import RunResult
 from diptych.metrics.timeline import RequestTimeline
 
 
@@ -76,8 +77,9 @@ def _timeline(prompt: int, handoff: float | None) -> RequestTimeline:
 
 
 def test_handoff_shares_per_prompt_bucket():
-    shares = runs.handoff_shares([_timeline(100, 0.2), _timeline(511, 0.4), _timeline(512, 0.1),
-                                  _timeline(9000, None), _timeline(8192, 0.5)])
+    shares = runs.handoff_shares(RunResult.from_timelines([_timeline(100, 0.2), _timeline(511, 0.4),
+                                                           _timeline(512, 0.1), _timeline(9000, None),
+                                                           _timeline(8192, 0.5)]))
     assert shares["<512"] == pytest.approx(0.3)
     assert shares["512-2k"] == pytest.approx(0.1)
     assert shares[">8k"] == pytest.approx(0.5)
@@ -113,6 +115,7 @@ def test_quick_cpu_pipeline_writes_a_row_per_layout(tmp_path):
     for run in data["runs"]:
         assert run["served"]["finished"] == run["requests"] == QUICK_REQUESTS
         assert run["sim"]["finished"] == run["requests"]
+        assert set(run["sim"]["handoff_share_by_prompt"]) == {"<512", "512-2k", "2k-8k", ">8k"}
     handed_off = {run["layout"]: run["served"]["kv_handoffs"] for run in data["runs"]}
     assert handed_off["2 colocated"] == {}
     assert sum(c["requests"] for c in handed_off["1p1d"].values()) >= 1
