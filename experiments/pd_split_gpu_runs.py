@@ -23,6 +23,9 @@ SERVED_POLICY = {"token_budget": 512, "max_decodes": 256, "max_running": 256}
 worker of the prediction, so that both run the same batches."""
 RAD_KNOBS = {"decode_batch_target": 512}
 """RAD knobs besides ``min_dwell_s`` (``--rad-dwell``), as in the ``pd-split`` experiment."""
+SETTLE_S = 2.0
+"""Seconds between a load's last answer and its final ``/admin/status`` poll: several worker heartbeats (0.5 s
+apart by default), so that the handoff counters include the load's last requests."""
 PROMPT_BUCKETS = ((0, 512, "<512"), (512, 2048, "512-2k"), (2048, 8192, "2k-8k"), (8192, None, ">8k"))
 """Prompt-length buckets (tokens, lower bound inclusive) of the handoff share of TTFT."""
 
@@ -225,6 +228,7 @@ async def served_load(url: str, specs: list, seed: int, poll_s: float, progress:
         poller = asyncio.create_task(_poll(http, log, poll_s, done))
         try:
             timelines = await run_load(specs, LoadTarget(url, {}), seed=seed, progress=progress)
+            await asyncio.sleep(SETTLE_S)  # the last heartbeats reach the coordinator before the final poll
         finally:
             done.set()
             await poller
