@@ -104,11 +104,12 @@ def moves_table(runs: list[dict]) -> str:
 def plot_goodput(plt: Any, out_dir: Path, runs: list[dict], workloads: list[str]) -> Path:
     fig, axes = plt.subplots(1, len(workloads), figsize=(5.5 * len(workloads), 4.0), squeeze=False)
     for ax, w in zip(axes[0], workloads):
-        for source, style in (("served", "-o"), ("sim", "--x")):
-            for layout in dict.fromkeys(r["layout"] for r in runs if r["workload"] == w):
+        for i, layout in enumerate(dict.fromkeys(r["layout"] for r in runs if r["workload"] == w)):
+            for source, style in (("served", "-o"), ("sim", "--x")):
                 mine = sorted((r["qps"], r[source]["goodput"]) for r in runs
                               if r["workload"] == w and r["layout"] == layout)
-                ax.plot([q for q, _ in mine], [g for _, g in mine], style, markersize=4, label=f"{layout} ({source})")
+                ax.plot([q for q, _ in mine], [g for _, g in mine], style, color=f"C{i}", markersize=4,
+                        label=f"{layout} ({source})")
         ax.set(xlabel="offered load (req/s)", ylabel="goodput (req/s)", title=w)
         ax.legend(fontsize=7)
     return save_figure(fig, out_dir, NAME)
@@ -116,7 +117,8 @@ def plot_goodput(plt: Any, out_dir: Path, runs: list[dict], workloads: list[str]
 
 def plot_moves(plt: Any, out_dir: Path, run: dict, arrivals: list[float], gpus: int) -> Path:
     """RAD's prefill-pool size over the load (from ``/admin/status`` polls) and its moves, above the arrival rate
-    in 10 s windows."""
+    in 10 s windows (a load under 100 s: a tenth of it, at least 1 s); a dashed line at the workload's phase
+    change."""
     import numpy as np
 
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 5.5), sharex=True)
@@ -129,7 +131,6 @@ def plot_moves(plt: Any, out_dir: Path, run: dict, arrivals: list[float], gpus: 
         top.annotate(f"{m['worker']} -> {m['to']}", (m["time"], gpus - 0.3), fontsize=6, rotation=90, va="top")
     top.set(ylabel="prefill workers", ylim=(0, gpus), title=f"{run['layout']}, {run['workload']}, "
                                                             f"{run['qps']:.2f} req/s")
-    top.legend(fontsize=8)
     window = 10.0
     if arrivals:
         last = max(arrivals)
@@ -138,7 +139,9 @@ def plot_moves(plt: Any, out_dir: Path, run: dict, arrivals: list[float], gpus: 
         counts, _ = np.histogram(arrivals, bins=edges)
         bottom.stairs(counts / window, edges, color="tab:green")
         for ax in (top, bottom):  # the shifting workload changes phase at mid-run (pd-split's definition)
-            ax.axvline(last / 2, color="grey", linestyle="--", linewidth=0.8)
+            ax.axvline(last / 2, color="grey", linestyle="--", linewidth=0.8,
+                       label="conversation -> code" if ax is top else None)
+    top.legend(fontsize=8)
     bottom.set(xlabel="time since the load started (s)", ylabel=f"arrivals (req/s, {window:g} s windows)")
     return save_figure(fig, out_dir, f"{NAME}-moves")
 
