@@ -207,7 +207,7 @@ def run(args: argparse.Namespace, out_dir: Path) -> list[Path]:
     by = {(r["workload"], r["gpus"], r["config"]): r for r in results}
     shift = None
     if SHIFT in names:
-        qps = args.shift_qps or _shift_load(by, shift_gpus, args.cost_model, max_tokens)
+        qps = args.shift_qps or shift_load(by, shift_gpus, args.cost_model, max_tokens)
         fixed_jobs = [{"config": c, "gpus": shift_gpus, "qps": qps, "duration": duration, "cost_model": args.cost_model,
                        "rad_dwell": args.rad_dwell, "ttft": args.ttft_slo, "tbt": args.tbt_slo,
                        "max_tokens": max_tokens}
@@ -225,7 +225,7 @@ def run(args: argparse.Namespace, out_dir: Path) -> list[Path]:
     return files
 
 
-def _shift_load(by: dict, gpus: int, cost_model: str, max_tokens: str) -> float:
+def shift_load(by: dict, gpus: int, cost_model: str, max_tokens: str) -> float:
     """90% of the load that each phase's own best static split sustains (the smaller of the two): a split that
     follows the phases can serve it; one static split serves it only if it is best for both phases."""
     best = []

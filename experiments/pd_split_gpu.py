@@ -5,7 +5,7 @@ beside the simulator's prediction of the same requests on the same layout.
 ``sharegpt4`` and ``azure-code``, each at three rates per layout: 0.6x, 1.0x and 1.4x the goodput90 capacity the
 simulator predicts for that layout and workload (below, near, above). 4 GPUs: static splits 1:3, 2:2, 3:1,
 4 colocated, 4 flex under RAD, on the ``pd-split`` experiment's shifting workload (conversation, then code) at one
-rate: 90% of the smaller of the two phases' best static capacities (``pd_split._shift_load``), for
+rate: 90% of the smaller of the two phases' best static capacities (``pd_split.shift_load``), for
 ``--shift-seconds`` of arrivals; RAD's moves are polled from ``/admin/status`` and plotted against time beside the
 arrival rate.
 
@@ -113,7 +113,7 @@ def _plan(args: argparse.Namespace, max_tokens: str) -> tuple[list[str], dict[tu
     jobs = [{**common, "layout": lay, "workload": phase} for lay in statics for phase in ("azure-conv", "azure-code")]
     found = parallel_map(runs.capacity, jobs, args.jobs, "simulated capacities", progress=not args.no_progress)
     by = {(c["workload"], args.gpus, c["layout"]): {"capacity": c["capacity"]} for c in found}
-    qps = pd_split._shift_load(by, args.gpus, args.cost_model, max_tokens)
+    qps = pd_split.shift_load(by, args.gpus, args.cost_model, max_tokens)
     loads = {(lay.name, pd_split.SHIFT): [("shift", qps)] for lay in layouts}
     note = (f"{qps:.2f} req/s for {args.shift_seconds:g} s: 90% of the smaller of the two phases' best static "
             "goodput90 capacities in the simulator (" + ", ".join(
