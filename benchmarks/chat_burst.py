@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 import httpx
 import numpy as np
 
-from diptych.benchmarks.served import ServerFailed, serve
+from diptych.benchmarks.served import ServerFailed, add_served_arguments, serve
 
 FILLER = "the quick brown fox jumps over the lazy dog while paged attention keeps its blocks small. "
 
@@ -48,12 +48,7 @@ def add_chat_burst_parser(kinds: argparse._SubParsersAction) -> None:
                    help="no stop_after_tokens: outputs end by EOS or at the context")
     c.add_argument("--seed", type=int, default=0, help="seed of the lengths [%(default)s]")
     c.add_argument("--poll-s", type=float, default=0.25, help="seconds between /admin/status polls [%(default)s]")
-    c.add_argument("--startup-timeout", type=float, default=900.0, help="seconds to wait for 'up' [%(default)s]")
-    c.add_argument("--request-timeout", type=float, default=1800.0, help="seconds per request [%(default)s]")
-    c.add_argument("--serve-arg", action="append", default=[], metavar="ARG",
-                   help="extra argument for diptych serve, repeatable (--serve-arg=--num-blocks --serve-arg=16000)")
-    c.add_argument("--json", default=None, help="also write the numbers to this JSON file")
-    c.add_argument("--server-log", default=None, help="write the server's output to this file")
+    add_served_arguments(c, 1800.0, "--serve-arg=--num-blocks --serve-arg=16000")
 
 
 @dataclass

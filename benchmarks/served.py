@@ -3,6 +3,7 @@ output followed on a thread (the "up" banner, each worker's KV pool line), stopp
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import re
 import subprocess
@@ -16,6 +17,18 @@ from diptych.launcher import free_port_block
 
 POOL_LINE = re.compile(r"KV pool: (\d+) blocks of (\d+) tokens = (\d+) tokens")
 UP_LINE = "Diptych is up"
+
+
+def add_served_arguments(parser: argparse.ArgumentParser, request_timeout_s: float, serve_arg_example: str) -> None:
+    """The options every benchmark that starts its own ``diptych serve`` takes: timeouts, extra serve flags, where
+    to write the numbers and the server's output."""
+    parser.add_argument("--startup-timeout", type=float, default=900.0, help="seconds to wait for 'up' [%(default)s]")
+    parser.add_argument("--request-timeout", type=float, default=request_timeout_s,
+                        help="seconds per request [%(default)s]")
+    parser.add_argument("--serve-arg", action="append", default=[], metavar="ARG",
+                        help=f"extra argument for diptych serve, repeatable ({serve_arg_example})")
+    parser.add_argument("--json", default=None, help="also write the numbers to this JSON file")
+    parser.add_argument("--server-log", default=None, help="write the server's output to this file")
 
 
 @dataclass

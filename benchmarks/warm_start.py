@@ -17,7 +17,7 @@ import time
 
 import httpx
 
-from diptych.benchmarks.served import ServerFailed, ServerLog, serve
+from diptych.benchmarks.served import ServerFailed, ServerLog, add_served_arguments, serve
 
 PROMPT = [{"role": "user", "content": "Write one sentence about the sea."}]
 
@@ -31,12 +31,7 @@ def add_warm_start_parser(kinds: argparse._SubParsersAction) -> None:
     w.add_argument("--requests", type=int, default=10, help="requests after the first one [%(default)s]")
     w.add_argument("--max-tokens", type=int, default=None,
                    help="max_tokens of the steady-state requests [none, like the first request]")
-    w.add_argument("--startup-timeout", type=float, default=900.0, help="seconds to wait for 'up' [%(default)s]")
-    w.add_argument("--request-timeout", type=float, default=300.0, help="seconds per request [%(default)s]")
-    w.add_argument("--serve-arg", action="append", default=[], metavar="ARG",
-                   help="extra argument for diptych serve, repeatable (--serve-arg=--prefill-workers --serve-arg=2)")
-    w.add_argument("--json", default=None, help="also write the numbers to this JSON file")
-    w.add_argument("--server-log", default=None, help="write the server's output to this file")
+    add_served_arguments(w, 300.0, "--serve-arg=--prefill-workers --serve-arg=2")
 
 
 def chat_ttft(http: httpx.Client, model: str, max_tokens: int | None) -> tuple[float, int]:
